@@ -1,0 +1,44 @@
+"""`interp`: the one command-line entry point, a subcommand per pipeline stage.
+
+Each stage registers its own subcommands (`register(subparsers)` in its `cli` module);
+heavy imports happen inside the handlers so `interp --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# transformer-lens's bridge may `pip install torchvision` by itself when a processor fails
+# to load, which replaces the CPU torch with a CUDA build: no package index while we run.
+os.environ.setdefault("PIP_NO_INDEX", "1")
+
+STAGES = ["interp.organisms.cli", "interp.demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="interp", description="lmmscope: sparse-autoencoder interpretability for multimodal models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in STAGES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as e:  # user errors: one clear line, no traceback
+        if os.environ.get("INTERP_DEBUG"):
+            raise
+        print(f"interp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""lmmscope: the saes stage."""
