@@ -1,7 +1,8 @@
 """`interp`: the one command-line entry point, a subcommand per pipeline stage.
 
-Each stage registers its own subcommands (`register(subparsers)` in its `cli` module);
-heavy imports happen inside the handlers so `interp --help` stays fast.
+Each stage registers its own subcommands (`register(subparsers)` in its `cli` module) and,
+optionally, its benchmarks under `interp bench` (`register_bench(bench_subparsers)`).
+Heavy imports happen inside the handlers so `interp --help` stays fast.
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    bench = sub.add_parser("bench", help="speed benchmarks, as ratios against baselines measured in the same run")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     for name in STAGES:
-        importlib.import_module(name).register(sub)
+        module = importlib.import_module(name)
+        module.register(sub)
+        if hasattr(module, "register_bench"):
+            module.register_bench(bench_sub)
     return parser
 
 
