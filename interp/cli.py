@@ -16,7 +16,7 @@ import sys
 # to load, which replaces the CPU torch with a CUDA build: no package index while we run.
 os.environ.setdefault("PIP_NO_INDEX", "1")
 
-STAGES = ["interp.organisms.cli", "interp.demo"]
+STAGES = ["interp.world", "interp.organisms.cli", "interp.cache", "interp.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

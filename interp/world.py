@@ -320,3 +320,45 @@ def vocabulary(config: WorldConfig = WorldConfig()) -> list[str]:
         words.update(p.split())
     words.update(NUMBER_WORDS[: config.max_objects + 1])
     return sorted(words)
+
+
+def contact_sheet(config: WorldConfig = WorldConfig(), n: int = 8, split: str = "test", seed: int = 0,
+                  scale: int = 4, highlight: bool = True) -> Image.Image:
+    """Scenes with their captions (and a highlighted-region view of each): a picture of the world."""
+    rng = np.random.default_rng(seed)
+    tile = config.image_size * scale
+    cols = 2 if highlight else 1
+    sheet = Image.new("RGB", (n * (tile + 8), cols * (tile + 22) + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        scene = sample_scene(config, i, split, seed)
+        x = i * (tile + 8)
+        sheet.paste(scene.render().resize((tile, tile), Image.NEAREST), (x, 0))
+        draw.text((x + 2, tile + 4), caption(scene).replace(" , ", ", "), fill="black")
+        if highlight:
+            (qa,) = scene_questions(scene, rng, ("region",))
+            sheet.paste(scene.render(qa.highlight).resize((tile, tile), Image.NEAREST), (x, tile + 22))
+            draw.text((x + 2, 2 * tile + 26), f"region: {qa.answer}", fill="black")
+    return sheet
+
+
+def register(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("world", help="render samples of the shapes world with their ground truth",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=8, help="number of scenes")
+    p.add_argument("--split", default="test", choices=list(SPLITS), help="world split")
+    p.add_argument("--seed", type=int, default=0, help="world seed")
+    p.add_argument("--out", default="shapes-world.png", help="PNG contact sheet to write")
+    p.add_argument("--json", action="store_true", help="also print each scene's ground truth as JSON lines")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    contact_sheet(WorldConfig(), args.n, args.split, args.seed).save(args.out)
+    if args.json:
+        for i in range(args.n):
+            print(json.dumps(sample_scene(WorldConfig(), i, args.split, args.seed).to_json()))
+    print(f"wrote {args.out}")
+    return 0

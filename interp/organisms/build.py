@@ -54,7 +54,7 @@ class OrganismSpec:
 
 SPECS = {
     "subject": OrganismSpec("shapes-subject", 128, 3, 128, 4, 4,
-                            ("caption", "color", "shape", "where", "count", "exists")),
+                            ("caption", "color", "shape", "where", "count", "exists", "region")),
     "explainer": OrganismSpec("shapes-explainer", 192, 3, 192, 6, 6,
                               ("caption", "color", "shape", "where", "count", "exists", "region")),
 }

@@ -1,0 +1,229 @@
+"""Data sources for caching: the shapes world, a folder of images, a local HF dataset.
+
+Every sample carries a stable `image_ref` from which `load_image` gets the same image back
+later (the explain stage and the app re-render top images from it), and a content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_TEMPLATE = "{image} describe the image ."
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Sample:
+    index: int
+    image_ref: str
+    image: Image.Image | None
+    text: str = ""  # the dataset's own text (used by a template's {text} slot)
+    error: str | None = None  # why the image could not be read
+
+    @property
+    def image_hash(self) -> str:
+        return image_hash(self.image) if self.image is not None else ""
+
+
+class DataSource(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> Sample: ...
+    def describe(self) -> dict: ...
+
+
+def image_hash(image: Image.Image) -> str:
+    h = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(source: DataSource) -> str:
+    return hashlib.sha256(json.dumps(source.describe(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- sources
+
+
+class ShapesSource:
+    """Scenes 0..n-1 of a shapes-world split; ref `shapes:SPLIT:INDEX:SEED`."""
+
+    def __init__(self, n: int = 2000, split: str = "train", seed: int = 0, world=None):
+        from interp.world import WorldConfig
+
+        self.n, self.split, self.seed = n, split, seed
+        self.world = world or WorldConfig()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Sample:
+        from interp.world import sample_scene
+
+        ref = f"shapes:{self.split}:{i}:{self.seed}"
+        return Sample(i, ref, sample_scene(self.world, i, self.split, self.seed).render())
+
+    def describe(self) -> dict:
+        return {"kind": "shapes", "n": self.n, "split": self.split, "seed": self.seed, "world": self.world.to_json()}
+
+
+class FolderSource:
+    """Every image file under a folder, sorted by relative path; ref `file:ABSOLUTE_PATH`."""
+
+    def __init__(self, root: str | Path, n: int | None = None):
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise DataError(f"image folder {root} does not exist")
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+        self.files = files[:n] if n else files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Sample:
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+            return Sample(i, f"file:{path}", image)
+        except Exception as e:  # any decoder failure means the same thing here: this image is unusable
+            return Sample(i, f"file:{path}", None, error=f"{type(e).__name__}: {e}")
+
+    def describe(self) -> dict:
+        listing = [(str(p.relative_to(self.root)), p.stat().st_size) for p in self.files]
+        digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+        return {"kind": "folder", "root": str(self.root), "n": len(self.files), "listing": digest}
+
+
+class HFDatasetSource:
+    """A local Hugging Face dataset (parquet/arrow files or a `save_to_disk` folder);
+    ref `hf:PATH:SPLIT:ROW`."""
+
+    def __init__(self, path: str | Path, image_column: str = "image", text_column: str | None = None,
+                 split: str = "train", n: int | None = None):
+        import datasets
+
+        self.path, self.split = Path(path).resolve(), split
+        if not self.path.exists():
+            raise DataError(f"dataset path {path} does not exist")
+        try:
+            if self.path.is_dir() and (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
+                ds = datasets.load_from_disk(str(self.path))
+                ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            else:
+                kind = "parquet" if any(self.path.rglob("*.parquet")) or self.path.suffix == ".parquet" else "arrow"
+                files = [str(self.path)] if self.path.is_file() else sorted(str(p) for p in self.path.rglob(f"*.{kind}"))
+                ds = datasets.load_dataset(kind, data_files=files, split="train")
+        except Exception as e:
+            raise DataError(f"cannot read a dataset at {path}: {type(e).__name__}: {e}") from None
+        for col in (image_column, text_column):
+            if col and col not in ds.column_names:
+                raise DataError(f"dataset has no column {col!r}; columns: {ds.column_names}")
+        self.ds = ds.select(range(min(n, len(ds)))) if n else ds
+        self.image_column, self.text_column = image_column, text_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Sample:
+        row = self.ds[i]
+        ref = f"hf:{self.path}:{self.split}:{i}"
+        text = str(row[self.text_column]) if self.text_column else ""
+        try:
+            return Sample(i, ref, _to_image(row[self.image_column]), text)
+        except Exception as e:
+            return Sample(i, ref, None, text, error=f"{type(e).__name__}: {e}")
+
+    def describe(self) -> dict:
+        return {"kind": "hf", "path": str(self.path), "split": self.split, "n": len(self.ds),
+                "image_column": self.image_column, "text_column": self.text_column,
+                "fingerprint": getattr(self.ds, "_fingerprint", None)}
+
+
+def _to_image(value) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict) and value.get("bytes"):
+        return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+    if isinstance(value, dict) and value.get("path"):
+        return Image.open(value["path"]).convert("RGB")
+    raise DataError(f"cannot make an image of a {type(value).__name__}")
+
+
+def open_source(spec: str, n: int | None = None, seed: int = 0) -> DataSource:
+    """`shapes[:SPLIT]`, `folder:PATH` (or a directory), `hf:PATH[:IMAGE_COLUMN]` (or a .parquet/.arrow path)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "shapes":
+        return ShapesSource(n or 2000, rest or "train", seed)
+    if kind == "folder":
+        return FolderSource(rest, n)
+    if kind == "hf":
+        path, _, column = rest.partition(":")
+        return HFDatasetSource(path, column or "image", n=n)
+    p = Path(spec)
+    if p.is_dir() and not any(p.rglob("*.parquet")) and not any(p.rglob("*.arrow")):
+        return FolderSource(p, n)
+    if p.exists():
+        return HFDatasetSource(p, n=n)
+    raise DataError(f"unknown data source {spec!r}: use shapes[:SPLIT], folder:PATH or hf:PATH[:IMAGE_COLUMN]")
+
+
+def load_image(ref: str) -> Image.Image:
+    """The image behind an `image_ref` written by any source above."""
+    kind, _, rest = ref.partition(":")
+    if kind == "shapes":
+        from interp.world import WorldConfig, sample_scene
+
+        split, index, seed = rest.split(":")
+        return sample_scene(WorldConfig(), int(index), split, int(seed)).render()
+    if kind == "file":
+        with Image.open(rest) as im:
+            return im.convert("RGB")
+    if kind == "hf":
+        path, split, row = rest.rsplit(":", 2)
+        return HFDatasetSource(path, split=split)[int(row)].image
+    raise DataError(f"unknown image reference {ref!r}")
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def check_template(template: str, multimodal: bool) -> None:
+    if multimodal and "{image}" not in template:
+        raise DataError(f"prompt template {template!r} has no image slot: put {{image}} where the image goes, "
+                        f"e.g. {DEFAULT_TEMPLATE!r}")
+    if not multimodal and "{image}" in template:
+        raise DataError(f"prompt template {template!r} has an image slot but the model reads text only")
+    try:
+        template.format(image="", text="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise DataError(f"prompt template {template!r} is malformed ({e}); its slots are {{image}} and {{text}}") from None
+
+
+def user_text(template: str, sample: Sample) -> str:
+    """The template's text with the dataset text filled in and the image slot removed."""
+    return " ".join(template.replace("{image}", " ").format(text=sample.text).split())
+
+
+def chat_messages(template: str, sample: Sample) -> list[dict]:
+    """One user turn, the image placed where the template puts it."""
+    before, _, after = template.partition("{image}")
+    content = []
+    for piece, is_image in ((before, False), (None, True), (after, False)):
+        if is_image:
+            content.append({"type": "image"})
+        elif piece and piece.strip():
+            content.append({"type": "text", "text": " ".join(piece.format(text=sample.text).split())})
+    return [{"role": "user", "content": content}]

@@ -1,0 +1,175 @@
+"""The one reader of activation caches, used by every later stage.
+
+Training needs shuffled batches, but random single-row reads from HDF5 run at a few MB/s.
+So the reader shuffles at two levels: contiguous blocks in a random order fill a RAM buffer,
+and rows are shuffled inside the buffer. Batch b is a pure function of (seed, b), so a
+trainer resumed at batch b sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from interp.cache_format import FORMAT
+
+
+class CacheError(ValueError):
+    pass
+
+
+class ActivationReader:
+    def __init__(self, path: str | Path, roles: tuple[str, ...] | None = None, block_rows: int = 2048,
+                 buffer_blocks: int = 64):
+        """`roles` keeps only rows of those token roles (None: every cached row)."""
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CacheError(f"no activation cache at {self.path}: make one with `interp cache --out {self.path}`")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise CacheError(f"{self.path} is not a readable HDF5 file ({e}); it may be truncated: "
+                             f"re-run `interp cache` with the same arguments to rebuild it") from None
+        if self._f.attrs.get("format") != FORMAT or "activations" not in self._f:
+            raise CacheError(f"{self.path} is not an lmmscope activation cache (format {self._f.attrs.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        self._acts = self._f["activations"]
+        self.d = int(self._acts.shape[1])
+        self.block_rows, self.buffer_blocks = block_rows, buffer_blocks
+        self.roles = roles
+        if roles is None:
+            self._rows = None
+            self.n_rows = int(self._acts.shape[0])
+        else:
+            from interp.token_map import ROLES
+
+            unknown = set(roles) - set(ROLES)
+            if unknown:
+                raise CacheError(f"unknown roles {sorted(unknown)}; known: {list(ROLES)}")
+            codes = [ROLES.index(r) for r in roles]
+            self._rows = np.flatnonzero(np.isin(self._f["tokens"]["role"], codes))
+            self.n_rows = len(self._rows)
+
+    # ---------------------------------------------------------------- metadata
+
+    @cached_property
+    def meta(self) -> dict:
+        out = {}
+        for k, v in self._f.attrs.items():
+            v = v.decode() if isinstance(v, bytes) else v
+            if isinstance(v, str) and v[:1] in "{[":
+                try:
+                    v = json.loads(v)
+                except json.JSONDecodeError:
+                    pass
+            out[k] = v.item() if isinstance(v, np.generic) else v
+        return out
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        """The token table of the selected rows (structured array, see interp.token_map.TOKEN_DTYPE)."""
+        t = self._f["tokens"][:]
+        return t if self._rows is None else t[self._rows]
+
+    @cached_property
+    def samples(self) -> np.ndarray:
+        return self._f["samples"][:]
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---------------------------------------------------------------- reading
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Selected rows [start, stop) as float32, read as one contiguous slice."""
+        if self._rows is None:
+            arr = self._acts[start:stop]
+        else:
+            idx = self._rows[start:stop]
+            if len(idx) == 0:
+                return torch.empty(0, self.d)
+            arr = self._acts[idx[0]: idx[-1] + 1][idx - idx[0]]
+        return torch.from_numpy(np.asarray(arr, dtype=np.float32))
+
+    def iter_sequential(self, chunk_rows: int = 65536) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first selected-row index, rows) in file order."""
+        for s in range(0, self.n_rows, chunk_rows):
+            yield s, self.read(s, min(s + chunk_rows, self.n_rows))
+
+    def _check(self, batch_size: int) -> None:
+        if self.n_rows == 0:
+            raise CacheError(f"{self.path} holds no activations" + (f" of roles {self.roles}" if self.roles else ""))
+        if batch_size > self.n_rows:
+            raise CacheError(f"batch size {batch_size} is larger than the cache ({self.n_rows} rows)")
+
+    def _epoch_plan(self, seed: int, epoch: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
+        """Per buffer of this epoch: (the block numbers it reads, how many batches it yields)."""
+        n_blocks = -(-self.n_rows // self.block_rows)
+        order = np.random.default_rng([seed, epoch]).permutation(n_blocks)
+        plan = []
+        for j in range(0, n_blocks, self.buffer_blocks):
+            blocks = np.sort(order[j: j + self.buffer_blocks])
+            rows = sum(min(self.block_rows, self.n_rows - b * self.block_rows) for b in blocks)
+            plan.append((blocks, rows // batch_size))
+        return plan
+
+    def batches(self, batch_size: int, *, seed: int = 0, start_batch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[torch.Tensor]:
+        """Endless shuffled float32 batches [batch_size, d]. Batch b depends only on (seed, b);
+        under DDP rank r takes batches r, r + world_size, ... of that same sequence."""
+        self._check(batch_size)
+        b, epoch = 0, 0
+        while True:
+            for j, (blocks, n_batches) in enumerate(self._epoch_plan(seed, epoch, batch_size)):
+                mine = [i for i in range(n_batches) if b + i >= start_batch and (b + i) % world_size == rank]
+                if mine:
+                    buf = torch.cat([self.read(k * self.block_rows, min((k + 1) * self.block_rows, self.n_rows))
+                                     for k in blocks])
+                    perm = torch.from_numpy(np.random.default_rng([seed, epoch, j]).permutation(len(buf)))
+                    for i in mine:
+                        yield buf[perm[i * batch_size: (i + 1) * batch_size]]
+                b += n_batches
+            epoch += 1
+
+    # ---------------------------------------------------------------- statistics
+
+    def stats(self, max_rows: int = 262144) -> dict:
+        """Mean row, mean L2 norm and per-dimension std, from up to `max_rows` evenly spread rows."""
+        n = min(self.n_rows, max_rows)
+        self._check(1)
+        total, sq, norm, count = torch.zeros(self.d, dtype=torch.float64), torch.zeros(self.d, dtype=torch.float64), 0.0, 0
+        step = max(1, self.n_rows // n)
+        chunk = max(self.block_rows, 8192)
+        for s in range(0, self.n_rows, chunk * step):
+            x = self.read(s, min(s + chunk, self.n_rows)).double()
+            total += x.sum(0)
+            sq += (x * x).sum(0)
+            norm += x.norm(dim=1).sum().item()
+            count += len(x)
+        mean = total / count
+        return {"mean": mean.float(), "norm": norm / count, "std": (sq / count - mean ** 2).clamp_min(0).sqrt().float(),
+                "rows": count}
+
+    def check_finite(self, chunk_rows: int = 65536) -> None:
+        """Raise naming the first rows that hold NaN or Inf."""
+        for s, x in self.iter_sequential(chunk_rows):
+            bad = (~torch.isfinite(x)).any(1).nonzero().flatten()
+            if len(bad):
+                rows = (bad + s).tolist()
+                raise CacheError(f"{self.path}: {len(rows)} row(s) hold NaN or Inf, first rows {rows[:10]}; "
+                                 f"the model overflowed at this layer: re-cache with --dtype float32")
