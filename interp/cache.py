@@ -302,7 +302,8 @@ def register(sub) -> None:
     p.add_argument("--layer", default=d.layer, help="layer index (negative counts from the end) or name; see `interp layers`")
     p.add_argument("--site", default=d.site, choices=["resid", "attn", "mlp"], help="residual output, attention or MLP output")
     p.add_argument("--data", default=d.data, help="shapes[:SPLIT], folder:PATH, hf:PATH[:IMAGE_COLUMN]")
-    p.add_argument("--n", type=int, default=None, help="number of samples (default: all; 2000 for shapes)")
+    # not --n: under torchrun, argparse would read it as an abbreviation of torchrun's --nnodes
+    p.add_argument("--samples", type=int, default=None, help="number of samples (default: all; 2000 for shapes)")
     p.add_argument("--prompt", default=d.prompt_template, help="prompt template with an {image} slot (and optional {text})")
     p.add_argument("--roles", default=",".join(d.roles),
                    help="token roles to keep: image_patch,image_special,text,template,special (comma separated)")
@@ -320,7 +321,7 @@ def register(sub) -> None:
 
 
 def _cli(args) -> int:
-    cfg = CacheConfig(model=args.model, layer=args.layer, site=args.site, data=args.data, n=args.n,
+    cfg = CacheConfig(model=args.model, layer=args.layer, site=args.site, data=args.data, n=args.samples,
                       prompt_template=args.prompt, roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()),
                       dtype=args.dtype, model_dtype=args.model_dtype, device=args.device, revision=args.revision,
                       batch_size=args.batch_size, part_samples=args.part_samples, engine=args.engine,

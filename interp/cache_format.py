@@ -23,4 +23,8 @@ IDENTITY_ATTRS = ("model", "revision", "layer", "site", "module_path", "dtype", 
 
 
 def empty_samples(n: int) -> np.ndarray:
-    return np.zeros(n, SAMPLE_DTYPE)
+    """A sample table of `n` rows with empty strings (np.zeros would leave the strings as 0)."""
+    out = np.zeros(n, SAMPLE_DTYPE)
+    for name in ("image_ref", "image_hash", "prompt"):
+        out[name] = ""
+    return out

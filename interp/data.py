@@ -109,9 +109,12 @@ class FolderSource:
 
 class HFDatasetSource:
     """A local Hugging Face dataset (parquet/arrow files or a `save_to_disk` folder);
-    ref `hf:PATH:SPLIT:ROW`."""
+    ref `hf:PATH:SPLIT:ROW`. Columns default to the first image column and the first of
+    text/caption/prompt/question; a dataset without images serves text-only models."""
 
-    def __init__(self, path: str | Path, image_column: str = "image", text_column: str | None = None,
+    TEXT_COLUMNS = ("text", "caption", "prompt", "question")
+
+    def __init__(self, path: str | Path, image_column: str | None = None, text_column: str | None = None,
                  split: str = "train", n: int | None = None):
         import datasets
 
@@ -119,18 +122,26 @@ class HFDatasetSource:
         if not self.path.exists():
             raise DataError(f"dataset path {path} does not exist")
         try:
-            if self.path.is_dir() and (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
+            if (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists() or (
+                    self.path / "dataset_dict.json").exists():
                 ds = datasets.load_from_disk(str(self.path))
                 ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
             else:
-                kind = "parquet" if any(self.path.rglob("*.parquet")) or self.path.suffix == ".parquet" else "arrow"
+                kind = "parquet" if self.path.suffix == ".parquet" or any(self.path.rglob("*.parquet")) else "arrow"
                 files = [str(self.path)] if self.path.is_file() else sorted(str(p) for p in self.path.rglob(f"*.{kind}"))
                 ds = datasets.load_dataset(kind, data_files=files, split="train")
-        except Exception as e:
+        except Exception as e:  # datasets raises many types for "this is not a dataset"
             raise DataError(f"cannot read a dataset at {path}: {type(e).__name__}: {e}") from None
+        if image_column is None:
+            image_column = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+        if text_column is None:
+            text_column = next((c for c in self.TEXT_COLUMNS if c in ds.column_names), None)
         for col in (image_column, text_column):
             if col and col not in ds.column_names:
                 raise DataError(f"dataset has no column {col!r}; columns: {ds.column_names}")
+        if image_column is None and text_column is None:
+            raise DataError(f"dataset at {path} has neither an image column nor a text column "
+                            f"({', '.join(self.TEXT_COLUMNS)}); columns: {ds.column_names}")
         self.ds = ds.select(range(min(n, len(ds)))) if n else ds
         self.image_column, self.text_column = image_column, text_column
 
@@ -141,9 +152,11 @@ class HFDatasetSource:
         row = self.ds[i]
         ref = f"hf:{self.path}:{self.split}:{i}"
         text = str(row[self.text_column]) if self.text_column else ""
+        if self.image_column is None:
+            return Sample(i, ref, None, text)
         try:
             return Sample(i, ref, _to_image(row[self.image_column]), text)
-        except Exception as e:
+        except Exception as e:  # a broken image is recorded and skipped, whatever the decoder raised
             return Sample(i, ref, None, text, error=f"{type(e).__name__}: {e}")
 
     def describe(self) -> dict:
@@ -164,6 +177,8 @@ def _to_image(value) -> Image.Image:
 
 def open_source(spec: str, n: int | None = None, seed: int = 0) -> DataSource:
     """`shapes[:SPLIT]`, `folder:PATH` (or a directory), `hf:PATH[:IMAGE_COLUMN]` (or a .parquet/.arrow path)."""
+    if n is not None and n <= 0:
+        raise DataError(f"--n must be positive, got {n}")
     kind, _, rest = spec.partition(":")
     if kind == "shapes":
         return ShapesSource(n or 2000, rest or "train", seed)
@@ -171,7 +186,7 @@ def open_source(spec: str, n: int | None = None, seed: int = 0) -> DataSource:
         return FolderSource(rest, n)
     if kind == "hf":
         path, _, column = rest.partition(":")
-        return HFDatasetSource(path, column or "image", n=n)
+        return HFDatasetSource(path, column or None, n=n)
     p = Path(spec)
     if p.is_dir() and not any(p.rglob("*.parquet")) and not any(p.rglob("*.arrow")):
         return FolderSource(p, n)

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import torch
 
-from interp.cache_format import FORMAT
+from interp.cache_format import FORMAT, IDENTITY_ATTRS
 
 
 class CacheError(ValueError):
@@ -63,7 +63,7 @@ class ActivationReader:
         out = {}
         for k, v in self._f.attrs.items():
             v = v.decode() if isinstance(v, bytes) else v
-            if isinstance(v, str) and v[:1] in "{[":
+            if isinstance(v, str) and (k in IDENTITY_ATTRS or v[:1] in ('{', '[', '"')):  # JSON from the writer
                 try:
                     v = json.loads(v)
                 except json.JSONDecodeError:
@@ -166,10 +166,10 @@ class ActivationReader:
                 "rows": count}
 
     def check_finite(self, chunk_rows: int = 65536) -> None:
-        """Raise naming the first rows that hold NaN or Inf."""
+        """Raise naming the rows that hold NaN or Inf (all of them counted, the first ten named)."""
+        bad: list[int] = []
         for s, x in self.iter_sequential(chunk_rows):
-            bad = (~torch.isfinite(x)).any(1).nonzero().flatten()
-            if len(bad):
-                rows = (bad + s).tolist()
-                raise CacheError(f"{self.path}: {len(rows)} row(s) hold NaN or Inf, first rows {rows[:10]}; "
-                                 f"the model overflowed at this layer: re-cache with --dtype float32")
+            bad += ((~torch.isfinite(x)).any(1).nonzero().flatten() + s).tolist()
+        if bad:
+            raise CacheError(f"{self.path}: {len(bad)} row(s) hold NaN or Inf, first rows {bad[:10]}; "
+                             f"the model overflowed at this layer: re-cache with --model-dtype float32 --dtype float32")

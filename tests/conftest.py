@@ -6,6 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+pytest_plugins = ["tiny_models"]  # tiny random models of every family, shared by all test modules
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

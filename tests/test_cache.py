@@ -1,0 +1,159 @@
+"""interp cache: rows, token table and metadata on every family; resume after kill -9; bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+from interp.cache import CacheConfig, CacheMismatchError, build_cache
+from interp.data import DataError
+from interp.hooks import capture
+from interp.layers import UnknownLayerError, resolve_layer
+from interp.reader import ActivationReader
+from interp.token_map import ROLES
+
+
+def cfg(model, **kw):
+    return CacheConfig(model=str(model), layer="1", n=6, batch_size=4, part_samples=4, **kw)
+
+
+def test_cache_every_family(multimodal_path, tmp_path):
+    family, path = multimodal_path
+    out = build_cache(cfg(path, dtype="float32"), tmp_path / "c.h5")
+    with ActivationReader(out) as r:
+        assert r.meta["family"] == family and r.meta["layer"] == "layers.1"
+        assert set(r.tokens["role"]) == {ROLES.index("image_patch")}
+        assert len(r.samples) == 6 and r.samples["n_rows"].sum() == r.n_rows > 0
+        starts = np.cumsum(r.samples["n_rows"]) - r.samples["n_rows"]
+        assert (r.samples["row_start"] == starts).all()
+        for s in r.samples:
+            assert (r.tokens["sample"][s["row_start"]: s["row_start"] + s["n_rows"]] == s["sample"]).all()
+        assert (r.tokens["x1"] > r.tokens["x0"]).all()
+        from importlib.metadata import version
+
+        assert r.meta["versions"]["torch"] == version("torch") and r.meta["versions"]["transformers"] == version("transformers")
+        assert r.meta["data"]["kind"] == "shapes" and len(r.meta["data_fingerprint"]) == 16
+        assert r.meta["processor"]["processor"].endswith("Processor") and r.meta["seed"] == 0
+
+
+def test_cached_rows_equal_a_direct_forward(tiny_path, tmp_path):
+    """The rows are exactly the layer's outputs at the image-patch positions, for both engines.
+    (Layer 0: HF applies the final norm to the last entry of hidden_states.)"""
+    from interp.cache import CacheWriter
+    from interp.data import open_source
+
+    path = tiny_path("llava")
+    c = {e: CacheConfig(model=str(path), layer="0", n=6, batch_size=4, part_samples=4, dtype="float32", engine=e)
+         for e in ("nnsight", "torch")}
+    a, b = (ActivationReader(build_cache(c[e], tmp_path / f"{e}.h5")) for e in ("nnsight", "torch"))
+    assert torch.equal(a.read(0, a.n_rows), b.read(0, b.n_rows))
+    w = CacheWriter(c["torch"])
+    samples = [open_source("shapes", 6)[i] for i in range(4)]
+    inputs = w.inputs(samples, w.prompts(samples)[0])
+    with torch.no_grad():
+        full = w.lm.model(**inputs, output_hidden_states=True).hidden_states[1]
+    is_image = inputs["input_ids"] == w.lm.model.config.image_token_id
+    assert torch.equal(a.read(0, int(is_image.sum())), full[is_image])
+    hook = resolve_layer(w.lm, 0).module_path
+    assert torch.equal(capture(w.lm.model, inputs, hook, "nnsight"), capture(w.lm.model, inputs, hook, "torch"))
+
+
+def test_resume_refuses_other_settings_and_finishes_once(tiny_path, tmp_path):
+    path = tiny_path("llava")
+    out = build_cache(cfg(path), tmp_path / "c.h5")
+    before = out.stat().st_mtime_ns
+    build_cache(cfg(path), out)  # complete: nothing redone
+    assert out.stat().st_mtime_ns == before
+    with pytest.raises(CacheMismatchError, match="layer"):
+        build_cache(CacheConfig(model=str(path), layer="0", n=6, batch_size=4, part_samples=4), out)
+
+
+def test_roles_and_text_models(tiny_path, tmp_path):
+    path = tiny_path("llava")
+    out = build_cache(cfg(path, roles=("image_patch", "text", "template")), tmp_path / "all.h5")
+    roles = set(ActivationReader(out).tokens["role"])
+    assert {ROLES.index("image_patch"), ROLES.index("text")} <= roles
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["what color is the circle ?", "describe the image .", "hello world"]})
+    ds.to_parquet(str(tmp_path / "texts.parquet"))
+    out = build_cache(CacheConfig(model=str(tiny_path("llama")), layer="-1", data=str(tmp_path / "texts.parquet"),
+                                  prompt_template="{text}", roles=("text",), batch_size=2, part_samples=2),
+                      tmp_path / "text.h5")
+    r = ActivationReader(out)
+    assert r.meta["kind"] == "causal-lm" and len(r.samples) == 3 and r.n_rows >= 6
+    assert set(r.tokens["role"]) == {ROLES.index("text")}
+
+
+def test_bad_input_is_named_and_nothing_is_written(tiny_path, tmp_path):
+    path = tiny_path("llava")
+    with pytest.raises(UnknownLayerError, match="layers.0"):
+        build_cache(CacheConfig(model=str(path), layer="7", n=2), tmp_path / "a.h5")
+    with pytest.raises(DataError, match="no image slot"):
+        build_cache(cfg(path, prompt_template="describe the image ."), tmp_path / "b.h5")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="3.png"):
+        build_cache(cfg(path, data=f"folder:{folder}", strict=True), tmp_path / "strict.h5")
+    assert not (tmp_path / "strict.h5").exists()
+    out = build_cache(cfg(path, data=f"folder:{folder}"), tmp_path / "skip.h5")
+    r = ActivationReader(out)
+    assert len(r.samples) == 4 and "3.png" in r.meta["skipped"][0]["image_ref"]
+    assert list(r.samples["sample"]) == [0, 1, 2, 4]
+    for name in ("a.h5", "b.h5"):
+        assert not (tmp_path / name).exists() and not (tmp_path / (name + ".parts")).exists()
+
+
+def _cache_cmd(path, out, *extra):
+    return [sys.executable, "-m", "interp.cli", "cache", "--model", str(path), "--layer", "1", "--samples", "24",
+            "--batch-size", "2", "--part-samples", "2", "--dtype", "float32", "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_uninterrupted(tiny_path, tmp_path):
+    path = tiny_path("llava")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cache_cmd(path, tmp_path / "straight.h5"), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed.h5"
+    parts = tmp_path / "killed.h5.parts"
+    proc = subprocess.Popen(_cache_cmd(path, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("part-*.h5"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the kill came too late to test anything"
+    done = len(list(parts.glob("part-*.h5")))
+    assert 3 <= done < 12
+    subprocess.run(_cache_cmd(path, out), check=True, env=env, capture_output=True)
+    with h5py.File(tmp_path / "straight.h5") as a, h5py.File(out) as b:
+        assert np.array_equal(a["activations"][:], b["activations"][:])
+        assert np.array_equal(a["tokens"][:], b["tokens"][:])
+        assert np.array_equal(a["samples"][:], b["samples"][:])
+    assert not parts.exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_give_the_same_rows(tiny_path, tmp_path):
+    path = tiny_path("llava")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cache_cmd(path, tmp_path / "one.h5"), check=True, env=env, capture_output=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "interp.cli", *_cache_cmd(path, tmp_path / "two.h5")[3:]]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "two.h5") as b:
+        assert np.array_equal(a["activations"][:], b["activations"][:])
+        assert np.array_equal(a["tokens"][:], b["tokens"][:])
+        assert np.array_equal(a["samples"][:], b["samples"][:])
