@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from interp.cache_format import FORMAT, IDENTITY_ATTRS, SAMPLE_DTYPE
-from interp.data import DEFAULT_TEMPLATE, DataError, Sample, chat_messages, check_template, fingerprint, open_source, user_text
+from interp.data import DEFAULT_TEMPLATE, DataError, Sample, check_template, fingerprint, open_source, user_text
+from interp.inputs import model_inputs, prompts
 
 
 class CacheMismatchError(ValueError):
@@ -89,43 +90,14 @@ class CacheWriter:
             raise ValueError(f"unknown roles {sorted(unknown)}; known: {list(ROLES)}")
         self.role_codes = [ROLES.index(r) for r in cfg.roles]
 
-    def prompts(self, samples: list[Sample]) -> tuple[list[str], list[str]]:
-        """(full model input strings, the user's own text inside them)."""
-        tok = self.lm.processor or self.lm.tokenizer
-        texts, users = [], []
-        for s in samples:
-            users.append(user_text(self.cfg.prompt_template, s))
-            if getattr(tok, "chat_template", None) and self.lm.is_multimodal:
-                texts.append(tok.apply_chat_template(chat_messages(self.cfg.prompt_template, s), add_generation_prompt=True))
-            else:
-                texts.append(users[-1])
-        return texts, users
-
-    def inputs(self, samples: list[Sample], texts: list[str]) -> dict:
-        lm = self.lm
-        if lm.is_multimodal:
-            enc = lm.processor(images=[[s.image] for s in samples], text=texts, return_tensors="pt", padding=True)
-        else:
-            enc = lm.tokenizer(texts, return_tensors="pt", padding=True)
-        out = {}
-        for k, v in enc.items():
-            if torch.is_tensor(v):
-                v = v.to(lm.device)
-                out[k] = v.to(lm.dtype) if v.is_floating_point() else v
-            else:
-                out[k] = v
-        if lm.kind == "hooked-transformer":
-            out = {"input": out["input_ids"]}
-        return out
-
     def run_batch(self, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Activations [rows, d] and token table [rows] of the kept roles (sample-major, batch-local
         sample numbers), and each sample's number of non-padding tokens."""
         from interp.hooks import capture
         from interp.token_map import ROLES, token_table
 
-        texts, users = self.prompts(samples)
-        inputs = self.inputs(samples, texts)
+        texts, users = prompts(self.lm, samples, self.cfg.prompt_template)
+        inputs = model_inputs(self.lm, samples, texts)
         acts = capture(self.lm.model, inputs, self.hook.module_path, self.cfg.engine)
         enc = inputs if self.lm.kind != "hooked-transformer" else {"input_ids": inputs["input"]}
         table = token_table(self.lm, enc, [[s.image] for s in samples] if self.lm.is_multimodal else None, users)

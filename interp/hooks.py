@@ -8,7 +8,8 @@ stops the forward right after the layer: nothing past it is needed.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -69,3 +70,22 @@ def capture(model: torch.nn.Module, inputs: Mapping, module_path: str, engine: s
             raise RuntimeError(f"module {module_path} did not run in the forward pass")
         return box[0]
     raise ValueError(f"unknown hook engine {engine!r}; choose one of {ENGINES}")
+
+
+@contextmanager
+def patch_output(model: torch.nn.Module, module_path: str, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Within the block, every forward of `module_path` returns fn(its output) instead.
+
+    A plain forward hook, so it holds across `generate`'s many forwards (each call sees that
+    step's slice of the sequence: the prompt first, then one token at a time)."""
+
+    def hook(_module, _inp, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]),) + tuple(output[1:])
+        return fn(output)
+
+    handle = model.get_submodule(module_path).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -49,6 +49,7 @@ def test_cached_rows_equal_a_direct_forward(tiny_path, tmp_path):
     (Layer 0: HF applies the final norm to the last entry of hidden_states.)"""
     from interp.cache import CacheWriter
     from interp.data import open_source
+    from interp.inputs import model_inputs, prompts
 
     path = tiny_path("llava")
     c = {e: CacheConfig(model=str(path), layer="0", n=6, batch_size=4, part_samples=4, dtype="float32", engine=e)
@@ -57,7 +58,7 @@ def test_cached_rows_equal_a_direct_forward(tiny_path, tmp_path):
     assert torch.equal(a.read(0, a.n_rows), b.read(0, b.n_rows))
     w = CacheWriter(c["torch"])
     samples = [open_source("shapes", 6)[i] for i in range(4)]
-    inputs = w.inputs(samples, w.prompts(samples)[0])
+    inputs = model_inputs(w.lm, samples, prompts(w.lm, samples, w.cfg.prompt_template)[0])
     with torch.no_grad():
         full = w.lm.model(**inputs, output_hidden_states=True).hidden_states[1]
     is_image = inputs["input_ids"] == w.lm.model.config.image_token_id

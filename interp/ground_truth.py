@@ -1,0 +1,92 @@
+"""Ground-truth concept labels for cached tokens of the shapes world.
+
+Each cached image token knows its pixel box in the original image (the token table), and
+each shapes-world image can be regenerated from its reference, so every token gets the exact
+fraction of its box that each concept (colour, shape, "object") covers, whatever the model's
+patch geometry. Later stages (SAE recovery, explanation scoring, the app) read labels here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from interp.world import WorldConfig, sample_scene
+
+
+@dataclass
+class TokenConcepts:
+    concepts: tuple[str, ...]
+    coverage: np.ndarray  # [rows, concepts] fraction of the token's box each concept covers
+    rows: np.ndarray  # which rows of the cache have labels (image tokens of shapes-world samples)
+
+    def labels(self, threshold: float = 0.05) -> np.ndarray:
+        """[rows, concepts] bool: the concept covers more than `threshold` of the token's box."""
+        return self.coverage > threshold
+
+
+def parse_shapes_ref(ref: str) -> tuple[str, int, int] | None:
+    """(split, index, seed) of a `shapes:SPLIT:INDEX:SEED` image reference, else None."""
+    parts = ref.split(":")
+    if len(parts) != 4 or parts[0] != "shapes":
+        return None
+    return parts[1], int(parts[2]), int(parts[3])
+
+
+def scene_of(ref: str, world: WorldConfig = WorldConfig()):
+    parsed = parse_shapes_ref(ref)
+    if parsed is None:
+        raise ValueError(f"{ref!r} is not a shapes-world image reference (shapes:SPLIT:INDEX:SEED)")
+    split, index, seed = parsed
+    return sample_scene(world, index, split, seed)
+
+
+def box_coverage(scene, boxes: np.ndarray, concepts: tuple[str, ...]) -> np.ndarray:
+    """[len(boxes), len(concepts)]: the mean coverage of each concept over each pixel box."""
+    s = scene.config.image_size
+    maps = {c: np.zeros((s, s)) for c in concepts}
+    for o in scene.objects:
+        for c in (o.color, o.shape, "object"):
+            if c in maps:
+                maps[c] += o.coverage
+    # integral images make every box mean O(1)
+    out = np.zeros((len(boxes), len(concepts)))
+    x0 = np.clip(np.floor(boxes[:, 0]).astype(int), 0, s)
+    y0 = np.clip(np.floor(boxes[:, 1]).astype(int), 0, s)
+    x1 = np.clip(np.ceil(boxes[:, 2]).astype(int), 0, s)
+    y1 = np.clip(np.ceil(boxes[:, 3]).astype(int), 0, s)
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    for j, c in enumerate(concepts):
+        ii = np.pad(maps[c].cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        out[:, j] = (ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]) / area
+    return out
+
+
+def token_concepts(reader, world: WorldConfig = WorldConfig(), with_object: bool = True) -> TokenConcepts:
+    """Concept coverage of every image token of the cache that comes from a shapes-world image."""
+    concepts = tuple(world.concepts) + (("object",) if with_object else ())
+    tokens, samples = reader.tokens, reader.samples
+    refs = {int(s["sample"]): (s["image_ref"].decode() if isinstance(s["image_ref"], bytes) else s["image_ref"])
+            for s in samples}
+    has_box = tokens["x1"] > tokens["x0"]
+    rows_all = np.flatnonzero(has_box)
+    coverage = np.zeros((len(rows_all), len(concepts)))
+    keep = np.zeros(len(rows_all), bool)
+    order = np.argsort(tokens["sample"][rows_all], kind="stable")
+    sorted_rows = rows_all[order]
+    bounds = np.flatnonzero(np.diff(tokens["sample"][sorted_rows])) + 1
+    for group in np.split(np.arange(len(sorted_rows)), bounds):
+        if not len(group):
+            continue
+        sample = int(tokens["sample"][sorted_rows[group[0]]])
+        if parse_shapes_ref(refs.get(sample, "")) is None:
+            continue
+        rows = sorted_rows[group]
+        boxes = np.stack([tokens[k][rows] for k in ("x0", "y0", "x1", "y1")], axis=1).astype(float)
+        coverage[order[group]] = box_coverage(scene_of(refs[sample], world), boxes, concepts)
+        keep[order[group]] = True
+    if not keep.any():
+        raise ValueError("this cache holds no image tokens of shapes-world images, so it has no ground truth; "
+                         "cache with --data shapes")
+    return TokenConcepts(concepts, coverage[keep], rows_all[keep])
