@@ -16,7 +16,7 @@ import sys
 # to load, which replaces the CPU torch with a CUDA build: no package index while we run.
 os.environ.setdefault("PIP_NO_INDEX", "1")
 
-STAGES = ["interp.world", "interp.organisms.cli", "interp.cache", "interp.demo"]
+STAGES = ["interp.world", "interp.organisms.cli", "interp.layers", "interp.cache", "interp.cache_bench", "saes.evaluate", "saes.recovery", "interp.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     for name in STAGES:
         module = importlib.import_module(name)
-        module.register(sub)
+        if hasattr(module, "register"):
+            module.register(sub)
         if hasattr(module, "register_bench"):
             module.register_bench(bench_sub)
     return parser

@@ -113,3 +113,23 @@ def resolve_layer(lm: LoadedModel, layer: int | str, site: str = "resid") -> Hoo
         raise UnknownLayerError(f"unknown layer {layer!r} (site {site!r}) in {lm.name}; "
                                 f"valid: {_valid_summary(points)}")
     return match
+
+
+def register(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("layers", help="list a model's hookable layers and their module paths",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="?", default="shapes-subject", help="organism name, hub id or local path")
+    p.add_argument("--device", default="cpu", help="device to load the model on")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    from interp.models import load_model
+
+    lm = load_model(args.model, device=args.device)
+    print(f"{lm.name} ({lm.family}, {lm.kind}): {len(decoder_layers(lm))} decoder layers")
+    for p in hook_points(lm):
+        print(f"  {p.name:16s} {p.module_path}")
+    return 0

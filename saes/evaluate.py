@@ -1,0 +1,271 @@
+"""`interp eval`: how good an SAE is, on its cache and spliced back into its model.
+
+- Reconstruction over the whole evaluation set: FVU as one ratio of sums (not a mean of
+  per-batch ratios, which overweights small batches), L0, dead and dense fractions, the
+  feature density histogram.
+- Spliced into the model at its layer, on the token roles it was trained on: next-token CE
+  with the reconstruction (without, and as a check with, the error term), against the clean
+  model and zero-ablation: CE loss recovered and KL to the clean model. On the shapes world
+  the loss is on the ground-truth caption, so it measures what the image tokens carry.
+- For the shapes organisms: VQA accuracy with the SAE spliced in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DENSE = 0.1  # a latent firing on more than 10% of rows is "dense"
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae, reader, chunk_rows: int = 16384, max_rows: int | None = None) -> dict:
+    n = min(reader.n_rows, max_rows or reader.n_rows)
+    if n == 0:
+        raise ValueError(f"{reader.path} holds no rows to evaluate on")
+    total = torch.zeros(reader.d, dtype=torch.float64)
+    sq_total, err_total, l0_total = 0.0, 0.0, 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    for s in range(0, n, chunk_rows):
+        x = reader.read(s, min(s + chunk_rows, n)).to(sae.device, sae.dtype)
+        acts = sae.encode(x)
+        err_total += (sae.decode(acts) - x).double().pow(2).sum().item()
+        total += x.double().sum(0).cpu()
+        sq_total += x.double().pow(2).sum().item()
+        on = acts > 0
+        l0_total += on.sum().item()
+        fired += on.double().sum(0).cpu()
+    mean = total / n
+    var_total = sq_total - n * mean.pow(2).sum().item()  # sum of squared deviations from the mean row
+    density = (fired / n).numpy()
+    log_density = np.log10(np.clip(density[density > 0], 1e-10, None))
+    hist, edges = np.histogram(log_density, bins=30) if len(log_density) else (np.array([]), np.array([]))
+    return {
+        "rows": n, "fvu": err_total / var_total, "mse": err_total / (n * reader.d), "l0": l0_total / n,
+        "dead_fraction": float((density == 0).mean()), "dense_fraction": float((density > DENSE).mean()),
+        "density_histogram": {"log10_density_edges": edges.round(4).tolist(), "counts": hist.tolist()},
+        "density": density,
+    }
+
+
+def _eval_samples(reader, n: int):
+    """The first `n` cached samples re-loaded, the prompt template to render them with, and on the
+    shapes world the ground-truth captions as answers (else None)."""
+    from interp.data import Sample, load_image
+    from interp.ground_truth import parse_shapes_ref, scene_of
+    from interp.world import caption
+
+    template = reader.meta["prompt_template"]
+    samples, answers = [], []
+    for row in reader.samples[:n]:
+        ref, prompt = (v.decode() if isinstance(v, bytes) else v for v in (row["image_ref"], row["prompt"]))
+        image = load_image(ref) if row["width"] > 0 else None
+        samples.append(Sample(int(row["sample"]), ref, image, text=prompt))
+        answers.append(caption(scene_of(ref)) if parse_shapes_ref(ref) else None)
+    if "{image}" not in template:
+        template = "{text}"  # text models: the stored prompt is the whole user text
+    return samples, template, (answers if all(a is not None for a in answers) else None)
+
+
+@torch.no_grad()
+def spliced_metrics(sae, reader, lm=None, n_samples: int = 64, batch_size: int = 16) -> dict:
+    """CE and KL with the SAE spliced in at the cached layer, on the cached roles."""
+    from interp.hooks import patch_output
+    from interp.inputs import model_inputs, prompts
+    from interp.models import load_model
+    from interp.token_map import ROLES, token_table
+
+    meta = reader.meta
+    lm = lm or load_model(meta["model"], revision=meta.get("revision") or None)
+    role_codes = [ROLES.index(r) for r in meta["roles"]]
+    samples, template, answers = _eval_samples(reader, n_samples)
+    sums = {k: 0.0 for k in ("clean", "spliced", "spliced_with_error", "zero_ablated", "kl_spliced", "kl_zero")}
+    count = 0
+    for s in range(0, len(samples), batch_size):
+        batch = samples[s: s + batch_size]
+        ans = answers[s: s + batch_size] if answers else None
+        texts, users = prompts(lm, batch, template, ans)
+        inputs = model_inputs(lm, batch, texts)
+        ids = inputs.get("input_ids", inputs.get("input"))
+        table = token_table(lm, {"input_ids": ids, **{k: v for k, v in inputs.items() if k != "input"}},
+                            [[b.image] for b in batch] if lm.is_multimodal else None, users)
+        splice = torch.zeros(ids.shape, dtype=torch.bool)
+        keep = np.isin(table["role"], role_codes)
+        splice[table["sample"][keep], table["position"][keep]] = True
+        target = _loss_positions(lm, inputs, ids, table, ans)
+        splice, target = splice.to(ids.device), target.to(ids.device)
+
+        def run(edit=None):
+            if edit is None:
+                return _logits(lm, inputs)
+            with patch_output(lm.model, meta["module_path"], edit):
+                return _logits(lm, inputs)
+
+        def replace(value_fn):
+            def edit(out):
+                if out.shape[:2] != splice.shape:
+                    return out  # a later generation step: nothing to splice
+                new = out.clone()
+                new[splice] = value_fn(out[splice]).to(out.dtype)
+                return new
+            return edit
+
+        recon = lambda x: sae(x.to(sae.dtype)).to(x.dtype)  # noqa: E731
+        logits = {"clean": run(), "spliced": run(replace(recon)),
+                  "spliced_with_error": run(replace(lambda x: recon(x) + (x - recon(x)))),
+                  "zero_ablated": run(replace(torch.zeros_like))}
+        labels = ids[:, 1:]
+        for k, lg in logits.items():
+            ce = F.cross_entropy(lg[:, :-1].float().transpose(1, 2), labels, reduction="none")
+            sums[k] += ce[target[:, 1:]].sum().item()
+        logp_clean = F.log_softmax(logits["clean"][:, :-1].float(), -1)
+        for k, name in (("spliced", "kl_spliced"), ("zero_ablated", "kl_zero")):
+            logp = F.log_softmax(logits[k][:, :-1].float(), -1)
+            kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
+            sums[name] += kl[target[:, 1:]].sum().item()
+        count += int(target[:, 1:].sum())
+    m = {k: v / max(count, 1) for k, v in sums.items()}
+    denom = m["zero_ablated"] - m["clean"]
+    return {"ce_clean": m["clean"], "ce_spliced": m["spliced"], "ce_spliced_with_error": m["spliced_with_error"],
+            "ce_zero_ablated": m["zero_ablated"],
+            "ce_loss_recovered": (m["zero_ablated"] - m["spliced"]) / denom if abs(denom) > 1e-9 else float("nan"),
+            "kl_spliced": m["kl_spliced"], "kl_zero_ablated": m["kl_zero"], "loss_tokens": count,
+            "loss_on": "ground-truth caption" if answers else "text after the image"}
+
+
+def _logits(lm, inputs) -> torch.Tensor:
+    if lm.kind == "hooked-transformer":
+        return lm.model(inputs["input"])
+    return lm.model(**inputs).logits
+
+
+def _loss_positions(lm, inputs, ids, table, answers) -> torch.Tensor:
+    """[B, T] bool: the tokens whose prediction is scored (the answers, else text after the image)."""
+    from interp.token_map import ROLES
+
+    mask = inputs.get("attention_mask", torch.ones_like(ids)).bool().cpu()
+    target = torch.zeros(ids.shape, dtype=torch.bool)
+    if answers is not None:
+        for i, a in enumerate(answers):
+            n = len(lm.tokenizer(a, add_special_tokens=False)["input_ids"]) + 1  # + eos
+            last = int(mask[i].nonzero().max()) + 1
+            target[i, last - n: last] = True
+        return target
+    image_rows = np.isin(table["role"], [ROLES.index("image_patch"), ROLES.index("image_special")])
+    text_rows = np.isin(table["role"], [ROLES.index("text"), ROLES.index("template")])
+    for i in range(ids.shape[0]):
+        img = table["position"][image_rows & (table["sample"] == i)]
+        after = table["position"][text_rows & (table["sample"] == i)]
+        after = after[after > (img.max() if len(img) else -1)]
+        target[i, after] = True
+    return target
+
+
+@torch.no_grad()
+def vqa_with_sae(sae, reader, lm=None, n: int = 100) -> dict | None:
+    """Organism VQA accuracy per task, clean and with the SAE spliced into the image tokens."""
+    from interp.hooks import patch_output
+    from interp.organisms import ORGANISMS
+    from interp.organisms.build import SPECS
+    from interp.organisms.eval import evaluate
+
+    meta = reader.meta
+    if meta["model"] not in ORGANISMS or "image_patch" not in meta["roles"]:
+        return None
+    from interp.models import load_model
+
+    lm = lm or load_model(meta["model"])
+    tasks = tuple(t for t in SPECS[ORGANISMS[meta["model"]]].tasks if t != "region")
+    image_id = lm.model.config.image_token_id
+    state = {}
+
+    def edit(out):
+        mask = state.get("mask")
+        if mask is None or out.shape[:2] != mask.shape:
+            return out
+        new = out.clone()
+        new[mask] = sae(out[mask].to(sae.dtype)).to(out.dtype)
+        return new
+
+    def remember(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        state["mask"] = (ids == image_id) if ids is not None else None
+
+    clean = evaluate(lm.model, lm.processor, tasks, n=n, split="test")
+    handle = lm.model.register_forward_pre_hook(remember, with_kwargs=True)
+    try:
+        with patch_output(lm.model, meta["module_path"], edit):
+            spliced = evaluate(lm.model, lm.processor, tasks, n=n, split="test")
+    finally:
+        handle.remove()
+    return {"clean": clean, "spliced": spliced}
+
+
+def evaluate_sae(sae_dir: str | Path, cache: str | Path, out: str | Path | None = None, n_samples: int = 64,
+                 vqa_n: int = 100, max_rows: int | None = None) -> dict:
+    from interp.reader import ActivationReader
+    from interp.run import write_run_info
+    from saes.sae import SAE
+
+    sae = SAE.load(sae_dir)
+    reader = ActivationReader(cache)
+    sae.check_width(torch.zeros(1, reader.d))
+    rec = reconstruction_metrics(sae, reader, max_rows=max_rows)
+    density = rec.pop("density")
+    result = {"sae": str(sae_dir), "cache": str(cache), **rec}
+    if reader.meta.get("module_path"):
+        result["spliced"] = spliced_metrics(sae, reader, n_samples=n_samples)
+        vqa = vqa_with_sae(sae, reader, n=vqa_n) if vqa_n else None
+        if vqa:
+            result["vqa"] = vqa
+    out = Path(out or sae_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    write_run_info(out, {"command": "eval", "sae": str(sae_dir), "cache": str(cache)}, name="eval_run.json")
+    _figures(density, out)
+    return result
+
+
+def _figures(density: np.ndarray, out: Path) -> None:
+    import plotly.graph_objects as go
+
+    alive = density[density > 0]
+    fig = go.Figure(go.Histogram(x=np.log10(alive), nbinsx=40))
+    fig.update_layout(title=f"Feature density ({(density == 0).mean():.1%} dead)", xaxis_title="log10 firing rate",
+                      yaxis_title="latents", template="plotly_white")
+    fig.write_html(out / "density.html", include_plotlyjs="cdn")
+    fig.write_json(out / "density.json")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate an SAE: FVU, L0, dead/dense, CE recovered, KL, organism VQA",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sae", required=True, help="SAE directory (SAELens format)")
+    p.add_argument("--cache", required=True, help="activation cache to evaluate on (ideally held out)")
+    p.add_argument("--out", default=None, help="directory for eval.json and figures (default: the SAE directory)")
+    p.add_argument("--samples", type=int, default=64, help="samples for the spliced CE/KL evaluation")
+    p.add_argument("--vqa-n", type=int, default=100, help="questions per task for organism VQA (0: skip)")
+    p.add_argument("--max-rows", type=int, default=None, help="rows for the reconstruction metrics (default: all)")
+    p.add_argument("--json", action="store_true", help="print eval.json")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    r = evaluate_sae(args.sae, args.cache, args.out, args.samples, args.vqa_n, args.max_rows)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"FVU {r['fvu']:.4f}  L0 {r['l0']:.1f}  dead {r['dead_fraction']:.1%}  dense {r['dense_fraction']:.1%}")
+    if "spliced" in r:
+        s = r["spliced"]
+        print(f"CE clean {s['ce_clean']:.4f}  spliced {s['ce_spliced']:.4f}  zero-ablated {s['ce_zero_ablated']:.4f}  "
+              f"recovered {s['ce_loss_recovered']:.3f}  KL {s['kl_spliced']:.4f} (zero-abl. {s['kl_zero_ablated']:.4f})")
+    if "vqa" in r:
+        for task in r["vqa"]["clean"]:
+            print(f"VQA {task:8s} clean {r['vqa']['clean'][task]:.3f}  with SAE {r['vqa']['spliced'][task]:.3f}")
+    return 0
