@@ -1,0 +1,278 @@
+"""The one reader of `features.h5` (written by `interp features`, see explain.features for the layout).
+
+Later stages (explanations, scoring, steering, the app) get every per-feature statistic and
+example list from `FeatureStats`, and per-token activations of an example image from
+`FeatureSources`, which re-encodes that image's cached rows on demand: storing them for
+every top image would cost d_sae * k * tokens floats (gigabytes for 100k features), while
+re-encoding one image's rows takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+FORMAT = "lmmscope.features/1"
+RANKINGS = ("max", "mean")  # how an image's token activations are summarised into one value
+DEFAULT_CHUNK_ELEMENTS = 2**25  # rows * d_sae of one dense encoded chunk (128 MiB of float32)
+JSON_ATTRS = ("sae_cfg", "cache_identity", "versions", "quantile_levels", "argv")
+
+
+class FeatureFileError(ValueError):
+    """A features file that is missing, malformed, or does not belong to the given SAE or cache."""
+
+
+def sae_fingerprint(sae_dir: str | Path) -> str:
+    """sha256 of the SAE's weights file: identifies the SAE whatever directory it was copied to."""
+    from saes.sae import WEIGHTS_FILENAME
+
+    path = Path(sae_dir) / WEIGHTS_FILENAME
+    if not path.exists():
+        raise FileNotFoundError(f"no SAE at {sae_dir}: {WEIGHTS_FILENAME} is missing")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The attributes that identify an activation cache (its settings, data, size and creation time)."""
+    from interp.cache_format import IDENTITY_ATTRS
+
+    keys = (*IDENTITY_ATTRS, "data_fingerprint", "n_rows", "n_samples", "created")
+    return {k: meta.get(k) for k in keys}
+
+
+def cache_fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def chunk_rows_for(d_sae: int, max_elements: int = DEFAULT_CHUNK_ELEMENTS, cap: int | None = None) -> int:
+    """Rows per encoded chunk so that a dense [rows, d_sae] block stays within `max_elements`."""
+    rows = max(1, max_elements // d_sae)
+    return min(rows, cap) if cap else rows
+
+
+def _text(v: Any) -> Any:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image of a feature's example lists; `image` is its position in the cache's samples table."""
+
+    image: int
+    sample: int  # the data source's sample number
+    image_ref: str  # interp.data.load_image(image_ref) gives the original image back
+    value: float  # the ranking value (the image's max or mean token activation)
+    max: float
+    mean: float
+    row_start: int  # the image's rows in the cache
+    n_rows: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    feature: int
+    density: float  # fraction of all cached rows on which the feature is > 0
+    n_active: int
+    max: float
+    mean: float  # over all rows
+    mean_active: float  # over active rows (0 for a dead feature)
+    image_share: float  # share of the total activation on image tokens (1.0 without text rows; NaN if dead)
+    quantiles: dict[float, float]  # of the active values, from a log-spaced histogram
+
+
+@dataclass(frozen=True)
+class QuantileBand:
+    """Activating images whose value lies between two quantiles of the feature's per-image values."""
+
+    q_lo: float
+    q_hi: float
+    examples: list[Example]
+
+
+class FeatureStats:
+    """Read access to one features.h5; the file stays open until `close()`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FeatureFileError(f"no features file at {self.path}: make one with "
+                                   f"`interp features --cache CACHE --sae SAE_DIR --out {self.path}`")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise FeatureFileError(f"{self.path} is not a readable HDF5 file ({e}): re-run `interp features`") from None
+        if self._f.attrs.get("format") != FORMAT:
+            fmt = self._f.attrs.get("format")
+            self._f.close()
+            raise FeatureFileError(f"{self.path} is not an lmmscope features file "
+                                   f"(format {fmt!r}, expected {FORMAT!r})")
+        self.meta = {k: json.loads(v) if k in JSON_ATTRS else _text(v) for k, v in self._f.attrs.items()}
+        self.d_sae, self.k, self.rank_by = int(self.meta["d_sae"]), int(self.meta["k"]), self.meta["rank_by"]
+        self.samples = self._f["samples"][:]
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> FeatureStats:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- identity checks
+
+    def check_matches(self, sae_dir: str | Path) -> None:
+        """Raise unless this file was computed from the SAE in `sae_dir` (same weights)."""
+        theirs = sae_fingerprint(sae_dir)
+        if theirs != self.meta["sae_sha256"]:
+            raise FeatureFileError(
+                f"features file from another SAE: {self.path} was computed from the SAE at {self.meta['sae_path']} "
+                f"(weights sha256 {self.meta['sae_sha256'][:12]}), not from {sae_dir} (weights sha256 {theirs[:12]}); "
+                f"re-run `interp features --sae {sae_dir}`")
+
+    def check_cache(self, meta: dict[str, Any]) -> None:
+        """Raise unless `meta` (an ActivationReader's .meta) is the cache this file was computed from."""
+        theirs = cache_fingerprint(cache_identity(meta))
+        if theirs != self.meta["cache_fingerprint"]:
+            raise FeatureFileError(f"features file from another activation cache: {self.path} was computed from "
+                                   f"{self.meta['cache_path']} (fingerprint {self.meta['cache_fingerprint']}), "
+                                   f"this cache has fingerprint {theirs}")
+
+    # ---------------------------------------------------------------- per feature
+
+    def check_feature(self, feature: int) -> int:
+        """The feature as an int, or a ValueError naming the valid range."""
+        f = int(feature)
+        if f != feature or not 0 <= f < self.d_sae:
+            raise ValueError(f"feature {feature} is out of range: this SAE has {self.d_sae} features "
+                             f"(valid indices 0..{self.d_sae - 1})")
+        return f
+
+    def stats(self, feature: int) -> FeatureSummary:
+        f = self.check_feature(feature)
+        s = self._f["stats"]
+        levels = self.meta["quantile_levels"]
+        return FeatureSummary(f, float(s["density"][f]), int(s["n_active"][f]), float(s["max"][f]),
+                              float(s["mean"][f]), float(s["mean_active"][f]), float(s["image_share"][f]),
+                              dict(zip(levels, (float(q) for q in s["quantiles"][f]))))
+
+    def summary_table(self) -> dict[str, np.ndarray]:
+        """Every per-feature scalar statistic as a [d_sae] array (to sort and filter features)."""
+        return {name: ds[:] for name, ds in self._f["stats"].items() if ds.ndim == 1 and name != "hist_edges"}
+
+    def histogram(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
+        """(edges [bins + 1], counts [bins]) of the feature's active values; edges run from 0 to inf."""
+        f = self.check_feature(feature)
+        return self._f["stats/hist_edges"][:], self._f["stats/histogram"][f]
+
+    def _examples(self, group: str, feature: int, by: str) -> list[Example]:
+        g = self._f[group]
+        images = g["image"][feature]
+        values = {name: g[name][feature] if name in g else np.zeros(len(images), np.float32) for name in RANKINGS}
+        out = []
+        for i in np.flatnonzero(images >= 0):
+            s = self.samples[images[i]]
+            out.append(Example(int(images[i]), int(s["sample"]), _text(s["image_ref"]), float(values[by][i]),
+                               float(values["max"][i]), float(values["mean"][i]), int(s["row_start"]),
+                               int(s["n_rows"]), int(s["width"]), int(s["height"])))
+        return out
+
+    def _ranking(self, by: str | None) -> str:
+        by = by or self.rank_by
+        if by not in RANKINGS:
+            raise ValueError(f"rank images by one of {RANKINGS}, not {by!r}")
+        return by
+
+    def top_images(self, feature: int, by: str | None = None) -> list[Example]:
+        """The (up to k) images with the highest max (or mean) activation, best first."""
+        by = self._ranking(by)
+        return self._examples(f"top_{by}", self.check_feature(feature), by)
+
+    def quantile_samples(self, feature: int, n_bands: int = 4, per_band: int = 5,
+                         by: str | None = None) -> list[QuantileBand]:
+        """Activating images spread over `n_bands` equal-count quantile bands of the per-image value,
+        lowest band first, `per_band` evenly spaced examples each (from a uniform random sample of
+        the activating images, so the bands estimate quantiles over all of them)."""
+        by = self._ranking(by)
+        pool = sorted(self._examples("reservoir", self.check_feature(feature), by), key=lambda e: e.value)
+        bands = []
+        for j, band in enumerate(np.array_split(np.arange(len(pool)), n_bands)):
+            picks = np.unique(np.linspace(0, len(band) - 1, min(per_band, len(band))).round().astype(int))
+            bands.append(QuantileBand(j / n_bands, (j + 1) / n_bands, [pool[band[p]] for p in picks]))
+        return bands
+
+    def negatives(self, feature: int) -> list[Example]:
+        """Random images on whose rows (image and text) the feature is exactly zero."""
+        return self._examples("negatives", self.check_feature(feature), self.rank_by)
+
+
+@dataclass
+class FeatureSources:
+    """A features file with the cache and SAE it was computed from (checked), to get per-token
+    activations of any example image by re-encoding that image's rows."""
+
+    stats: FeatureStats
+    reader: Any  # interp.reader.ActivationReader
+    sae: Any  # saes.sae.SAE
+    max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+    @classmethod
+    def open(cls, features: str | Path, cache: str | Path | None = None, sae: str | Path | None = None,
+             device: str = "cpu") -> FeatureSources:
+        """`cache` and `sae` default to the paths recorded in the features file."""
+        from interp.reader import ActivationReader
+        from saes.sae import SAE
+
+        with ExitStack() as opened:  # closes what was opened if a check fails
+            stats = opened.enter_context(FeatureStats(features))
+            sae_dir = sae or stats.meta["sae_path"]
+            stats.check_matches(sae_dir)
+            reader = opened.enter_context(ActivationReader(cache or stats.meta["cache_path"]))
+            stats.check_cache(reader.meta)
+            model = SAE.load(sae_dir, device=device)
+            opened.pop_all()
+        return cls(stats, reader, model)
+
+    def close(self) -> None:
+        self.stats.close()
+        self.reader.close()
+
+    def __enter__(self) -> FeatureSources:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @torch.no_grad()
+    def token_activations(self, feature: int, image: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token table rows, activations) of `feature` on the image-patch tokens of `image`
+        (a position in the samples table), re-encoded in chunks of bounded size."""
+        from interp.token_map import ROLE
+
+        f = self.stats.check_feature(feature)
+        if not 0 <= image < len(self.stats.samples):
+            raise ValueError(f"image {image} is out of range: the cache has {len(self.stats.samples)} images "
+                             f"(valid indices 0..{len(self.stats.samples) - 1})")
+        s = self.stats.samples[image]
+        start, stop = int(s["row_start"]), int(s["row_start"] + s["n_rows"])
+        tokens = self.reader.tokens[start:stop]
+        step = chunk_rows_for(self.stats.d_sae, self.max_chunk_elements)
+        acts = [self.sae.encode(self.reader.read(a, min(a + step, stop)).to(self.sae.device))[:, f].float().cpu()
+                for a in range(start, stop, step)]
+        keep = tokens["role"] == ROLE["image_patch"]
+        values = torch.cat(acts).numpy() if acts else np.zeros(0, np.float32)
+        return tokens[keep], values[keep]
