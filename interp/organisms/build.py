@@ -55,7 +55,7 @@ class OrganismSpec:
 SPECS = {
     "subject": OrganismSpec("shapes-subject", 128, 3, 128, 4, 4,
                             ("caption", "color", "shape", "where", "count", "exists", "region")),
-    "explainer": OrganismSpec("shapes-explainer", 192, 3, 192, 6, 6,
+    "explainer": OrganismSpec("shapes-explainer", 160, 3, 160, 6, 5,
                               ("caption", "color", "shape", "where", "count", "exists", "region")),
 }
 

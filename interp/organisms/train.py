@@ -55,7 +55,7 @@ class TrainConfig:
 # The recipes behind the shipped weights (docs/organisms.md records how they were found).
 RECIPES = {
     "subject": TrainConfig(which="subject"),
-    "explainer": TrainConfig(which="explainer", region_fraction=0.5),
+    "explainer": TrainConfig(which="explainer", region_fraction=0.5, lr=1e-3, steps=4000),
 }
 
 

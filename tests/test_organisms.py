@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from interp.organisms import ORGANISMS, UnknownOrganismError, organism_path
+from interp.organisms.build import SPECS, build_processor, build_tokenizer
+from interp.organisms.eval import evaluate
+from interp.organisms.train import Batcher, TrainConfig, pixel_tensor, train
+from interp.world import WorldConfig, sample_scene
+
+# a little under the targets (subject: colour, shape >= 0.95, where, count >= 0.90;
+# explainer: region >= 0.90, colour, shape >= 0.95), measured on 150 held-out questions each
+SUBJECT_MIN = {"color": 0.9, "shape": 0.9, "where": 0.85, "count": 0.85}
+EXPLAINER_MIN = {"region": 0.85, "color": 0.9, "shape": 0.9}
+
+
+@pytest.mark.parametrize("name", list(ORGANISMS))
+def test_organisms_load_like_hub_models(name):
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    path = organism_path(name)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert isinstance(model, LlavaForConditionalGeneration)
+    assert model.dtype == torch.float32
+    scene = sample_scene(WorldConfig(), 0, "test")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many objects are there ?"}]}]
+    inputs = processor(images=scene.render(), text=processor.apply_chat_template(msgs, add_generation_prompt=True),
+                       return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 9
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert answer == ["zero", "one", "two", "three"][len(scene.objects)]
+
+
+def test_shipped_weights_fit_the_budget():
+    total = sum((organism_path(n) / "model.safetensors").stat().st_size for n in ORGANISMS)
+    assert total <= 30 * 2**20, f"shipped weights are {total / 2**20:.1f} MB"
+
+
+def test_subject_accuracy(subject):
+    acc = evaluate(*subject, tuple(SUBJECT_MIN), n=150, split="test")
+    assert all(acc[t] >= SUBJECT_MIN[t] for t in SUBJECT_MIN), acc
+
+
+def test_explainer_accuracy(explainer):
+    acc = evaluate(*explainer, tuple(EXPLAINER_MIN), n=150, split="test")
+    assert all(acc[t] >= EXPLAINER_MIN[t] for t in EXPLAINER_MIN), acc
+
+
+def test_unknown_organism_lists_known_ones():
+    with pytest.raises(UnknownOrganismError, match="shapes-subject, shapes-explainer"):
+        organism_path("shapes-giant")
+
+
+def test_training_inputs_match_the_processor():
+    processor = build_processor()
+    images = [sample_scene(WorldConfig(), i).render() for i in range(3)]
+    ref = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixel_tensor(images), ref)
+    tok = build_tokenizer()
+    text = "what color is the circle ?"
+    assert tok(text)["input_ids"] == [tok.bos_token_id] + Batcher(TrainConfig(), WorldConfig()).ids(text)
+
+
+def test_training_resumes_exactly(tmp_path, monkeypatch):
+    cfg = TrainConfig(which="subject", steps=6, batch_images=4, vision_pretrain_steps=2, checkpoint_every=3,
+                      eval_every=1000, eval_n=2, warmup=2)
+    straight = train(cfg, tmp_path / "straight", threads=1)
+
+    real = Batcher.batch
+
+    def dies_at_step_4(self, step):
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+        return real(self, step)
+
+    monkeypatch.setattr(Batcher, "batch", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", threads=1)
+    monkeypatch.setattr(Batcher, "batch", real)
+    resumed = train(cfg, tmp_path / "resumed", threads=1)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "train_log.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6], "a resumed run must log each step once"
+
+    other = TrainConfig(**{**cfg.__dict__, "lr": 1e-4})
+    with pytest.raises(ValueError, match="different config"):
+        train(other, tmp_path / "resumed", threads=1)
+
+
+def test_specs_are_what_the_docs_say():
+    assert SPECS["explainer"].text_layers > SPECS["subject"].text_layers
+    assert SPECS["explainer"].text_width > SPECS["subject"].text_width
+    assert "region" in SPECS["explainer"].tasks
