@@ -116,14 +116,17 @@ class CacheWriter:
         }
 
 
-def build_cache(cfg: CacheConfig, out: str | Path) -> Path:
-    """Write (or finish writing) the cache at `out`; returns its path."""
+def build_cache(cfg: CacheConfig, out: str | Path, writer: CacheWriter | None = None) -> Path:
+    """Write (or finish writing) the cache at `out`; returns its path. Pass a `writer` built from
+    the same config to reuse its loaded model."""
     from interp.run import versions
 
     out = Path(out)
     rank, world = _dist()
     torch.manual_seed(cfg.seed)
-    writer = CacheWriter(cfg)
+    if writer is not None and writer.cfg != cfg:
+        raise ValueError("the writer was built from another cache config")
+    writer = writer or CacheWriter(cfg)
     source = open_source(cfg.data, cfg.n, cfg.seed)
     identity = writer.identity(source)
     identity_json = {k: json.dumps(identity[k], sort_keys=True) for k in IDENTITY_ATTRS}
