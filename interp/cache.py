@@ -74,12 +74,14 @@ def _part_path(parts_dir: Path, p: int) -> Path:
 class CacheWriter:
     """Holds the model and turns samples into activation rows, token rows and sample rows."""
 
-    def __init__(self, cfg: CacheConfig):
+    def __init__(self, cfg: CacheConfig, lm=None):
+        """`lm`: an already loaded model (e.g. `interp.models.wrap_model` of a model built in code),
+        used instead of loading `cfg.model`; the cache still records `cfg.model` as its name."""
         from interp.layers import resolve_layer
         from interp.models import load_model
 
         self.cfg = cfg
-        self.lm = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype, revision=cfg.revision)
+        self.lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype, revision=cfg.revision)
         layer = int(cfg.layer) if str(cfg.layer).lstrip("-").isdigit() else cfg.layer
         self.hook = resolve_layer(self.lm, layer, cfg.site)
         check_template(cfg.prompt_template, self.lm.is_multimodal)

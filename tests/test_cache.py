@@ -1,6 +1,7 @@
 """interp cache: rows, token table and metadata on every family; resume after kill -9; bad input."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import torch
 from PIL import Image
 
 
-from interp.cache import CacheConfig, CacheMismatchError, build_cache
-from interp.data import DataError
+from interp.cache import CacheConfig, CacheMismatchError, CacheWriter, build_cache
+from interp.data import DataError, open_source
+from interp.inputs import model_inputs, prompts
 from interp.hooks import capture
 from interp.layers import UnknownLayerError, resolve_layer
 from interp.reader import ActivationReader
@@ -27,7 +29,12 @@ def cfg(model, **kw):
 
 def test_cache_every_family(multimodal_path, tmp_path):
     family, path = multimodal_path
-    out = build_cache(cfg(path, dtype="float32"), tmp_path / "c.h5")
+    writer = CacheWriter(cfg(path, dtype="float32"))
+    out = build_cache(writer.cfg, tmp_path / "c.h5", writer)
+    samples = [open_source("shapes", 6)[i] for i in range(3)]
+    inputs = model_inputs(writer.lm, samples, prompts(writer.lm, samples, writer.cfg.prompt_template)[0])
+    hook = writer.hook.module_path
+    assert torch.equal(capture(writer.lm.model, inputs, hook, "nnsight"), capture(writer.lm.model, inputs, hook, "torch"))
     with ActivationReader(out) as r:
         assert r.meta["family"] == family and r.meta["layer"] == "layers.1"
         assert set(r.tokens["role"]) == {ROLES.index("image_patch")}
@@ -47,10 +54,6 @@ def test_cache_every_family(multimodal_path, tmp_path):
 def test_cached_rows_equal_a_direct_forward(tiny_path, tmp_path):
     """The rows are exactly the layer's outputs at the image-patch positions, for both engines.
     (Layer 0: HF applies the final norm to the last entry of hidden_states.)"""
-    from interp.cache import CacheWriter
-    from interp.data import open_source
-    from interp.inputs import model_inputs, prompts
-
     path = tiny_path("llava")
     c = {e: CacheConfig(model=str(path), layer="0", n=6, batch_size=4, part_samples=4, dtype="float32", engine=e)
          for e in ("nnsight", "torch")}
@@ -77,7 +80,7 @@ def test_resume_refuses_other_settings_and_finishes_once(tiny_path, tmp_path):
         build_cache(CacheConfig(model=str(path), layer="0", n=6, batch_size=4, part_samples=4), out)
 
 
-def test_roles_and_text_models(tiny_path, tmp_path):
+def test_roles_and_text_models(tiny_path, hooked_transformer, tmp_path):
     path = tiny_path("llava")
     out = build_cache(cfg(path, roles=("image_patch", "text", "template")), tmp_path / "all.h5")
     roles = set(ActivationReader(out).tokens["role"])
@@ -92,6 +95,23 @@ def test_roles_and_text_models(tiny_path, tmp_path):
     r = ActivationReader(out)
     assert r.meta["kind"] == "causal-lm" and len(r.samples) == 3 and r.n_rows >= 6
     assert set(r.tokens["role"]) == {ROLES.index("text")}
+    # a TransformerLens model built in code, cached through the same path
+    from interp.models import wrap_model
+
+    tl_model, tl_tok = hooked_transformer
+    c = CacheConfig(model="tl-tiny", layer="1", data=str(tmp_path / "texts.parquet"), prompt_template="{text}",
+                    roles=("text",), batch_size=2, part_samples=2, dtype="float32")
+    out = build_cache(c, tmp_path / "tl.h5", CacheWriter(c, wrap_model(tl_model, tl_tok, "tl-tiny")))
+    r_tl = ActivationReader(out)
+    assert r_tl.meta["kind"] == "hooked-transformer" and r_tl.meta["module_path"] == "blocks.1.hook_resid_post"
+    n_tokens = sum(len(tl_tok(t)["input_ids"]) for t in ds["text"])
+    adds_bos = tl_tok.bos_token_id is not None and tl_tok("a")["input_ids"][0] == tl_tok.bos_token_id
+    assert r_tl.n_rows == n_tokens - 3 * adds_bos  # every token but a BOS is prompt text
+    with torch.no_grad():
+        _, cache = tl_model.run_with_cache(tl_tok("hello world", return_tensors="pt")["input_ids"])
+    first = r_tl.samples[2]
+    assert torch.allclose(r_tl.read(int(first["row_start"]), int(first["row_start"] + first["n_rows"])),
+                          cache["blocks.1.hook_resid_post"][0][-int(first["n_rows"]):], atol=1e-5)
 
 
 def test_bad_input_is_named_and_nothing_is_written(tiny_path, tmp_path):
@@ -116,28 +136,29 @@ def test_bad_input_is_named_and_nothing_is_written(tiny_path, tmp_path):
         assert not (tmp_path / name).exists() and not (tmp_path / (name + ".parts")).exists()
 
 
-def _cache_cmd(path, out, *extra):
-    return [sys.executable, "-m", "interp.cli", "cache", "--model", str(path), "--layer", "1", "--samples", "24",
-            "--batch-size", "2", "--part-samples", "2", "--dtype", "float32", "--out", str(out), *extra]
+def _cache_cmd(path, out, samples=24, batch=2):
+    return [sys.executable, "-m", "interp.cli", "cache", "--model", str(path), "--layer", "1", "--samples", str(samples),
+            "--batch-size", str(batch), "--part-samples", "2", "--dtype", "float32", "--out", str(out)]
 
 
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted(tiny_path, tmp_path):
     path = tiny_path("llava")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_cache_cmd(path, tmp_path / "straight.h5"), check=True, env=env, capture_output=True)
+    cmd = lambda out: _cache_cmd(path, out, samples=200, batch=1)  # noqa: E731  100 parts, slow enough to interrupt
+    subprocess.run(cmd(tmp_path / "straight.h5"), check=True, env=env, capture_output=True)
     out = tmp_path / "killed.h5"
     parts = tmp_path / "killed.h5.parts"
-    proc = subprocess.Popen(_cache_cmd(path, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = random.randint(2, 20)  # a random point of the run
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("part-*.h5"))) < 3:
-        time.sleep(0.05)
+    while time.time() < deadline and len(list(parts.glob("part-*.h5"))) < kill_after:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "the kill came too late to test anything"
-    done = len(list(parts.glob("part-*.h5")))
-    assert 3 <= done < 12
-    subprocess.run(_cache_cmd(path, out), check=True, env=env, capture_output=True)
+    assert kill_after <= len(list(parts.glob("part-*.h5"))) < 100
+    subprocess.run(cmd(out), check=True, env=env, capture_output=True)
     with h5py.File(tmp_path / "straight.h5") as a, h5py.File(out) as b:
         assert np.array_equal(a["activations"][:], b["activations"][:])
         assert np.array_equal(a["tokens"][:], b["tokens"][:])
