@@ -3,7 +3,7 @@
     interp train --cache acts.h5 --arch topk --d-sae 8192 --k 32 --out runs/sae-topk
 
 Re-running the same command resumes from the checkpoint in --out. Under torchrun
-(`torchrun --nproc_per_node N -m saes.cli train ...`) it trains data-parallel.
+(`torchrun --nproc_per_node N -m interp.cli train ...`) it trains data-parallel.
 `--cache` is read with `interp.reader.ActivationReader`; a `.safetensors` file with one
 [rows, d] tensor (key `activations`, or its only tensor) is read into memory instead.
 """
@@ -11,7 +11,6 @@ Re-running the same command resumes from the checkpoint in --out. Under torchrun
 from __future__ import annotations
 
 import argparse
-import sys
 
 from saes.bench import register_bench  # noqa: F401  (interp's CLI collects it from this module)
 
@@ -127,27 +126,3 @@ def run_train(args) -> int:
         print(f"saved SAE: {result.path} (FVU {last.get('fvu', nan):.4f}, L0 {last.get('l0', nan):.1f}, "
               f"dead {last.get('dead_frac', nan):.1%}); loads with sae_lens.SAE.load_from_disk")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m saes.cli train ...`, also under torchrun)."""
-    import os
-
-    os.environ.setdefault("PIP_NO_INDEX", "1")
-    parser = argparse.ArgumentParser(prog="saes", description="train sparse autoencoders")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register(sub)
-    bench = sub.add_parser("bench", help="benchmarks")
-    register_bench(bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        if os.environ.get("INTERP_DEBUG"):
-            raise
-        print(f"saes {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -195,7 +195,7 @@ def test_train_steps_per_second(data):
 def test_cli_trains_from_a_safetensors_cache(data, tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from saes.cli import main
+    from interp.cli import main
 
     save_file({"activations": data[:5000]}, tmp_path / "acts.safetensors")
     rc = main(["train", "--cache", str(tmp_path / "acts.safetensors"), "--arch", "batchtopk", "--d-sae", "128",
@@ -212,7 +212,7 @@ def test_cli_trains_from_a_safetensors_cache(data, tmp_path, capsys):
 def test_cli_trains_from_an_activation_cache(tiny_path, tmp_path, capsys):
     """The real path: `interp cache` output read by interp.reader.ActivationReader."""
     from interp.cache import CacheConfig, build_cache
-    from saes.cli import main
+    from interp.cli import main
 
     cache = build_cache(CacheConfig(model=str(tiny_path("llava")), layer="0", n=40, batch_size=8, dtype="float32"),
                         tmp_path / "c.h5")
@@ -234,7 +234,7 @@ def test_cli_trains_from_an_activation_cache(tiny_path, tmp_path, capsys):
 
 
 def test_bench_reports_all_three_and_the_ratios(capsys):
-    from saes.cli import main
+    from interp.cli import main
 
     rc = main(["bench", "train", "--d-in", "32", "--d-sae", "256", "--k", "8", "--batch", "256", "--steps", "6",
                "--features", "64", "--active", "4", "--eval-rows", "512", "--json"])
@@ -264,7 +264,7 @@ def test_torchrun_two_processes_train_a_valid_sae(data, tmp_path):
     save_file({"activations": data[:20_000]}, tmp_path / "acts.safetensors")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "saes.cli", "train",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "interp.cli", "train",
            "--cache", str(tmp_path / "acts.safetensors"), "--arch", "topk", "--d-sae", str(D_SAE), "--k", "8",
            "--steps", "300", "--batch-size", "256", "--lr", "3e-3", "--warmup-steps", "20", "--dead-window", "50",
            "--out", str(out), "--threads", "1", "--device", "cpu", "--no-progress", "--checkpoint-every", "100"]
@@ -288,7 +288,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
     save_file({"activations": data[:20_000]}, tmp_path / "acts.safetensors")
 
     def cmd(out):
-        return [sys.executable, "-m", "saes.cli", "train", "--cache", str(tmp_path / "acts.safetensors"),
+        return [sys.executable, "-m", "interp.cli", "train", "--cache", str(tmp_path / "acts.safetensors"),
                 "--d-sae", "1024", "--k", "8", "--steps", "400", "--batch-size", "512", "--lr", "3e-3",
                 "--dead-window", "20", "--out", str(out), "--threads", "1", "--no-progress",
                 "--checkpoint-every", "25", "--log-every", "5", "--device", "cpu"]
