@@ -107,7 +107,7 @@ def _encoded_chunks(sae, reader, rows: np.ndarray, chunk_rows: int):
     """(offset, raw rows, SAE activations) for `rows` of the cache, in chunks read sequentially."""
     with torch.no_grad():
         for s in range(0, len(rows), chunk_rows):
-            x = torch.cat([reader.read(int(a), int(b)) for a, b in _runs(rows[s: s + chunk_rows])])
+            x = torch.cat([reader.read(int(a), int(b)) for a, b in contiguous_runs(rows[s: s + chunk_rows])])
             yield s, x, sae.encode(x.to(sae.device, sae.dtype)).float().cpu()
 
 
@@ -119,7 +119,7 @@ def _top_neurons(x: np.ndarray, labels: np.ndarray, n: int = 16) -> np.ndarray:
     return np.argsort(-diff)[:n]
 
 
-def _runs(rows: np.ndarray):
+def contiguous_runs(rows: np.ndarray):
     """Contiguous [start, stop) runs of sorted row indices, so reads stay sequential."""
     if not len(rows):
         return
