@@ -1,8 +1,9 @@
 """`interp demo`: the main job on the embedded default (the shapes world and its organisms).
 
 Every stage on the shapes organisms, each through the same function its own command uses:
-the organisms' held-out accuracy, cache, SAE training, evaluation, feature statistics and
-ground-truth recovery. Re-running resumes: finished stages are read back, not redone.
+the organisms' held-out accuracy, cache, SAE training, evaluation, feature statistics,
+ground-truth recovery, explanations by shapes-explainer and their scores. Re-running resumes:
+finished stages are read back, not redone.
 """
 
 from __future__ import annotations
@@ -98,10 +99,24 @@ def run(args) -> int:
     summary["concept_recovery"] = rec["concept_recovery"]
     summary["stages"]["recovery"] = round(time.time() - t, 1)
 
+    t = _stage("explain and score: shapes-explainer describes each live feature, then judges held-out images")
+    from interp.cli import main as interp_main
+
+    common = [str(out), "--no-progress", "--device", "cpu"]
+    if interp_main(["explain", *common, "--explainer", "shapes-explainer"]) or interp_main(["score", *common]):
+        raise RuntimeError("the explain or score stage failed; see the messages above")
+    scores = json.loads((out / "score_summary.json").read_text())
+    matched = scores["matched"]
+    summary["explanation_accuracy"] = matched.get("concept_accuracy")
+    summary["detection_balanced_accuracy"] = matched.get("balanced_accuracy")
+    summary["explained_features"] = scores["all"]["n"]
+    summary["stages"]["explain"] = round(time.time() - t, 1)
+
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n== summary")
-    for key in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concept_recovery", "seconds"):
-        print(f"  {key:18s} {summary[key]}")
+    for key in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concept_recovery", "explanation_accuracy",
+                "detection_balanced_accuracy", "seconds"):
+        print(f"  {key:28s} {summary[key]}")
     print(f"\nwrote {out / 'summary.json'}")
     return 0
