@@ -9,8 +9,8 @@ import torch
 from interp.world import WorldConfig, sample_scene, scene_questions
 
 
-def world_questions(task: str, n: int, split: str = "test", seed: int = 0, world: WorldConfig = WorldConfig()):
-    """`n` (image, QA) pairs of one task from a split; scenes that cannot pose it are skipped."""
+def world_items(task: str, n: int, split: str = "test", seed: int = 0, world: WorldConfig = WorldConfig()):
+    """`n` (scene, QA) pairs of one task from a split; scenes that cannot pose it are skipped."""
     rng = np.random.default_rng([seed, 2, sum(map(ord, task))])
     out, i = [], 0
     while len(out) < n:
@@ -18,8 +18,13 @@ def world_questions(task: str, n: int, split: str = "test", seed: int = 0, world
         i += 1
         qas = scene_questions(scene, rng, (task,))
         if qas:
-            out.append((scene.render(highlight=qas[0].highlight), qas[0]))
+            out.append((scene, qas[0]))
     return out
+
+
+def world_questions(task: str, n: int, split: str = "test", seed: int = 0, world: WorldConfig = WorldConfig()):
+    """`n` (image, QA) pairs of one task from a split; scenes that cannot pose it are skipped."""
+    return [(scene.render(highlight=qa.highlight), qa) for scene, qa in world_items(task, n, split, seed, world)]
 
 
 def prompt(processor, question: str) -> str:

@@ -1,0 +1,553 @@
+"""`interp steer sweep`: features × strengths × prompts × images, every generation recorded.
+
+The spec (YAML or JSON) names the SAE, the features (by index, or by concept through
+saes.recovery's matches), strengths, how and where to steer, and the inputs: explicit
+`prompts` × `images`, or `world` questions of the shapes world (whose ground truth makes
+the target rate exact). Each generation is one line of `generations.jsonl`, keyed by
+(feature, strength, prompt, image) and appended batch by batch (flushed and fsynced), so a
+killed sweep re-run with the same spec redoes nothing and loses at most the batch in
+progress; a truncated last line is dropped. Summaries are recomputed from the records.
+
+Metrics per (feature, strength):
+- target rate: outputs equal to the feature's concept, over the inputs whose true answer
+  (ground truth on the world, else the unsteered output) is another one;
+- KL(unsteered || steered) of the first generated token's distribution;
+- changed: outputs that differ from the unsteered one;
+- coherence: outputs inside the task's answer set (world vocabulary for that question type,
+  or the spec's `answer_set`), and perplexity of the output under the unsteered model.
+The best strength of a feature is the one with the highest target rate among those whose
+coherence is at least `coherence_floor` (ties: the smaller strength).
+
+A spec (paths relative to the working directory; every key but sae and features optional):
+
+    sae: runs/dev/sae/sae
+    feature_stats: runs/dev/features.h5      # for unit: max
+    features: [142, {concept: green}, {feature: 155, concept: blue, strengths: [1, 2]}]
+    strengths: [0.5, 1, 2, 4]
+    mode: clamp                              # clamp | add | ablate
+    unit: max                                # absolute | max
+    positions: image                         # image | text | generated | all
+    world: {task: color, n: 100, split: test, seed: 0}   # or prompts: [...] with images: [...]
+    max_new_tokens: 8
+    coherence_floor: 0.9
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from steering.interventions import MODES, POSITIONS, UNITS, Intervention, InterventionError, check_strength
+from steering.steer import ENGINES, Query, SteerSetup
+
+RECORDS = "generations.jsonl"
+WORLD_TASKS = ("caption", "color", "shape", "where", "count", "exists", "region")
+METRICS = ("target_rate", "kl", "changed", "coherence", "perplexity")
+# what must match for records of an earlier run to count as this sweep's generations
+IDENTITY = ("sae_sha256", "model", "hook", "mode", "unit", "positions", "max_new_tokens", "keep_error")
+
+
+class SpecError(ValueError):
+    """A sweep spec that cannot be run; the message names the key and the valid ones."""
+
+
+def _check_keys(d: Any, cls: type, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise SpecError(f"{where} must be a mapping of keys to values, got {type(d).__name__}")
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise SpecError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in {where}; "
+                        f"valid keys: {', '.join(valid)}")
+    return d
+
+
+@dataclass(frozen=True)
+class WorldItems:
+    """Held-out shapes-world questions of one task (interp.organisms.eval.world_items)."""
+
+    task: str = "color"
+    n: int = 100
+    split: str = "test"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from interp.world import SPLITS
+
+        if self.task not in WORLD_TASKS:
+            raise SpecError(f"unknown world task {self.task!r}; use one of {', '.join(WORLD_TASKS)}")
+        if self.split not in SPLITS:
+            raise SpecError(f"unknown world split {self.split!r}; use one of {', '.join(SPLITS)}")
+        if int(self.n) != self.n or self.n < 1:
+            raise SpecError(f"world n must be a positive integer, got {self.n!r}")
+
+
+@dataclass(frozen=True)
+class FeatureEntry:
+    """One feature to steer: by index, by concept (its recovered latent), or both; own strengths optional."""
+
+    feature: int | None = None
+    concept: str | None = None
+    strengths: tuple[float, ...] | None = None
+
+
+@dataclass
+class SweepSpec:
+    sae: str
+    features: list[FeatureEntry]
+    strengths: list[float] = field(default_factory=lambda: [1.0])
+    mode: str = "clamp"
+    unit: str = "max"
+    positions: str = "image"
+    feature_stats: str | None = None  # features.h5 of the SAE: needed for unit "max"
+    model: str | None = None  # default: the SAE's model
+    layer: str | None = None  # default: the SAE's layer
+    cache: str | None = None  # activation cache for saes.recovery when the SAE has no recovery.json
+    prompts: list[str] | None = None
+    images: list[str] | None = None
+    world: WorldItems | None = None
+    max_new_tokens: int = 8
+    batch_size: int = 32
+    engine: str = "nnsight"
+    keep_error: bool = True
+    coherence_floor: float = 0.9
+    answer_set: list[str] | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SweepSpec:
+        d = dict(_check_keys(raw, cls, "the sweep spec"))
+        for key in ("sae", "features"):
+            if key not in d:
+                raise SpecError(f"the sweep spec needs {key!r}")
+        entries = d["features"] if isinstance(d["features"], list) else [d["features"]]
+        d["features"] = [_entry(e, i) for i, e in enumerate(entries)]
+        if not d["features"]:
+            raise SpecError("the sweep spec's features list is empty")
+        if "world" in d and d["world"] is not None:
+            d["world"] = WorldItems(**_check_keys(d["world"], WorldItems, "the spec's world"))
+        for key in ("prompts", "images", "answer_set"):
+            if key in d and d[key] is not None:
+                d[key] = [d[key]] if isinstance(d[key], str) else [str(v) for v in d[key]]
+        if "strengths" in d:
+            d["strengths"] = _strengths(d["strengths"], "strengths")
+        spec = cls(**d)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def load(cls, path: str | Path) -> SweepSpec:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no sweep spec at {path}")
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                raw = json.loads(text)
+            else:
+                import yaml
+
+                raw = yaml.safe_load(text)
+        except Exception as e:  # both parsers' errors mean the same thing: the file is malformed
+            raise SpecError(f"cannot read the sweep spec {path}: {type(e).__name__}: {e}") from None
+        return cls.from_dict(raw if raw is not None else {})
+
+    def validate(self) -> None:
+        for name, allowed in (("mode", MODES), ("unit", UNITS), ("positions", POSITIONS), ("engine", ENGINES)):
+            if getattr(self, name) not in allowed:
+                raise SpecError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(allowed)}")
+        has_world, has_product = self.world is not None, bool(self.prompts or self.images)
+        if has_world == has_product:
+            raise SpecError("give the sweep's inputs either as `world` (shapes-world questions) or as `prompts` "
+                            "(and `images` for multimodal models), not both or neither")
+        if self.images is not None and not self.prompts:
+            raise SpecError("`images` need `prompts` to ask about them")
+        if self.unit == "max" and self.mode != "ablate" and not self.feature_stats:
+            raise SpecError("unit 'max' needs `feature_stats`: the SAE's features.h5 (or use unit 'absolute')")
+        for key in ("max_new_tokens", "batch_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise SpecError(f"{key} must be a positive integer, got {v!r}")
+        if not 0 <= float(self.coherence_floor) <= 1:
+            raise SpecError(f"coherence_floor must be in [0, 1], got {self.coherence_floor!r}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _entry(e: Any, i: int) -> FeatureEntry:
+    if isinstance(e, bool):
+        raise SpecError(f"features[{i}]: {e!r} is not a feature")
+    if isinstance(e, int):
+        return FeatureEntry(feature=e)
+    d = _check_keys(e, FeatureEntry, f"features[{i}]")
+    if d.get("feature") is None and d.get("concept") is None:
+        raise SpecError(f"features[{i}] needs a feature index or a concept")
+    if d.get("strengths") is not None:
+        d = {**d, "strengths": tuple(_strengths(d["strengths"], f"features[{i}].strengths"))}
+    return FeatureEntry(**d)
+
+
+def _strengths(values: Any, where: str) -> list[float]:
+    values = values if isinstance(values, list) else [values]
+    if not values:
+        raise SpecError(f"{where} is empty")
+    try:
+        return [check_strength(v, f"{where} value") for v in values]
+    except InterventionError as e:
+        raise SpecError(str(e)) from None
+
+
+# ---------------------------------------------------------------- inputs and conditions
+
+
+@dataclass
+class Item:
+    query: Query
+    truth: str | None = None  # ground-truth answer (world questions)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.query.prompt, self.query.image_ref
+
+
+@dataclass(frozen=True)
+class Condition:
+    feature: int
+    concept: str | None
+    strength: float
+    intervention: Intervention  # as the user gave it (unit may be "max")
+
+
+def items_for(spec: SweepSpec) -> list[Item]:
+    from interp.data import load_image
+
+    if spec.world is not None:
+        from interp.organisms.eval import world_items
+
+        w = spec.world
+        out = []
+        for scene, qa in world_items(w.task, w.n, w.split, w.seed):
+            ref = f"shapes:{w.split}:{scene.index}:{w.seed}"
+            if qa.highlight is not None:  # the reference alone would render the image without its highlight
+                ref += "#highlight=" + ",".join(map(str, qa.highlight))
+            out.append(Item(Query(qa.question, scene.render(highlight=qa.highlight), ref), qa.answer))
+        return out
+    from steering.steer import image_ref
+
+    refs = [image_ref(i) for i in spec.images] if spec.images else [None]
+    images = {r: load_image(r) for r in refs if r is not None}
+    return [Item(Query(p, images.get(r), r or "")) for p in spec.prompts for r in refs]
+
+
+def conditions_for(spec: SweepSpec, setup: SteerSetup) -> list[Condition]:
+    from steering.concepts import concept_matches, concept_of, latent_of
+    from steering.interventions import check_feature
+
+    matches = None
+    out = []
+    for e in spec.features:
+        if e.feature is None or e.concept is None:
+            try:
+                matches = matches if matches is not None else concept_matches(setup.sae_dir, spec.cache)
+            except FileNotFoundError:
+                if e.feature is None:
+                    raise
+                matches = []
+        feature = e.feature if e.feature is not None else latent_of(matches, e.concept).latent
+        check_feature(feature, setup.sae.cfg.d_sae)
+        concept = e.concept if e.concept is not None else concept_of(matches, feature)
+        strengths = [0.0] if spec.mode == "ablate" else list(e.strengths or spec.strengths)
+        for s in strengths:
+            out.append(Condition(feature, concept, s, Intervention(feature, spec.mode, s, spec.unit, spec.positions)))
+    return out
+
+
+def answer_set(spec: SweepSpec) -> set[str] | None:
+    """The outputs that count as coherent: the spec's list, or the world's answers for the task."""
+    if spec.answer_set is not None:
+        return set(spec.answer_set)
+    if spec.world is None:
+        return None
+    from interp.world import NUMBER_WORDS, POSITION_WORDS, WorldConfig
+
+    w = WorldConfig()
+    return {"color": set(w.colors), "shape": set(w.shapes), "where": set(POSITION_WORDS.values()),
+            "count": set(NUMBER_WORDS[w.min_objects: w.max_objects + 1]), "exists": {"yes", "no"},
+            "region": {"nothing"} | {f"{c} {s}" for c in w.colors for s in w.shapes}}.get(spec.world.task)
+
+
+def coherent(output: str, answers: set[str] | None, task: str | None) -> bool | None:
+    if answers is not None:
+        return output in answers
+    if task == "caption":  # free text: every word must be a word of the world
+        from interp.world import vocabulary
+
+        words = set(vocabulary())
+        return bool(output) and all(w in words for w in output.split())
+    return None
+
+
+# ---------------------------------------------------------------- records
+
+
+def record_key(feature: int | None, strength: float | None, prompt: str, image: str) -> str:
+    return json.dumps([feature, strength, prompt, image])
+
+
+class RecordFile:
+    """Append-only JSONL of generations; re-opening keeps every complete line and drops a torn last one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        good = 0
+        for n, line in enumerate(data.split(b"\n")):
+            end = good + len(line) + 1
+            if not line.strip():
+                good = min(end, len(data))
+                continue
+            complete = end <= len(data)  # the line has its newline
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if rec is None or not complete:
+                if end >= len(data):  # a torn last line: the kill came mid-write
+                    break
+                raise SpecError(f"{self.path} line {n + 1} is not valid JSON: the file was edited or corrupted; "
+                                "fix or delete that line")
+            self.records[rec["key"]] = rec
+            good = end
+        if good < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            self.records[r["key"]] = r
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    rows: list[dict]  # one per (feature, strength): the metrics
+    best: list[dict]  # one per feature
+    n_generated: int  # generations run by this call (0 when everything was already recorded)
+
+
+def sweep_identity(spec: SweepSpec, setup: SteerSetup) -> dict:
+    from explain.feature_reader import sae_fingerprint
+
+    return {"sae_sha256": sae_fingerprint(setup.sae_dir), "model": setup.lm.name, "hook": setup.hook.module_path,
+            "mode": spec.mode, "unit": spec.unit, "positions": spec.positions,
+            "max_new_tokens": spec.max_new_tokens, "keep_error": spec.keep_error}
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, setup: SteerSetup | None = None, progress: bool = True) -> SweepResult:
+    """Run (or finish) the sweep into `out`; returns the per-(feature, strength) metrics and best strengths."""
+    from tqdm import tqdm
+
+    from interp.run import write_run_info
+    from steering.steer import load_setup
+
+    out = Path(out)
+    setup = setup or load_setup(spec.sae, spec.model, spec.feature_stats, spec.layer)
+    if spec.unit == "max" and setup.max_acts is None:
+        raise SpecError("unit 'max' needs the SAE's features.h5 (`feature_stats` in the spec)")
+    identity = sweep_identity(spec, setup)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_identity(out / "identity.json", identity)
+    (out / "spec.json").write_text(json.dumps(spec.to_json(), indent=1, default=str))
+    items, conditions = items_for(spec), conditions_for(spec, setup)
+    resolved = {c: setup.resolve([c.intervention])[0] for c in conditions}
+    records = RecordFile(out / RECORDS)
+    answers, task = answer_set(spec), spec.world.task if spec.world else None
+    keys = [record_key(None, None, *it.key) for it in items] + [
+        record_key(c.feature, c.strength, *it.key) for c in conditions for it in items]
+    done = sum(k in records for k in keys)
+    bar = tqdm(total=len(keys), initial=done, desc=f"sweep {out.name}", disable=not progress, mininterval=1)
+    generated = 0
+    for batch in _chunks(items, spec.batch_size):
+        generated += _run_batch(spec, setup, batch, conditions, resolved, records, answers, task, bar)
+    bar.close()
+    rows = summarize(records.records.values(), conditions, items)
+    best = best_strengths(rows, spec.coherence_floor)
+    _write_outputs(out, spec, rows, best)
+    write_run_info(out, {"command": "steer sweep", "identity": identity, "n_items": len(items),
+                         "n_conditions": len(conditions)})
+    return SweepResult(out, rows, best, generated)
+
+
+def _check_identity(path: Path, identity: dict) -> None:
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [k for k in IDENTITY if old.get(k) != identity.get(k)]
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in diff)
+            raise SpecError(f"{path.parent} holds a sweep with other settings ({changes}): its generations would "
+                            "not be comparable; use a new --out")
+    else:
+        path.write_text(json.dumps(identity, indent=1))
+
+
+def _chunks(seq: list, n: int) -> Iterator[list]:
+    for s in range(0, len(seq), n):
+        yield seq[s: s + n]
+
+
+def _run_batch(spec, setup, batch: list[Item], conditions, resolved, records: RecordFile, answers, task, bar) -> int:
+    from steering.steer import continuation_nll, generate, kl_divergence, next_token_logits, prepare
+
+    base_keys = [record_key(None, None, *it.key) for it in batch]
+    todo = {c: [i for i, it in enumerate(batch) if record_key(c.feature, c.strength, *it.key) not in records]
+            for c in conditions}
+    todo = {c: idx for c, idx in todo.items() if idx}
+    missing_base = [i for i, k in enumerate(base_keys) if k not in records]
+    if not todo and not missing_base:
+        return 0
+    kw = dict(max_new_tokens=spec.max_new_tokens, engine=spec.engine, keep_error=spec.keep_error)
+    generated = 0
+    if missing_base:
+        sub = prepare(setup.lm, [batch[i].query for i in missing_base])
+        gen = generate(setup, sub, **kw)
+        nll = continuation_nll(setup, sub, gen)
+        records.append([{"kind": "baseline", "key": base_keys[i], "prompt": batch[i].query.prompt,
+                         "image": batch[i].query.image_ref, "truth": batch[i].truth, "output": gen.texts[j],
+                         "tokens": gen.tokens[j], "nll": _num(nll[j]),
+                         "coherent": coherent(gen.texts[j], answers, task)} for j, i in enumerate(missing_base)])
+        generated += len(missing_base)
+        bar.update(len(missing_base))
+    if not todo:
+        return generated
+    full = prepare(setup.lm, [it.query for it in batch])
+    base_logits = next_token_logits(setup, full)
+    for c, idx in todo.items():
+        sub = full if len(idx) == len(batch) else prepare(setup.lm, [batch[i].query for i in idx])
+        gen = generate(setup, sub, [resolved[c]], **kw)
+        kl = kl_divergence(base_logits[idx], gen.first_logits).tolist()
+        nll = continuation_nll(setup, sub, gen)
+        new = []
+        for j, i in enumerate(idx):
+            it = batch[i]
+            base = records.records[base_keys[i]]["output"]
+            truth = it.truth if it.truth is not None else base
+            out = gen.texts[j]
+            new.append({"kind": "steered", "key": record_key(c.feature, c.strength, *it.key), "feature": c.feature,
+                        "concept": c.concept, "strength": c.strength, "value": resolved[c].value, "mode": spec.mode,
+                        "unit": spec.unit, "positions": spec.positions, "prompt": it.query.prompt,
+                        "image": it.query.image_ref, "truth": it.truth, "baseline": base, "output": out,
+                        "tokens": gen.tokens[j], "changed": out != base,
+                        "target": None if c.concept is None or truth == c.concept else out == c.concept,
+                        "coherent": coherent(out, answers, task), "kl": _num(kl[j]), "nll": _num(nll[j])})
+        records.append(new)
+        generated += len(idx)
+        bar.update(len(idx))
+    return generated
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _mean(values: list) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarize(records, conditions: list[Condition], items: list[Item]) -> list[dict]:
+    """Metrics per (feature, strength) over this spec's inputs (records of other inputs are ignored)."""
+    by_key = {r["key"]: r for r in records}
+    rows = []
+    for c in conditions:
+        recs = [by_key[k] for k in (record_key(c.feature, c.strength, *it.key) for it in items) if k in by_key]
+        hits = [r["target"] for r in recs if r["target"] is not None]
+        nll = _mean([r["nll"] for r in recs])
+        rows.append({"feature": c.feature, "concept": c.concept, "strength": c.strength,
+                     "value": recs[0]["value"] if recs else None, "n": len(recs), "n_target": len(hits),
+                     "target_rate": _mean(hits), "kl": _mean([r["kl"] for r in recs]),
+                     "changed": _mean([r["changed"] for r in recs]),
+                     "coherence": _mean([r["coherent"] for r in recs]),
+                     "perplexity": math.exp(nll) if nll is not None else None})
+    return rows
+
+
+def best_strengths(rows: list[dict], floor: float) -> list[dict]:
+    """Per feature: the strength with the highest target rate among those coherent enough."""
+    out = []
+    for feature in dict.fromkeys(r["feature"] for r in rows):
+        mine = [r for r in rows if r["feature"] == feature]
+        ok = [r for r in mine if r["target_rate"] is not None and (r["coherence"] is None or r["coherence"] >= floor)]
+        best = max(ok, key=lambda r: (r["target_rate"], -abs(r["strength"])), default=None)
+        note = {"note": "no strength moved any answer to the target"} if best and best["target_rate"] == 0 else {}
+        out.append({"feature": feature, "concept": mine[0]["concept"], "coherence_floor": floor, **note,
+                    **({k: best[k] for k in ("strength", "value", "target_rate", "coherence", "kl", "changed",
+                                              "perplexity", "n_target")} if best else
+                       {"strength": None, "reason": "no target concept" if mine[0]["concept"] is None
+                        else f"no strength keeps coherence >= {floor}"})})
+    return out
+
+
+def _write_outputs(out: Path, spec: SweepSpec, rows: list[dict], best: list[dict]) -> None:
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "best": best, "spec": spec.to_json()}, indent=1,
+                                                 default=str))
+    plot(rows, best, out)
+
+
+def plot(rows: list[dict], best: list[dict], out: Path) -> None:
+    """Each metric against strength, one line per feature (the best strength marked): HTML and JSON."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    titles = {"target_rate": "target rate", "kl": "KL(base || steered), nats", "changed": "outputs changed",
+              "coherence": "coherence (in answer set)", "perplexity": "perplexity under the unsteered model"}
+    fig = make_subplots(rows=len(METRICS), cols=1, shared_xaxes=True, subplot_titles=[titles[m] for m in METRICS],
+                        vertical_spacing=0.05)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    for j, feature in enumerate(dict.fromkeys(r["feature"] for r in rows)):
+        mine = sorted((r for r in rows if r["feature"] == feature), key=lambda r: r["strength"])
+        name = f"{feature}" + (f" {mine[0]['concept']}" if mine[0]["concept"] else "")
+        color = palette[j % len(palette)]
+        pick = next((b["strength"] for b in best if b["feature"] == feature), None)
+        for i, m in enumerate(METRICS):
+            fig.add_trace(go.Scatter(x=[r["strength"] for r in mine], y=[r[m] for r in mine], mode="lines+markers",
+                                     name=name, legendgroup=name, showlegend=i == 0, line=dict(color=color)),
+                          row=i + 1, col=1)
+            hit = [r for r in mine if r["strength"] == pick]
+            if hit and hit[0][m] is not None:
+                fig.add_trace(go.Scatter(x=[pick], y=[hit[0][m]], mode="markers", legendgroup=name, showlegend=False,
+                                         marker=dict(symbol="star", size=13, color=color), hoverinfo="skip"),
+                              row=i + 1, col=1)
+    fig.update_xaxes(title_text="strength (★ = chosen)", row=len(METRICS), col=1)
+    fig.update_layout(height=260 * len(METRICS), template="plotly_white", title="Steering sweep")
+    fig.write_html(out / "sweep.html", include_plotlyjs="cdn")
+    fig.write_json(out / "sweep.json")
+
