@@ -2,8 +2,8 @@
 
 Every stage on the shapes organisms, each through the same function its own command uses:
 the organisms' held-out accuracy, cache, SAE training, evaluation, feature statistics,
-ground-truth recovery, explanations by shapes-explainer and their scores. Re-running resumes:
-finished stages are read back, not redone.
+ground-truth recovery, explanations by shapes-explainer and their scores, steering and
+attribution. Re-running resumes: finished stages are read back, not redone.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def run(args) -> int:
     t = _stage("recovery: a latent for each colour and shape?")
     with ActivationReader(cache) as reader:
         rec = summarize(recover_concepts(SAE.load(sae_dir), reader))
-    (out / "recovery.json").write_text(json.dumps(rec, indent=1))
+    (sae_dir / "recovery.json").write_text(json.dumps(rec, indent=1))  # where `interp recovery` puts it
     for m in rec["concepts"]:
         print(f"  {m['concept']:9s} latent {m['latent']:4d}  F1 {m['f1']:.3f}  (best raw neuron {m['neuron_f1']:.3f})")
     summary["concept_recovery"] = rec["concept_recovery"]
@@ -104,7 +104,7 @@ def run(args) -> int:
 
     common = [str(out), "--no-progress", "--device", "cpu"]
     if interp_main(["explain", *common, "--explainer", "shapes-explainer"]) or interp_main(["score", *common]):
-        raise RuntimeError("the explain or score stage failed; see the messages above")
+        raise ValueError("the explain or score stage failed; see the messages above")
     scores = json.loads((out / "score_summary.json").read_text())
     matched = scores["matched"]
     summary["explanation_accuracy"] = matched.get("concept_accuracy")
@@ -112,11 +112,46 @@ def run(args) -> int:
     summary["explained_features"] = scores["all"]["n"]
     summary["stages"]["explain"] = round(time.time() - t, 1)
 
+    # By layer 2 the subject has copied each object's colour from the image tokens into the
+    # question's positions, so image-token steering there changes no answer (a measured fact of
+    # this model's circuit). Steering and attribution run on a layer-0 SAE, where colour still
+    # lives in the image tokens.
+    t = _stage("steering and attribution: a layer-0 SAE clamps colour features")
+    steer_dir = out / "steering-layer0"
+    steer_cache = build_cache(CacheConfig(model="shapes-subject", layer="0", n=args.samples, seed=args.seed,
+                                          batch_size=32), steer_dir / "activations.h5")
+    steer_sae = steer_dir / "sae" / "sae"
+    if not (steer_sae / "cfg.json").exists():
+        with ActivationReader(steer_cache) as reader:
+            train(SAEConfig(arch="topk", d_in=reader.d, d_sae=args.d_sae, k=args.k, model_name="shapes-subject",
+                            hook_name=reader.meta["module_path"]),
+                  TrainConfig(steps=args.steps, batch_size=1024, seed=args.seed, progress=False), reader, steer_dir / "sae")
+    if not (steer_sae / "recovery.json").exists():
+        with ActivationReader(steer_cache) as reader:
+            steer_rec = summarize(recover_concepts(SAE.load(steer_sae), reader))
+        (steer_sae / "recovery.json").write_text(json.dumps(steer_rec, indent=1))
+    if not (steer_dir / "features.h5").exists():
+        compute_features(steer_cache, steer_sae, steer_dir / "features.h5", FeaturesConfig(seed=args.seed, progress=False))
+    if interp_main(["steer", "targets", "--sae", str(steer_sae), "--features", str(steer_dir / "features.h5"),
+                    "--out", str(steer_dir / "steering_summary.json"), "--n-select", "60", "--n-eval", "150",
+                    "--n-attr", "100", "--no-progress"]):
+        raise ValueError("the steering stage failed; see the messages above")
+    steering = json.loads((steer_dir / "steering_summary.json").read_text())
+    summary["steering_success"] = round(steering["flip"]["overall"], 4)
+    attribution = steering["attribution"]
+    ig = next((v for k, v in attribution.items() if k.startswith("integrated_gradients")), None)
+    summary["attribution_top5"] = round((ig or attribution["patching"])["top5_rate"], 4)
+    summary["attribution_top5_patching"] = round(attribution["patching"]["top5_rate"], 4)
+    summary["steering_layer"] = steering["layer"]
+    summary["stages"]["steering"] = round(time.time() - t, 1)
+
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n== summary")
     for key in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concept_recovery", "explanation_accuracy",
-                "detection_balanced_accuracy", "seconds"):
+                "detection_balanced_accuracy", "steering_success", "attribution_top5", "attribution_top5_patching",
+                "seconds"):
         print(f"  {key:28s} {summary[key]}")
     print(f"\nwrote {out / 'summary.json'}")
+    print(f"open the feature browser on this run with:  interp app {out}")
     return 0
