@@ -22,6 +22,7 @@ demo: env
 	PIP_NO_INDEX=1 $(VENV)/bin/interp demo --out runs/demo
 
 test: env
+	sh scripts/install_browser.sh
 	PIP_NO_INDEX=1 $(PY) -m pytest -q
 
 test-quick: env

@@ -1,0 +1,111 @@
+"""Overview: what the run is (model, layer, SAE), how good the SAE is, and how well it recovers ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.io as pio
+import streamlit as st
+
+from app import charts, state
+from app.ui import facts, need
+
+run = state.current_run()
+st.title("Overview")
+if not run.exists:
+    st.error(run.message("features"))
+    st.stop()
+if all(s.path is None for s in run.status()):
+    st.info(f"{run.given} holds no stage outputs yet. Make a whole run on the shapes world with "
+            f"`interp demo --out {run.given}`, or run the stages one by one (each page names its command).")
+
+# ---------------------------------------------------------------- what the run is
+cfg = run.sae_cfg
+ours = ((cfg.get("metadata") or {}).get("lmmscope") or {}).get("config") or {}
+meta = run.cache_meta
+data = meta.get("data")
+sae_text = (f"{ours.get('arch', cfg.get('architecture', '?'))}, {cfg.get('d_sae', '?')} latents"
+            + (f", k={ours['k']}" if ours.get("k") else "") + f", d_in {cfg.get('d_in', '?')}")
+facts({"Model": run.model_name or "unknown",
+       "Layer": f"{run.layer or '?'}" + (f" ({meta['site']})" if meta.get("site") else ""),
+       "SAE": sae_text if cfg else "missing",
+       "Cache": f"{meta.get('n_rows', 0):,} rows of {meta.get('n_samples', 0):,} inputs" if meta else "missing",
+       "Data": data.get("kind", "?") if isinstance(data, dict) else str(data or "?")})
+with st.expander("Run details"):
+    details = {"SAE config": ours or cfg, "cache": {k: meta.get(k) for k in
+               ("model", "layer", "site", "module_path", "roles", "dtype", "data", "prompt_template", "created")},
+               "run.json": run.run_info}
+    st.json(details, expanded=False)
+need(run, "cache", "sae")
+
+# ---------------------------------------------------------------- evaluation
+st.header("Evaluation")
+ev = state.json_file(run.eval)
+if need(run, "eval"):
+    spliced = ev.get("spliced") or {}
+    items = [("FVU", ev.get("fvu")), ("L0", ev.get("l0")), ("dead", ev.get("dead_fraction")),
+             ("dense", ev.get("dense_fraction")), ("CE loss recovered", spliced.get("ce_loss_recovered")),
+             ("KL (SAE spliced)", spliced.get("kl_spliced"))]
+    items = [(k, v) for k, v in items if isinstance(v, (int, float))]
+    for col, (k, v) in zip(st.columns(len(items) or 1), items):
+        col.metric(k, f"{v:.3g}" if abs(v) < 1e-3 else f"{v:.4g}")
+    vqa = ev.get("vqa")
+    if isinstance(vqa, dict) and vqa:
+        st.caption("Organism VQA accuracy, clean and with the SAE spliced in")
+        st.dataframe(pd.DataFrame(vqa).T, width="content")
+    with st.expander("eval.json"):
+        st.json({k: v for k, v in ev.items() if k != "density_histogram"}, expanded=False)
+
+# ---------------------------------------------------------------- training, density, scores
+st.header("Training curves")
+metrics = state.metrics(run)
+if need(run, "metrics") and metrics is not None and len(metrics):
+    st.plotly_chart(charts.training_curves(metrics), key="training")
+left, right = st.columns(2)
+with left:
+    st.header("Feature density")
+    stats = state.stats(run)
+    if stats is not None:
+        st.plotly_chart(charts.density_histogram(stats.summary_table()["density"]), key="density")
+    elif run.density_figure is not None:
+        st.plotly_chart(pio.from_json(run.density_figure.read_text()), key="density")
+    elif ev.get("density_histogram"):
+        st.plotly_chart(charts.density_from_eval(ev["density_histogram"]), key="density")
+    else:
+        need(run, "features")
+with right:
+    st.header("Explanation scores")
+    if need(run, "scores"):
+        table = state.feature_table(run)
+        values = table["score"].to_numpy() if table is not None else np.array([])
+        values = values[np.isfinite(values)]
+        if len(values):
+            st.plotly_chart(charts.score_histogram(values), key="scores")
+        else:
+            st.info(f"scores.jsonl holds no usable scores yet; run `{run.command('scores')}`.")
+        summary = state.json_file(run.score_summary)
+        if summary:
+            with st.expander("score_summary.json"):
+                st.json(summary, expanded=False)
+
+# ---------------------------------------------------------------- ground truth
+st.header("Ground-truth recovery (shapes world)")
+rec = state.json_file(run.recovery)
+if run.recovery is None and run.cache and not run.is_shapes:
+    st.caption("No ground truth: this cache does not hold shapes-world images.")
+elif need(run, "recovery"):
+    concepts = [c for c in rec.get("concepts", []) if isinstance(c, dict)]
+    cols = st.columns(3)
+    cols[0].metric("Concepts recovered", f"{len(rec.get('recovered', []))}/{len(concepts)}",
+                   help=f"F1 >= {rec.get('f1_min', 0.9)}")
+    cols[1].metric("Mean F1 (SAE)", f"{rec.get('mean_f1', float('nan')):.3f}")
+    cols[2].metric("Mean F1 (best raw neuron)", f"{rec.get('mean_neuron_f1', float('nan')):.3f}")
+    if concepts:
+        st.plotly_chart(charts.recovery_bars(concepts), key="recovery")
+        frame = pd.DataFrame(concepts)
+        frame["feature"] = [f"feature?feature={c['latent']}" for c in concepts]
+        st.dataframe(frame, hide_index=True, column_config={
+            "feature": st.column_config.LinkColumn("open", display_text=r"feature\?feature=(\d+)"),
+            "threshold": st.column_config.NumberColumn(format="%.4g")}
+            | {c: st.column_config.NumberColumn(format="%.3f")
+               for c in ("f1", "precision", "recall", "auroc", "neuron_f1")})

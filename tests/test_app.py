@@ -1,0 +1,415 @@
+"""interp app: the run directory's stages, the feature table, the pages' computations, and every page
+through streamlit's AppTest on a small shapes-world run (and on an empty directory)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app import analysis, tables
+from app.run_dir import STAGES, RunDir
+
+MAIN = Path(__file__).resolve().parents[1] / "app" / "main.py"
+PAGES = ("views/overview.py", "views/feature_list.py", "views/feature.py", "views/images.py", "views/steering.py")
+
+
+def make_run(base: Path) -> Path:
+    """A small shapes-world run laid out as `interp demo` lays it out (cache, SAE with its training
+    metrics, eval, features, recovery, explanations and scores), made once per session from the
+    stages' own functions."""
+    run = base / "app-run"
+    if (run / "done").exists():
+        return run
+    from explain.cli import register as register_explain
+    from explain.features import FeaturesConfig, compute_features
+    from interp.cache import CacheConfig, build_cache
+    from interp.reader import ActivationReader
+    from saes.evaluate import evaluate_sae
+    from saes.recovery import recover_concepts, summarize
+    from saes.sae import SAE, SAEConfig
+    from saes.train import TrainConfig, train
+
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        cache = build_cache(CacheConfig(model="shapes-subject", layer="2", n=120, batch_size=40),
+                            run / "activations.h5")
+        sae_dir = run / "sae" / "sae"
+        with ActivationReader(cache) as reader:
+            train(SAEConfig(arch="topk", d_in=reader.d, d_sae=32, k=4, model_name="shapes-subject",
+                            hook_name=reader.meta["module_path"]),
+                  TrainConfig(steps=150, batch_size=1024, progress=False), reader, run / "sae")
+            report = summarize(recover_concepts(SAE.load(sae_dir), reader))
+            (sae_dir / "recovery.json").write_text(json.dumps(report))
+        evaluate_sae(sae_dir, cache, run / "eval", n_samples=8, vqa_n=4)
+        compute_features(cache, sae_dir, run / "features.h5", FeaturesConfig(progress=False))
+        parser = argparse.ArgumentParser()
+        register_explain(parser.add_subparsers(dest="command"))
+        for stage in ("explain", "score"):
+            args = parser.parse_args([stage, str(run), "--no-progress", "--device", "cpu"])
+            assert args.func(args) == 0, quiet.getvalue()[-2000:]
+    (run / "done").touch()
+    return run
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.getbasetemp())
+
+
+def app_test(monkeypatch, run_dir: Path, page: str | None = None, query: dict | None = None):
+    """The app on `run_dir`, on `page`, after one run; fails on any exception the page raised."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("LMMSCOPE_RUN_DIR", str(run_dir))
+    at = AppTest.from_file(str(MAIN), default_timeout=120).run()
+    if query:
+        at.query_params.update(query)
+    if page and page != PAGES[0]:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def concepts(run: Path) -> list[dict]:
+    """recovery.json's concepts (best latent per concept), in the world's order."""
+    return json.loads((run / "sae" / "sae" / "recovery.json").read_text())["concepts"]
+
+
+def recovered_latent(run: Path) -> tuple[int, str]:
+    best = max(concepts(run), key=lambda c: c["f1"])
+    return best["latent"], best["concept"]
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def test_run_dir_finds_every_stage_and_survives_a_move(demo_run, tmp_path):
+    run = RunDir(demo_run)
+    assert all(s.path is not None for s in run.status()), run.missing()
+    assert run.model_name == "shapes-subject" and run.layer == "layers.2" and run.is_shapes
+    assert run.sae == (demo_run / "sae" / "sae").resolve() and run.eval.name == "eval.json"
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_run, moved)
+    other = RunDir(moved)
+    assert other.cache == (moved / "activations.h5").resolve() and other.sae == (moved / "sae" / "sae").resolve()
+    # a path recorded elsewhere is found by its tail inside the run directory, never outside it
+    assert other.resolve(str(demo_run / "sae" / "sae")) == (moved / "sae" / "sae").resolve()
+    assert other.resolve("/somewhere/else/activations.h5") == (moved / "activations.h5").resolve()
+    assert other.resolve(str(tmp_path)) is None
+    nested = moved / "steering-layer0"  # the demo's layer-0 run inside the main one
+    nested.mkdir()
+    shutil.copy(demo_run / "features.h5", nested / "features.h5")
+    assert [p.name for p in other.subruns()] == ["steering-layer0"] and run.subruns() == []
+
+
+def test_missing_stages_name_their_commands(demo_run, tmp_path):
+    empty = RunDir(tmp_path)
+    assert [s.stage for s in empty.missing()] == list(STAGES)
+    assert empty.command("features").startswith("interp features --cache ")
+    assert empty.command("explanations") == f"interp explain {tmp_path}"
+    assert "interp score" in empty.message("scores")
+    assert "is not a directory" in RunDir(tmp_path / "nope").message("features")
+    # features.h5 alone: its recorded cache and SAE lie outside the run directory
+    (tmp_path / "features.h5").write_bytes((demo_run / "features.h5").read_bytes())
+    lone = RunDir(tmp_path)
+    assert lone.features is not None and lone.cache is None and lone.sae is None
+    assert "not inside" in lone.message("cache") and "interp cache" in lone.message("cache")
+
+
+# ---------------------------------------------------------------- feature table
+
+
+def test_stores_are_read_tolerantly(tmp_path):
+    path = tmp_path / "explanations.jsonl"
+    lines = ['{"kind": "header", "store": "explanations"}', '{"feature": 1, "status": "ok", "explanation": "red"}',
+             "not json", '{"feature": 2, "text": "a circle"}', '{"feature": 1, "status": "error", "error": "x"}',
+             '{"feature": 3, "status": "ok", "explanation": "blue"}', '{"feature": 4, "explanation": "torn']
+    path.write_text("\n".join(lines))
+    store = tables.read_store(path)
+    assert {f: tables.explanation_text(r) for f, r in store.items()} == {2: "a circle", 3: "blue"}
+    assert tables.read_store(tmp_path / "absent.jsonl") == {}
+    assert tables.score_value({"detection": {"balanced_accuracy": 0.75}}) == 0.75
+    assert tables.score_value({"score": 0.5}) == 0.5 and np.isnan(tables.score_value({"detection": None}))
+
+
+def test_feature_table_queries_are_vectorised_and_fast_for_100k_features():
+    n = 100_000
+    rng = np.random.default_rng(0)
+    density = np.where(rng.random(n) < 0.3, 0.0, rng.random(n) * 0.2).astype(np.float32)
+    summary = {"density": density, "max": rng.random(n).astype(np.float32) * 10,
+               "mean_active": rng.random(n).astype(np.float32), "n_active": (density * 1e6).astype(np.int64),
+               "image_share": np.ones(n, np.float32)}
+    words = np.array(["red circle", "blue square", "cannot tell", "green cross"])
+    explanations = {f: {"explanation": str(words[f % 4])} for f in range(0, n, 3)}
+    scores = {f: {"detection": {"balanced_accuracy": float(f % 100) / 100}} for f in range(0, n, 6)}
+    t = time.perf_counter()
+    df = tables.build_table(summary, explanations, scores)
+    built = time.perf_counter() - t
+    t = time.perf_counter()
+    rows = tables.select(df, tables.Query(search="CIRCLE", sort="score"))
+    first = tables.page(rows, 0, 50)
+    dense = tables.select(df, tables.Query(only_dense=True, sort="max activation", descending=False))
+    unexplained = tables.select(df, tables.Query(only_unexplained=True, hide_dead=False))
+    queried = time.perf_counter() - t
+    assert built < 3.0 and queried < 1.0, (built, queried)
+    assert len(rows) and (df["explanation"].to_numpy()[rows] == "red circle").all()
+    assert (df["density"].to_numpy()[rows] > 0).all()
+    s = df["score"].to_numpy()[first]
+    assert (np.diff(s[np.isfinite(s)]) <= 0).all() and np.isfinite(s[0])  # best score first, unscored last
+    assert (df["status"].to_numpy()[dense] == "dense").all() and (np.diff(df["max"].to_numpy()[dense]) >= 0).all()
+    assert len(unexplained) == n - len(explanations)
+    assert list(tables.select(df, tables.Query(search="12", hide_dead=False))[:1]) == [12]
+    assert len(tables.page(rows, 10**6, 50)) <= 50  # past the end: the last page
+
+
+# ---------------------------------------------------------------- computations behind the pages
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_vl"])
+def test_logit_effects_rank_tokens_as_the_final_norm_and_unembedding_do(tiny_path, family):
+    from interp.models import load_model
+
+    lm = load_model(str(tiny_path(family)), device="cpu")
+    w_u, scale = analysis.unembedding(lm)
+    d = torch.randn(w_u.shape[0], generator=torch.Generator().manual_seed(0))
+    promoted, suppressed = analysis.logit_effects(d, w_u, scale, lm.tokenizer, k=5)
+    decoder = lm.model.get_decoder()
+    with torch.no_grad():  # RMSNorm of one vector is a positive multiple of the scaled vector
+        exact = lm.model.get_output_embeddings()(decoder.norm(d[None, None].to(lm.dtype)))[0, 0]
+    assert [e.token_id for e in promoted] == exact.topk(5).indices.tolist()
+    assert [e.token_id for e in suppressed] == (-exact).topk(5).indices.tolist()
+    assert promoted[0].logit > 0 > suppressed[0].logit
+
+
+def test_nearest_features_concept_scores_and_patches(demo_run):
+    from interp.data import load_image
+    from interp.ground_truth import token_concepts
+    from interp.models import load_model
+    from interp.reader import ActivationReader
+    from saes.sae import SAE
+
+    sae = SAE.load(demo_run / "sae" / "sae")
+    unit = analysis.unit_rows(sae.W_dec)
+    near = analysis.nearest_features(unit, 3, k=4)
+    cos = (unit @ unit[3]).numpy()
+    cos[3] = -2
+    assert [g for g, _ in near] == list(np.argsort(-cos)[:4]) and 3 not in [g for g, _ in near]
+    latent, concept = recovered_latent(demo_run)
+    with ActivationReader(demo_run / "activations.h5") as reader:
+        gt = token_concepts(reader, with_object=False)
+        col = analysis.latent_column(sae, reader, latent, gt.rows, chunk_rows=100)
+        with torch.no_grad():
+            dense = sae.encode(reader.read(0, reader.n_rows))[:, latent].numpy()
+        np.testing.assert_allclose(col, dense[gt.rows], rtol=1e-5, atol=1e-4)
+        best = analysis.concept_scores(col, gt.labels(), gt.concepts)[0]
+        recorded = next(c for c in concepts(demo_run) if c["concept"] == concept)
+        assert best["concept"] == concept and best["f1"] == pytest.approx(recorded["f1"], abs=1e-6)
+        assert 0 < best["iou"] <= 1
+        rows, tokens = analysis.cached_rows(reader, 7)
+        pf = analysis.patch_features(sae, rows, tokens, k=3)
+        with torch.no_grad():
+            acts = sae.encode(rows).numpy()
+        assert pf.top_idx.shape == (9, 3) and pf.label(4) == "row 1, col 1"
+        np.testing.assert_allclose(pf.top_val[:, 0], acts.max(1), rtol=1e-6)
+        for g in pf.features:
+            on = (pf.top_idx == g).any(1)
+            np.testing.assert_allclose(pf.column(g)[on], acts[on, g], rtol=1e-6)
+        # a new run of the model on the same image and prompt gives the cached rows (float16 in the cache)
+        lm = load_model("shapes-subject", device="cpu")
+        ref = reader.samples[7]["image_ref"]
+        new_rows, new_tokens = analysis.model_rows(lm, reader.meta, load_image(ref.decode() if isinstance(ref, bytes)
+                                                                                else ref), "describe the image .")
+        assert (new_tokens["row"] == tokens["row"]).all() and (new_tokens["col"] == tokens["col"]).all()
+        torch.testing.assert_close(new_rows, rows, rtol=2e-3, atol=0.1)
+
+
+# ---------------------------------------------------------------- the pages (AppTest)
+
+
+def test_overview_page(demo_run, monkeypatch):
+    at = app_test(monkeypatch, demo_run)
+    assert at.title[0].value == "Overview" and not at.error
+    body = texts(at.markdown)
+    assert "shapes-subject" in body and "layers.2" in body and "topk, 32 latents, k=4" in body
+    assert {m.label for m in at.metric} >= {"FVU", "L0", "CE loss recovered", "Concepts recovered"}
+    assert len(at.get("plotly_chart")) == 4  # training curves, density, scores, recovery
+    recovery = at.dataframe[-1].value
+    assert set(recovery["concept"]) == {"red", "green", "blue", "yellow", "purple", "circle", "square", "triangle",
+                                        "cross"}
+
+
+def test_feature_list_page(demo_run, monkeypatch):
+    at = app_test(monkeypatch, demo_run, "views/feature_list.py")
+    df = at.dataframe[0].value
+    assert len(df) > 0 and (df["status"] != "dead").all()
+    assert list(df["density"]) == sorted(df["density"], reverse=True)
+    _, concept = recovered_latent(demo_run)
+    at.text_input(key="search").set_value(concept).run()
+    hit = at.dataframe[0].value
+    assert len(hit) >= 1 and hit["explanation"].str.contains(concept).all()
+    at.text_input(key="search").set_value("").run()
+    at.selectbox(key="sort").set_value("score").run()
+    scores = at.dataframe[0].value["score"].to_numpy()
+    assert (np.diff(scores[np.isfinite(scores)]) <= 0).all()
+    at.checkbox(key="only_unexplained").check().run()
+    assert not at.exception and "features match" in texts(at.caption)
+
+
+def test_feature_page(demo_run, monkeypatch):
+    latent, concept = recovered_latent(demo_run)
+    at = app_test(monkeypatch, demo_run, "views/feature.py", {"feature": str(latent)})
+    assert at.title[0].value.startswith(f"Feature {latent}") and not at.error
+    assert f"Best latent for **{concept}**" in texts(at.markdown)
+    assert len(at.get("image")) >= 3  # top images and quantile samples, as heatmap overlays
+    assert len(at.get("plotly_chart")) == 2  # activation histogram, logit effects
+    assert len(at.get("page_link")) == 8  # nearest features
+    assert at.dataframe[0].value["concept"].iloc[0] == concept  # this latent's concept scores, best first
+    assert {m.label for m in at.metric} >= {"Density", "Image share", "balanced accuracy"}
+    at.button_group(key="view").set_value("crop").run()
+    assert not at.exception and len(at.get("image")) >= 3
+    at.number_input(key="feature").set_value((latent + 1) % 32).run()
+    assert at.title[0].value.startswith(f"Feature {(latent + 1) % 32}")
+
+
+def test_explain_and_score_now_calls_the_explain_stage(demo_run, monkeypatch):
+    latent, _ = recovered_latent(demo_run)
+    at = app_test(monkeypatch, demo_run, "views/feature.py", {"feature": str(latent)})
+    at.button(key="explain_now").click().run()
+    assert not at.exception and not at.error, texts(at.code)
+    assert "finished with status 0" in texts(at.success) and "to do" in texts(at.code)
+
+
+def test_image_explorer_page(demo_run, monkeypatch):
+    at = app_test(monkeypatch, demo_run, "views/images.py", {"image": "3"})
+    assert "shapes:train:3:0" in texts(at.caption)
+    patches = [b for b in at.button if str(b.key).startswith("patch_")]
+    assert len(patches) == 9
+    at.button(key="patch_0_2").click().run()
+    assert at.selectbox(key="patch").value == "row 0, col 2"
+    assert len(at.get("image")) == 1 and len(at.dataframe) == 2
+    at.text_input(key="prompt_cached").set_value("what color is the circle ?").run()  # runs the model
+    assert not at.exception and not at.error and len(at.dataframe) == 2
+    buf = io.BytesIO()
+    from interp.data import load_image
+
+    load_image("shapes:test:5:0").save(buf, format="PNG")
+    at.radio(key="source").set_value("upload").run()
+    at.file_uploader(key="upload").set_value(("scene.png", buf.getvalue(), "image/png")).run()
+    assert not at.exception and not at.error and len(at.dataframe) == 2
+    assert len([b for b in at.button if str(b.key).startswith("patch_")]) == 9
+
+
+def test_steering_page(demo_run, monkeypatch):
+    at = app_test(monkeypatch, demo_run, "views/steering.py")
+    latent = concepts(demo_run)[0]["latent"]  # the default pick: the first concept's latent
+    assert at.multiselect(key="steer_features").value == [latent]
+    at.text_input(key="steer_prompt").set_value("what color is the circle ?").run()
+    at.selectbox(key=f"unit_{latent}").set_value("max").run()
+    at.number_input(key=f"value_{latent}").set_value(3.0).run()
+    at.button(key="steer_go").click().run()
+    assert not at.exception and not at.error
+    assert [s.value for s in at.subheader] == ["Baseline", "Steered"] and len(at.main.code) == 2
+    assert f"{latent} clamp 3×max @image" in texts(at.caption)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_empty_run_directory_names_the_commands(tmp_path, monkeypatch, page):
+    at = app_test(monkeypatch, tmp_path, page)
+    shown = texts(at.info) + texts(at.error)
+    assert "interp " in shown, shown
+    assert not at.get("plotly_chart") and not at.get("image")
+
+
+def test_missing_run_directory(tmp_path, monkeypatch):
+    at = app_test(monkeypatch, tmp_path / "absent")
+    assert "is not a directory" in texts(at.error)
+
+
+# ---------------------------------------------------------------- interp app
+
+
+def test_app_command_registers_and_runs_streamlit(tmp_path, monkeypatch):
+    import subprocess
+
+    from app import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["app", str(tmp_path), "--port", "9123"])
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert args.func(args) == 0
+    cmd = calls[0]
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("app/main.py")
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "9123"
+    assert cmd[cmd.index("--server.headless") + 1] == "true" and cmd[-2:] == ["--", str(tmp_path.resolve())]
+    with pytest.raises(FileNotFoundError, match="interp demo"):
+        args.func(parser.parse_args(["app", str(tmp_path / "absent")]))
+
+
+# ---------------------------------------------------------------- another model family, fewer stages
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory, tiny_path) -> Path:
+    """A tiny Qwen2-VL run (merged patches, image and text rows) with a cache, an SAE and features only."""
+    from explain.features import FeaturesConfig, compute_features
+    from interp.cache import CacheConfig, build_cache
+    from saes.sae import SAE, SAEConfig
+
+    run = tmp_path_factory.mktemp("qwen-run")
+    cache = build_cache(CacheConfig(model=str(tiny_path("qwen2_vl")), layer="1", n=12, batch_size=6, dtype="float32",
+                                    roles=("image_patch", "text")), run / "activations.h5")
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(arch="topk", d_in=32, d_sae=48, k=6))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.02)
+    sae_dir = sae.save(run / "sae" / "sae")
+    compute_features(cache, sae_dir, run / "features.h5", FeaturesConfig(k=5, negatives=4, progress=False))
+    return run
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_pages_on_another_family_without_eval_or_explanations(qwen_run, monkeypatch, page):
+    from explain.feature_reader import FeatureStats
+
+    with FeatureStats(qwen_run / "features.h5") as fs:
+        live = int(np.flatnonzero(fs.summary_table()["n_active"])[0])
+    at = app_test(monkeypatch, qwen_run, page, {"feature": str(live)} if page.endswith("feature.py") else None)
+    assert not at.error, texts(at.error)
+    shown = texts(at.info) + texts(at.caption)
+    if page.endswith("overview.py"):
+        assert "interp eval" in shown and "interp recovery" in shown and "interp train" in shown
+        assert len(at.get("plotly_chart")) == 1  # the density histogram from features.h5
+    if page.endswith("feature.py"):
+        assert "interp explain" in shown and len(at.get("plotly_chart")) == 2
+        assert len(at.get("image")) >= 1 or at.warning
+    if page.endswith("images.py"):
+        assert len(at.dataframe) == 2
+    if page.endswith("steering.py"):
+        at.button(key="steer_go").click().run()
+        assert not at.exception and not at.error and len(at.main.code) == 2
+
+
+def test_interp_app_is_a_stage_of_the_one_entry_point(tmp_path, monkeypatch, capsys):
+    import interp.cli
+
+    sub = next(a for a in interp.cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    app = sub.choices["app"]
+    assert all(a.help for a in app._actions if a.option_strings and a.dest != "help")
+    assert interp.cli.main(["app", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no run directory" in err and "interp demo" in err

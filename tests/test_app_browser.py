@@ -1,0 +1,37 @@
+"""interp app end to end: `streamlit run` on a free local port, driven by Playwright in Debian's Chromium
+(scripts/install_browser.sh installs it; without it the test is skipped and says why)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.browser import IMAGES, PLOTLY, browser, chromium_missing, open_page, serve
+from test_app import make_run, recovered_latent
+
+MISSING = chromium_missing()  # checked before the run is built: a missing browser costs nothing
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    return make_run(tmp_path_factory.getbasetemp())
+
+
+def test_feature_page_renders_heatmaps_and_charts_in_a_browser(demo_run, tmp_path):
+    latent, _ = recovered_latent(demo_run)
+    with serve(demo_run) as url, browser(height=1600) as page:
+        open_page(page, f"{url}/feature?feature={latent}", (IMAGES, PLOTLY))
+        assert page.locator("h1").first.inner_text().startswith(f"Feature {latent}")
+        images = page.locator(IMAGES)
+        assert images.count() >= 3
+        sizes = images.evaluate_all("els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])")
+        assert all(done and w >= 96 and h >= 96 for done, w, h in sizes), sizes  # upscaled heatmap overlays
+        assert page.locator(PLOTLY).count() >= 2 and page.locator(f"{PLOTLY} .main-svg").count() >= 2
+        assert page.get_by_text("Traceback").count() == 0 and page.locator("[data-testid='stException']").count() == 0
+        page.screenshot(path=str(tmp_path / "feature.png"), full_page=True)
+        page.get_by_role("link", name="Feature list").click()  # the navigation works from the page
+        page.wait_for_url("**/features", timeout=60_000)
+        page.get_by_role("heading", name="Feature list").wait_for(timeout=60_000)
+        open_page(page, url, (PLOTLY,))
+        assert page.locator(PLOTLY).count() >= 3 and page.locator("h1").first.inner_text() == "Overview"
+    assert (tmp_path / "feature.png").stat().st_size > 10_000
