@@ -2,9 +2,12 @@
 
 Every architecture is trained on the same cache with the same budget; for each, the report
 gives reconstruction (FVU, L0, dead fraction), ground-truth feature recovery (best F1 per
-concept) and how well the dictionary aligns with linear-probe directions for the concepts
-(per concept, the max cosine between the probe direction and any decoder row). A markdown
-report and plotly figures go to the output directory, with the raw numbers in JSON.
+concept), how well the dictionary aligns with linear-probe directions for the concepts (per
+concept, the max cosine between the probe direction and any decoder row), how often
+shapes-explainer's explanation names the matched concept (and detection balanced accuracy),
+and, on a second cache at a layer where colour still lives in the image tokens, how often
+clamping a colour feature flips the answer. A markdown report and plotly figures go to the
+output directory, with the raw numbers in JSON.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +52,40 @@ def max_cosines(sae, directions: np.ndarray) -> np.ndarray:
     return (torch.from_numpy(directions).float() @ w_dec.T).max(dim=1).values.numpy()
 
 
+def _explain_and_steer(arch_dir: Path, cache: Path, steer_cache: Path | None, sae_cfg, train_cfg) -> dict:
+    """Explanation accuracy on `cache`'s SAE, and the steering flip rate of a twin SAE on `steer_cache`."""
+    from explain.features import FeaturesConfig, compute_features
+    from interp.cli import main as interp_main
+    from interp.reader import ActivationReader
+    from saes.recovery import recover_concepts, summarize
+    from saes.sae import SAE
+    from saes.train import train
+
+    out: dict = {}
+    sae_dir = arch_dir / "sae"
+    compute_features(cache, sae_dir, arch_dir / "features.h5", FeaturesConfig(progress=False))
+    common = [str(arch_dir), "--no-progress", "--device", "cpu"]
+    if interp_main(["explain", *common, "--explainer", "shapes-explainer"]) == 0 and interp_main(["score", *common]) == 0:
+        matched = json.loads((arch_dir / "score_summary.json").read_text())["matched"]
+        out.update(explanation_accuracy=matched.get("concept_accuracy"),
+                   detection_balanced_accuracy=matched.get("balanced_accuracy"))
+    if steer_cache is not None:
+        steer_dir = arch_dir / "steering"
+        with ActivationReader(steer_cache) as reader:
+            twin = replace(sae_cfg, model_name=reader.meta["model"], hook_name=reader.meta["module_path"])
+            res = train(twin, train_cfg, reader, steer_dir)
+            (res.path / "recovery.json").write_text(json.dumps(summarize(recover_concepts(SAE.load(res.path), reader))))
+        compute_features(steer_cache, res.path, steer_dir / "features.h5", FeaturesConfig(progress=False))
+        if interp_main(["steer", "targets", "--sae", str(res.path), "--features", str(steer_dir / "features.h5"),
+                        "--out", str(steer_dir / "steering_summary.json"), "--n-select", "60", "--n-eval", "150",
+                        "--n-attr", "50", "--no-progress"]) == 0:
+            out["steering_success"] = json.loads((steer_dir / "steering_summary.json").read_text())["flip"]["overall"]
+    return out
+
+
 def run_benchmark(cache: str | Path, out: str | Path, archs: tuple[str, ...] = tuple(ARCH_DEFAULTS),
-                  d_sae: int = 256, k: int = 4, steps: int = 3000, batch_size: int = 1024, seed: int = 0) -> dict:
+                  d_sae: int = 256, k: int = 4, steps: int = 3000, batch_size: int = 1024, seed: int = 0,
+                  steer_cache: str | Path | None = None, explain: bool = True) -> dict:
     from interp.ground_truth import token_concepts
     from interp.reader import ActivationReader
     from interp.run import write_run_info
@@ -69,8 +105,10 @@ def run_benchmark(cache: str | Path, out: str | Path, archs: tuple[str, ...] = t
     for arch in archs:
         t = time.time()
         sae_dir = out / arch / "sae"
-        res = train(SAEConfig(arch=arch, d_in=reader.d, d_sae=d_sae, k=k, **ARCH_DEFAULTS[arch]),
-                    TrainConfig(steps=steps, batch_size=batch_size, seed=seed, progress=False), reader, out / arch)
+        sae_cfg = SAEConfig(arch=arch, d_in=reader.d, d_sae=d_sae, k=k, model_name=reader.meta["model"],
+                            hook_name=reader.meta["module_path"], **ARCH_DEFAULTS[arch])
+        train_cfg = TrainConfig(steps=steps, batch_size=batch_size, seed=seed, progress=False)
+        res = train(sae_cfg, train_cfg, reader, out / arch)
         rec = reconstruction_metrics(res.sae, reader)
         recovery = summarize(recover_concepts(res.sae, reader))
         cos = max_cosines(res.sae, directions)
@@ -82,11 +120,17 @@ def run_benchmark(cache: str | Path, out: str | Path, archs: tuple[str, ...] = t
             "mean_probe_cosine": round(float(cos.mean()), 4), "seconds": round(time.time() - t, 1),
             "sae": str(sae_dir),
         }
+        if explain:
+            results[arch].update(_explain_and_steer(out / arch, Path(cache), steer_cache and Path(steer_cache),
+                                                    sae_cfg, train_cfg))
+            results[arch]["seconds"] = round(time.time() - t, 1)
         print(f"{arch:10s} FVU {results[arch]['fvu']:.4f}  L0 {results[arch]['l0']:5.1f}  recovery "
               f"{results[arch]['concept_recovery']:.2f}  mean F1 {results[arch]['mean_f1']:.3f}  "
-              f"probe cos {results[arch]['mean_probe_cosine']:.3f}", flush=True)
+              f"probe cos {results[arch]['mean_probe_cosine']:.3f}  explanations "
+              f"{results[arch].get('explanation_accuracy')}  steering {results[arch].get('steering_success')}", flush=True)
     neuron_f1 = summarize(recover_concepts(res.sae, reader))["mean_neuron_f1"]
-    report = {"cache": str(cache), "concepts": list(gt.concepts), "archs": results, "mean_neuron_f1": neuron_f1}
+    report = {"cache": str(cache), "steer_cache": str(steer_cache) if steer_cache else None,
+              "concepts": list(gt.concepts), "archs": results, "mean_neuron_f1": neuron_f1}
     (out / "benchmark.json").write_text(json.dumps(report, indent=1))
     _write_report(report, out)
     return report
@@ -97,12 +141,19 @@ def _write_report(report: dict, out: Path) -> None:
 
     archs, concepts = list(report["archs"]), report["concepts"]
     lines = ["# SAE architectures on the shapes world", "", f"Cache: `{report['cache']}`", "",
-             "| arch | FVU | L0 | dead | concepts at F1 >= 0.9 | mean F1 | mean probe cosine |",
-             "|---|---|---|---|---|---|---|"]
+             f"Steering measured on: `{report['steer_cache']}`", "",
+             "| arch | FVU | L0 | dead | concepts at F1 >= 0.9 | mean F1 | mean probe cosine | explanation names the concept "
+             "| detection bal. acc. | steering flip rate |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v, spec=".3f"):
+        return "n/a" if v is None else format(v, spec)
+
     for a in archs:
         r = report["archs"][a]
         lines.append(f"| {a} | {r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_fraction']:.1%} | {r['concept_recovery']:.0%} "
-                     f"| {r['mean_f1']:.3f} | {r['mean_probe_cosine']:.3f} |")
+                     f"| {r['mean_f1']:.3f} | {r['mean_probe_cosine']:.3f} | {fmt(r.get('explanation_accuracy'), '.0%')} "
+                     f"| {fmt(r.get('detection_balanced_accuracy'))} | {fmt(r.get('steering_success'), '.1%')} |")
     lines += ["", f"Best single raw neuron, mean F1 over concepts: {report['mean_neuron_f1']:.3f}", "",
               "## Best F1 per concept", "", "| concept | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
     for c in concepts:
@@ -128,20 +179,27 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=3000, help="training steps per SAE")
     p.add_argument("--samples", type=int, default=3000, help="images to cache when no --cache is given")
     p.add_argument("--seed", type=int, default=0, help="seed of the SAEs and of the cached images")
+    p.add_argument("--steer-cache", default=None,
+                   help="cache for the steering column (default: make a layer-0 one in --out; colour has left "
+                        "the subject's image tokens by layer 2)")
+    p.add_argument("--no-explain", action="store_true", help="skip the explanation and steering columns")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
-    cache = args.cache
-    if cache is None:
-        from interp.cache import CacheConfig, build_cache
+    from interp.cache import CacheConfig, build_cache
 
-        cache = build_cache(CacheConfig(model="shapes-subject", layer="2", n=args.samples, seed=args.seed, batch_size=32),
-                            Path(args.out) / "activations.h5")
+    def subject_cache(layer: str, name: str) -> Path:
+        return build_cache(CacheConfig(model="shapes-subject", layer=layer, n=args.samples, seed=args.seed, batch_size=32),
+                           Path(args.out) / name)
+
+    cache = args.cache or subject_cache("2", "activations.h5")
+    steer_cache = None if args.no_explain else (args.steer_cache or subject_cache("0", "activations-layer0.h5"))
     archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
     unknown = set(archs) - set(ARCH_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown architectures {sorted(unknown)}; known: {', '.join(ARCH_DEFAULTS)}")
-    run_benchmark(cache, args.out, archs, args.d_sae, args.k, args.steps, seed=args.seed)
+    run_benchmark(cache, args.out, archs, args.d_sae, args.k, args.steps, seed=args.seed, steer_cache=steer_cache,
+                  explain=not args.no_explain)
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0
