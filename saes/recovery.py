@@ -31,20 +31,22 @@ class ConceptMatch:
     neuron_f1: float  # best raw neuron, for comparison
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of `x`, ties sharing their average rank (as in the rank-sum and Spearman)."""
+    order = np.argsort(x, kind="stable")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(first + (counts - 1) / 2.0 + 1, counts)
+    return ranks
+
+
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve by the rank-sum formula (ties get average ranks)."""
     labels = labels.astype(bool)
     n_pos, n_neg = labels.sum(), (~labels).sum()
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float((average_ranks(scores)[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _f1(tp, pred, pos):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from saes.recovery import average_ranks
 from steering.interventions import InterventionError
 from steering.steer import PromptBatch, SteerSetup
 
@@ -214,15 +215,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 3:
         return float("nan")
-    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = average_ranks(a), average_ranks(b)
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(first + (counts - 1) / 2.0, counts)
-    return ranks
