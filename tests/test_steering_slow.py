@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_steering import _main
 
 
@@ -36,3 +37,53 @@ def test_colour_latents_steer_and_attribute(tmp_path, capsys):
     assert r["attribution"]["patching"]["spearman_per_image_mean"] > 0.3, r["attribution"]
     assert (run / "steering" / "select" / "sweep.html").exists()
     assert "overall flip rate" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sweep_kill_9_at_a_random_point_then_resume_equals_uninterrupted(tmp_path):
+    """A real SIGKILL of `interp steer sweep` part-way, then the same command: every generation
+    is recorded exactly once and the summary equals an uninterrupted run's."""
+    import json
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from saes.sae import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    SAE(SAEConfig(arch="topk", d_in=128, d_sae=32, k=4, model_name="shapes-subject",
+                  hook_name="model.language_model.layers.0")).save(tmp_path / "sae")
+    spec = {"sae": str(tmp_path / "sae"), "features": [1, 2, 3], "strengths": [0.0, 200.0, 600.0], "mode": "add",
+            "unit": "absolute", "positions": "image", "world": {"task": "color", "n": 24, "split": "val"},
+            "max_new_tokens": 3, "batch_size": 4, "engine": "torch"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = lambda out: [sys.executable, "-m", "interp.cli", "steer", "sweep", "--spec", str(tmp_path / "spec.yaml"),  # noqa: E731
+                       "--out", str(out), "--no-progress"]
+    subprocess.run(cmd(tmp_path / "straight"), check=True, env=env, capture_output=True)
+    records = tmp_path / "killed" / "generations.jsonl"
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = random.randint(5, 150)  # of 24 baseline + 3 x 3 x 24 generations
+    deadline = time.time() + 120
+    while time.time() < deadline and (not records.exists() or records.read_text().count("\n") < kill_after):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists(), "the kill came too late to test anything"
+    subprocess.run(cmd(tmp_path / "killed"), check=True, env=env, capture_output=True)
+
+    def keyed(path):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {json.dumps({k: v for k, v in r.items() if k in ("feature", "strength", "prompt", "image", "key")},
+                           sort_keys=True): r.get("answer", r.get("output")) for r in rows if "header" not in r}
+
+    a, b = keyed(tmp_path / "straight" / "generations.jsonl"), keyed(records)
+    assert a == b and len(b) == records.read_text().count("\n") - (1 if '"header"' in records.read_text() else 0)
+    sa = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert sa == sb
