@@ -189,16 +189,17 @@ def register(sub) -> None:
 def _cli(args) -> int:
     from interp.cache import CacheConfig, build_cache
 
+    archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
+    unknown = set(archs) - set(ARCH_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown architectures {sorted(unknown)}; known: {', '.join(ARCH_DEFAULTS)}")
+
     def subject_cache(layer: str, name: str) -> Path:
         return build_cache(CacheConfig(model="shapes-subject", layer=layer, n=args.samples, seed=args.seed, batch_size=32),
                            Path(args.out) / name)
 
     cache = args.cache or subject_cache("2", "activations.h5")
     steer_cache = None if args.no_explain else (args.steer_cache or subject_cache("0", "activations-layer0.h5"))
-    archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
-    unknown = set(archs) - set(ARCH_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown architectures {sorted(unknown)}; known: {', '.join(ARCH_DEFAULTS)}")
     run_benchmark(cache, args.out, archs, args.d_sae, args.k, args.steps, seed=args.seed, steer_cache=steer_cache,
                   explain=not args.no_explain)
     print(f"wrote {Path(args.out) / 'report.md'}")
