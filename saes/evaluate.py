@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,19 +107,10 @@ def spliced_metrics(sae, reader, lm=None, n_samples: int = 64, batch_size: int =
             with patch_output(lm.model, meta["module_path"], edit):
                 return _logits(lm, inputs)
 
-        def replace(value_fn):
-            def edit(out):
-                if out.shape[:2] != splice.shape:
-                    return out  # a later generation step: nothing to splice
-                new = out.clone()
-                new[splice] = value_fn(out[splice]).to(out.dtype)
-                return new
-            return edit
-
-        recon = lambda x: sae(x.to(sae.dtype)).to(x.dtype)  # noqa: E731
-        logits = {"clean": run(), "spliced": run(replace(recon)),
-                  "spliced_with_error": run(replace(lambda x: recon(x) + (x - recon(x)))),
-                  "zero_ablated": run(replace(torch.zeros_like))}
+        recon = _reconstruct(sae)
+        logits = {"clean": run(), "spliced": run(splice_at(lambda: splice, recon)),
+                  "spliced_with_error": run(splice_at(lambda: splice, lambda x: recon(x) + (x - recon(x)))),
+                  "zero_ablated": run(splice_at(lambda: splice, torch.zeros_like))}
         labels = ids[:, 1:]
         for k, lg in logits.items():
             ce = F.cross_entropy(lg[:, :-1].float().transpose(1, 2), labels, reduction="none")
@@ -136,6 +128,26 @@ def spliced_metrics(sae, reader, lm=None, n_samples: int = 64, batch_size: int =
             "ce_loss_recovered": (m["zero_ablated"] - m["spliced"]) / denom if abs(denom) > 1e-9 else float("nan"),
             "kl_spliced": m["kl_spliced"], "kl_zero_ablated": m["kl_zero"], "loss_tokens": count,
             "loss_on": "ground-truth caption" if answers else "text after the image"}
+
+
+def _reconstruct(sae):
+    """x -> the SAE's reconstruction of x, in x's dtype."""
+    return lambda x: sae(x.to(sae.dtype)).to(x.dtype)
+
+
+def splice_at(mask: Callable[[], torch.Tensor | None], value_fn: Callable[[torch.Tensor], torch.Tensor]):
+    """A layer-output edit (for interp.hooks.patch_output) that replaces the positions of `mask()` by
+    value_fn(them). Calls whose [batch, seq] differs from the mask's (later generation steps) pass through."""
+
+    def edit(out: torch.Tensor) -> torch.Tensor:
+        m = mask()
+        if m is None or out.shape[:2] != m.shape:
+            return out
+        new = out.clone()
+        new[m] = value_fn(out[m]).to(out.dtype)
+        return new
+
+    return edit
 
 
 def _logits(lm, inputs) -> torch.Tensor:
@@ -184,14 +196,6 @@ def vqa_with_sae(sae, reader, lm=None, n: int = 100) -> dict | None:
     image_id = lm.model.config.image_token_id
     state = {}
 
-    def edit(out):
-        mask = state.get("mask")
-        if mask is None or out.shape[:2] != mask.shape:
-            return out
-        new = out.clone()
-        new[mask] = sae(out[mask].to(sae.dtype)).to(out.dtype)
-        return new
-
     def remember(_module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         state["mask"] = (ids == image_id) if ids is not None else None
@@ -199,7 +203,7 @@ def vqa_with_sae(sae, reader, lm=None, n: int = 100) -> dict | None:
     clean = evaluate(lm.model, lm.processor, tasks, n=n, split="test")
     handle = lm.model.register_forward_pre_hook(remember, with_kwargs=True)
     try:
-        with patch_output(lm.model, meta["module_path"], edit):
+        with patch_output(lm.model, meta["module_path"], splice_at(lambda: state.get("mask"), _reconstruct(sae))):
             spliced = evaluate(lm.model, lm.processor, tasks, n=n, split="test")
     finally:
         handle.remove()
