@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,33 +52,25 @@ def max_cosines(sae, directions: np.ndarray) -> np.ndarray:
 
 
 def _explain_and_steer(arch_dir: Path, cache: Path, steer_cache: Path | None, sae_cfg, train_cfg) -> dict:
-    """Explanation accuracy on `cache`'s SAE, and the steering flip rate of a twin SAE on `steer_cache`."""
+    """Explanation accuracy on `cache`'s SAE, and the steering flip rate of a twin SAE on `steer_cache`;
+    a stage that fails leaves its columns out of the report (n/a) instead of stopping the benchmark."""
     from explain.features import FeaturesConfig, compute_features
-    from interp.cli import main as interp_main
-    from interp.reader import ActivationReader
-    from saes.recovery import recover_concepts, summarize
-    from saes.sae import SAE
-    from saes.train import train
+    from interp.stages import explain_and_score, steering_twin
 
     out: dict = {}
-    sae_dir = arch_dir / "sae"
-    compute_features(cache, sae_dir, arch_dir / "features.h5", FeaturesConfig(progress=False))
-    common = [str(arch_dir), "--no-progress", "--device", "cpu"]
-    if interp_main(["explain", *common, "--explainer", "shapes-explainer"]) == 0 and interp_main(["score", *common]) == 0:
-        matched = json.loads((arch_dir / "score_summary.json").read_text())["matched"]
+    compute_features(cache, arch_dir / "sae", arch_dir / "features.h5", FeaturesConfig(progress=False))
+    try:
+        matched = explain_and_score(arch_dir)["matched"]
         out.update(explanation_accuracy=matched.get("concept_accuracy"),
                    detection_balanced_accuracy=matched.get("balanced_accuracy"))
+    except ValueError as e:
+        print(e)
     if steer_cache is not None:
-        steer_dir = arch_dir / "steering"
-        with ActivationReader(steer_cache) as reader:
-            twin = replace(sae_cfg, model_name=reader.meta["model"], hook_name=reader.meta["module_path"])
-            res = train(twin, train_cfg, reader, steer_dir)
-            (res.path / "recovery.json").write_text(json.dumps(summarize(recover_concepts(SAE.load(res.path), reader))))
-        compute_features(steer_cache, res.path, steer_dir / "features.h5", FeaturesConfig(progress=False))
-        if interp_main(["steer", "targets", "--sae", str(res.path), "--features", str(steer_dir / "features.h5"),
-                        "--out", str(steer_dir / "steering_summary.json"), "--n-select", "60", "--n-eval", "150",
-                        "--n-attr", "50", "--no-progress"]) == 0:
-            out["steering_success"] = json.loads((steer_dir / "steering_summary.json").read_text())["flip"]["overall"]
+        try:
+            out["steering_success"] = steering_twin(steer_cache, arch_dir / "steering", sae_cfg, train_cfg,
+                                                    n_attr=50)["flip"]["overall"]
+        except ValueError as e:
+            print(e)
     return out
 
 

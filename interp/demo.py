@@ -40,6 +40,7 @@ def run(args) -> int:
     from interp.organisms.eval import evaluate
     from interp.reader import ActivationReader
     from interp.run import write_run_info
+    from interp.stages import explain_and_score, steering_twin
     from interp.world import WorldConfig, contact_sheet
     from saes.evaluate import evaluate_sae
     from saes.recovery import recover_concepts, summarize
@@ -100,12 +101,7 @@ def run(args) -> int:
     summary["stages"]["recovery"] = round(time.time() - t, 1)
 
     t = _stage("explain and score: shapes-explainer describes each live feature, then judges held-out images")
-    from interp.cli import main as interp_main
-
-    common = [str(out), "--no-progress", "--device", "cpu"]
-    if interp_main(["explain", *common, "--explainer", "shapes-explainer"]) or interp_main(["score", *common]):
-        raise ValueError("the explain or score stage failed; see the messages above")
-    scores = json.loads((out / "score_summary.json").read_text())
+    scores = explain_and_score(out)
     matched = scores["matched"]
     summary["explanation_accuracy"] = matched.get("concept_accuracy")
     summary["detection_balanced_accuracy"] = matched.get("balanced_accuracy")
@@ -120,23 +116,8 @@ def run(args) -> int:
     steer_dir = out / "steering-layer0"
     steer_cache = build_cache(CacheConfig(model="shapes-subject", layer="0", n=args.samples, seed=args.seed,
                                           batch_size=32), steer_dir / "activations.h5")
-    steer_sae = steer_dir / "sae" / "sae"
-    if not (steer_sae / "cfg.json").exists():
-        with ActivationReader(steer_cache) as reader:
-            train(SAEConfig(arch="topk", d_in=reader.d, d_sae=args.d_sae, k=args.k, model_name="shapes-subject",
-                            hook_name=reader.meta["module_path"]),
-                  TrainConfig(steps=args.steps, batch_size=1024, seed=args.seed, progress=False), reader, steer_dir / "sae")
-    if not (steer_sae / "recovery.json").exists():
-        with ActivationReader(steer_cache) as reader:
-            steer_rec = summarize(recover_concepts(SAE.load(steer_sae), reader))
-        (steer_sae / "recovery.json").write_text(json.dumps(steer_rec, indent=1))
-    if not (steer_dir / "features.h5").exists():
-        compute_features(steer_cache, steer_sae, steer_dir / "features.h5", FeaturesConfig(seed=args.seed, progress=False))
-    if interp_main(["steer", "targets", "--sae", str(steer_sae), "--features", str(steer_dir / "features.h5"),
-                    "--out", str(steer_dir / "steering_summary.json"), "--n-select", "60", "--n-eval", "150",
-                    "--n-attr", "100", "--no-progress"]):
-        raise ValueError("the steering stage failed; see the messages above")
-    steering = json.loads((steer_dir / "steering_summary.json").read_text())
+    steering = steering_twin(steer_cache, steer_dir, SAEConfig(arch="topk", d_in=SAE.load(sae_dir).cfg.d_in, d_sae=args.d_sae, k=args.k),
+                             TrainConfig(steps=args.steps, batch_size=1024, seed=args.seed, progress=False), args.seed)
     summary["steering_success"] = round(steering["flip"]["overall"], 4)
     attribution = steering["attribution"]
     ig = next((v for k, v in attribution.items() if k.startswith("integrated_gradients")), None)
