@@ -1,0 +1,490 @@
+"""Shapes world v2: an open-vocabulary world whose every patch has a name.
+
+Scenes are 64x64 images on an 8x8 grid of 8-px patches, with a 2x2 grid of position cells
+(32 px each) holding at most one object each. Objects have a colour (8), a shape (5 geometric
+shapes and 3 letters drawn as glyphs), a size (small objects span about 2x2 patches, large ones
+3x3 to 4x4, so patches hold object edges and interiors) and a fill (solid, outline, striped;
+glyphs are always solid). Backgrounds vary in tone (light, dark) and texture (plain, noisy).
+
+Ground truth is exact: every object keeps an anti-aliased coverage mask (drawn at 4x and box
+filtered), so each patch gets the fraction of it covered by every concept, including the
+background, the object part (edge or interior) and the position cell. The vocabulary names
+every kind of thing an SAE could find here (`concept_names`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (235, 205, 30),
+    "purple": (150, 60, 200),
+    "orange": (245, 130, 20),
+    "cyan": (30, 200, 210),
+    "pink": (245, 120, 185),
+}
+GEOMETRIC = ("circle", "square", "triangle", "diamond", "star")
+LETTERS = ("e", "k", "t")  # shape words "letter e", ...: text inside images
+SHAPES = GEOMETRIC + tuple(f"letter {c}" for c in LETTERS)
+SIZES = ("small", "large")
+FILLS = ("solid", "outline", "striped")
+TONES = {"light": (200, 235), "dark": (45, 80)}  # background grey-level ranges
+TEXTURES = ("plain", "noisy")
+PARTS = ("edge", "interior")
+POSITIONS = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
+RELATIONS = ("left of", "right of", "above", "below")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+SPLITS = {"train": 0, "test": 1, "val": 2}
+SUPERSAMPLE = 4
+INTERIOR = 0.95  # a patch this fully covered by one object is its interior; less, its edge
+
+
+class WorldConfigError(ValueError):
+    """A world configuration that cannot produce valid scenes."""
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    image_size: int = 64
+    patch: int = 8  # patch size of the organisms' vision tower: an 8x8 grid of image tokens
+    grid: int = 2  # position cells per side; one object per cell at most
+    colors: tuple[str, ...] = tuple(COLORS)
+    shapes: tuple[str, ...] = SHAPES
+    min_objects: int = 1
+    max_objects: int = 4
+    small: tuple[float, float] = (0.38, 0.48)  # object diameter as a fraction of its cell
+    large: tuple[float, float] = (0.78, 0.92)
+    color_jitter: int = 12
+    noise: int = 18  # amplitude of the noisy background texture
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.colors if c not in COLORS]
+        if unknown:
+            raise WorldConfigError(f"unknown colors {unknown}; known: {list(COLORS)}")
+        unknown = [s for s in self.shapes if s not in SHAPES]
+        if unknown:
+            raise WorldConfigError(f"unknown shapes {unknown}; known: {list(SHAPES)}")
+        if self.grid != 2:
+            raise WorldConfigError(f"grid={self.grid}: position words exist for a 2x2 grid only; use grid=2")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise WorldConfigError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if self.max_objects > self.grid ** 2:
+            raise WorldConfigError(f"cannot place {self.max_objects} objects in {self.grid ** 2} cells "
+                                   f"(one object per cell): set max_objects <= {self.grid ** 2}")
+        if self.image_size % self.patch or self.image_size % self.grid:
+            raise WorldConfigError(f"image_size {self.image_size} must be a multiple of patch {self.patch} "
+                                   f"and of grid {self.grid}")
+        if self.cell * self.small[0] < 8:
+            raise WorldConfigError(f"small objects of {self.cell * self.small[0]:.1f} px are too small to draw: "
+                                   f"use image_size >= {int(np.ceil(8 / self.small[0])) * self.grid}")
+
+    @property
+    def cell(self) -> int:
+        return self.image_size // self.grid
+
+    @property
+    def patches(self) -> int:
+        return self.image_size // self.patch
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class WorldObject:
+    shape: str
+    color: str
+    size: str
+    fill: str
+    row: int
+    col: int
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1, exclusive end
+    rgb: tuple[int, int, int]
+    coverage: np.ndarray = field(repr=False)  # [H, W] in [0, 1]: painted fraction of each pixel
+    silhouette: np.ndarray = field(repr=False)  # [H, W] in [0, 1]: the filled shape (outline and stripes included)
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[(self.row, self.col)]
+
+    @property
+    def name(self) -> str:
+        """Its description: size, fill, colour, shape ("small striped red circle", "large red letter k")."""
+        fill = "" if self.shape.startswith("letter") else f"{self.fill} "
+        return f"{self.size} {fill}{self.color} {self.shape}"
+
+    def to_json(self) -> dict:
+        return {"shape": self.shape, "color": self.color, "size": self.size, "fill": self.fill, "row": self.row,
+                "col": self.col, "position": self.position, "bbox": list(self.bbox), "rgb": list(self.rgb)}
+
+
+@dataclass
+class Scene:
+    config: WorldConfig
+    objects: list[WorldObject]
+    tone: str
+    texture: str
+    background: np.ndarray = field(repr=False)  # [H, W] grey levels
+    split: str = "train"
+    index: int = 0
+    seed: int = 0
+
+    def render(self, highlight: np.ndarray | None = None) -> Image.Image:
+        """RGB image; `highlight` (a [patches, patches] mask in [0, 1]) dims everything outside it."""
+        img = np.repeat(self.background[..., None], 3, axis=2).astype(float)
+        for obj in self.objects:
+            a = obj.coverage[..., None]
+            img = img * (1 - a) + np.asarray(obj.rgb, float) * a
+        img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        if highlight is not None:
+            img = dim_outside_patches(img, highlight, self.config.patch)
+        return Image.fromarray(img, "RGB")
+
+    def object_at(self, row: int, col: int) -> WorldObject | None:
+        return next((o for o in self.objects if (o.row, o.col) == (row, col)), None)
+
+    def object_patch_fractions(self) -> list[np.ndarray]:
+        """Per object, the fraction of each patch inside its silhouette: [patches, patches]."""
+        p, n = self.config.patch, self.config.patches
+        return [o.silhouette.reshape(n, p, n, p).mean(axis=(1, 3)) for o in self.objects]
+
+    def patch_coverage(self) -> dict[str, np.ndarray]:
+        """Fraction of each patch belonging to each concept: {concept: [patches, patches]}.
+
+        Object attributes (colour, shape, size, fill, "object") count the object's silhouette;
+        "edge"/"interior" mark patches partly/fully inside one; "background" and its tone and
+        texture count the rest; "cell <position>" is where the patch lies, whatever it holds.
+        """
+        cfg, n = self.config, self.config.patches
+        out = {c: np.zeros((n, n)) for c in concept_names(cfg)}
+        occupied = np.zeros((n, n))
+        for obj, frac in zip(self.objects, self.object_patch_fractions()):
+            for attr in ("color", "shape", "size", "fill"):
+                out[f"{attr}:{getattr(obj, attr)}"] += frac
+            out["object"] += frac
+            inside = frac >= INTERIOR
+            out["part:interior"] += np.where(inside, frac, 0)
+            out["part:edge"] += np.where(inside, 0, frac)
+            occupied += frac
+        bg = np.clip(1 - occupied, 0, 1)
+        out["background"] = bg
+        out[f"tone:{self.tone}"] = bg.copy()
+        out[f"texture:{self.texture}"] = bg.copy()
+        centres = (np.arange(n) + 0.5) * cfg.patch // cfg.cell
+        for (r, c), word in POSITIONS.items():
+            out[f"cell:{word}"] = np.outer(centres == r, centres == c).astype(float)
+        return out
+
+    def patch_labels(self, threshold: float = 0.05) -> dict[str, np.ndarray]:
+        """Boolean concept labels per patch: the concept covers more than `threshold` of it."""
+        return {c: v > threshold for c, v in self.patch_coverage().items()}
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "index": self.index, "seed": self.seed, "tone": self.tone,
+                "texture": self.texture, "objects": [o.to_json() for o in self.objects]}
+
+
+def concept_names(config: WorldConfig = WorldConfig()) -> list[str]:
+    """Every patch-level concept of the world, as `kind:value` (plus "object" and "background")."""
+    names = [f"color:{c}" for c in config.colors] + [f"shape:{s}" for s in config.shapes]
+    names += [f"size:{s}" for s in SIZES] + [f"fill:{f}" for f in FILLS] + [f"part:{p}" for p in PARTS]
+    names += ["object", "background"] + [f"tone:{t}" for t in TONES] + [f"texture:{t}" for t in TEXTURES]
+    names += [f"cell:{p}" for p in POSITIONS.values()]
+    return names
+
+
+def check_concepts(names, config: WorldConfig = WorldConfig()) -> list[str]:
+    """`names` if every one is a concept of the world; else a WorldConfigError listing the known ones."""
+    known = concept_names(config)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise WorldConfigError(f"unknown concepts {unknown}; known: {', '.join(known)}")
+    return list(names)
+
+
+def dim_outside_patches(img: np.ndarray, mask: np.ndarray, patch: int, keep: float = 0.25) -> np.ndarray:
+    """Blend each patch towards black by how little of `mask` it has, as the explainer's views do."""
+    m = np.kron(np.clip(np.asarray(mask, float), 0, 1), np.ones((patch, patch)))[..., None]
+    out = img.astype(float) * (keep + (1 - keep) * m)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- drawing
+
+_GLYPHS = {  # strokes in a unit box, (x0, y0, x1, y1)
+    "e": [(0.2, 0.0, 0.2, 1.0), (0.2, 0.0, 0.85, 0.0), (0.2, 0.5, 0.75, 0.5), (0.2, 1.0, 0.85, 1.0)],
+    "k": [(0.2, 0.0, 0.2, 1.0), (0.2, 0.55, 0.85, 0.0), (0.38, 0.42, 0.85, 1.0)],
+    "t": [(0.1, 0.0, 0.9, 0.0), (0.5, 0.0, 0.5, 1.0)],
+}
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r * 0.85), (cx - r, cy + r * 0.85)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    pts = []  # star
+    for i in range(10):
+        ang = -np.pi / 2 + i * np.pi / 5
+        rad = r if i % 2 == 0 else r * 0.45
+        pts.append((cx + rad * np.cos(ang), cy + rad * np.sin(ang)))
+    return pts
+
+
+def _draw(shape: str, fill: str, size: int, cx: float, cy: float, r: float) -> tuple[np.ndarray, np.ndarray]:
+    """(painted coverage, silhouette) of one object on a `size`-px square canvas, anti-aliased."""
+    S = SUPERSAMPLE
+    big = Image.new("L", (size * S, size * S), 0)
+    d = ImageDraw.Draw(big)
+    cx, cy, r = cx * S, cy * S, r * S
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif shape == "square":
+        q = r * 0.85
+        d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=255)
+    elif shape.startswith("letter"):
+        w = max(2.2 * S, r * 0.42)
+        x0, y0, side = cx - r * 0.8, cy - r * 0.85, r * 1.7
+        for a, b, c, e in _GLYPHS[shape.split()[1]]:
+            d.line([(x0 + a * side * 0.94, y0 + b * side), (x0 + c * side * 0.94, y0 + e * side)], fill=255,
+                   width=int(round(w)))
+    else:
+        d.polygon(_polygon(shape, cx, cy, r), fill=255)
+    solid = np.asarray(big, float) / 255.0
+    painted = solid
+    if fill == "outline":
+        border = max(5, int(round(r * 0.28)) | 1)  # odd filter size, at least ~1.3 px at 1x
+        inner = np.asarray(big.filter(ImageFilter.MinFilter(border)), float) / 255.0
+        painted = solid - inner
+    elif fill == "striped":
+        yy, xx = np.mgrid[0: size * S, 0: size * S]
+        stripes = ((xx + yy) // (2 * S)) % 2 == 0  # diagonal stripes of 2 px, period 4 px
+        painted = solid * stripes
+    down = lambda a: a.reshape(size, S, size, S).mean(axis=(1, 3))  # noqa: E731
+    return down(painted), down(solid)
+
+
+def sample_scene(config: WorldConfig, index: int, split: str = "train", seed: int = 0) -> Scene:
+    """Scene number `index` of a split: the same arguments always give the same scene."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
+    rng = np.random.default_rng([seed, SPLITS[split], index, 2])
+    n = int(rng.integers(config.min_objects, config.max_objects + 1))
+    cells = sorted(int(x) for x in rng.choice(config.grid ** 2, size=n, replace=False))
+    c, s = config.cell, config.image_size
+    objects = []
+    for cell in cells:
+        row, col = divmod(cell, config.grid)
+        shape = str(rng.choice(config.shapes))
+        color = str(rng.choice(config.colors))
+        size = str(rng.choice(SIZES))
+        fill = "solid" if shape.startswith("letter") else str(rng.choice(FILLS))
+        lo, hi = config.small if size == "small" else config.large
+        r = c * float(rng.uniform(lo, hi)) / 2
+        slack = max(0.0, c / 2 - r - 1)
+        cx = col * c + c / 2 + float(rng.uniform(-slack, slack))
+        cy = row * c + c / 2 + float(rng.uniform(-slack, slack))
+        rgb = tuple(int(v) for v in np.clip(np.asarray(COLORS[color]) + rng.integers(
+            -config.color_jitter, config.color_jitter + 1, 3), 0, 255))
+        # drawn on its own cell's canvas (4x cheaper than the whole image), then placed
+        y0, x0 = row * c, col * c
+        painted, solid = np.zeros((s, s)), np.zeros((s, s))
+        painted[y0:y0 + c, x0:x0 + c], solid[y0:y0 + c, x0:x0 + c] = _draw(shape, fill, c, cx - x0, cy - y0, r)
+        ys, xs = np.nonzero(solid > 0)
+        bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        objects.append(WorldObject(shape, color, size, fill, row, col, bbox, rgb, painted, solid))
+    tone = str(rng.choice(list(TONES)))
+    texture = str(rng.choice(TEXTURES))
+    level = float(rng.integers(*TONES[tone]))
+    bg = np.full((s, s), level)
+    if texture == "noisy":
+        bg = bg + rng.integers(-config.noise, config.noise + 1, (s, s))
+    return Scene(config, objects, tone, texture, np.clip(bg, 0, 255), split, index, seed)
+
+
+# ---------------------------------------------------------------- questions
+
+TASKS = ("color", "shape", "size", "fill", "at", "where", "count", "exists", "relation", "letter",
+         "caption", "region")
+SUBJECT_TASKS = TASKS[:10]  # the subject answers questions; the explainer also describes
+EXPLAINER_TASKS = ("region", "caption", "color", "shape", "count", "where")
+
+
+@dataclass
+class QA:
+    task: str
+    question: str
+    answer: str
+    highlight: np.ndarray | None = None  # [patches, patches] mask shown to the model, for "region"
+
+
+def caption(scene: Scene) -> str:
+    """Every object with its position, in reading order."""
+    return " , ".join(f"{o.name} at {o.position}" for o in scene.objects)
+
+
+def describe_region(scene: Scene, mask: np.ndarray) -> str:
+    """What a highlighted set of patches shows, in the world's compositional vocabulary.
+
+    "large striped red circle at top left" when it covers (most of) an object;
+    "edge of ..." / "interior of ..." when only part of one; "empty <texture> <tone> background at
+    <position>" when it holds no object."""
+    cfg = scene.config
+    mask = np.asarray(mask, float) > 0.5
+    fracs = scene.object_patch_fractions()
+    best, best_cov = None, 0.0
+    for obj, frac in zip(scene.objects, fracs):
+        cov = float((frac * mask).sum())
+        if cov > best_cov:
+            best, best_cov = (obj, frac), cov
+    if best is None or best_cov < 0.05:
+        rows, cols = np.nonzero(mask)
+        r = int(((rows.mean() + 0.5) * cfg.patch) // cfg.cell)
+        c = int(((cols.mean() + 0.5) * cfg.patch) // cfg.cell)
+        return f"empty {scene.texture} {scene.tone} background at {POSITIONS[(r, c)]}"
+    obj, frac = best
+    total = float(frac.sum())
+    if best_cov >= 0.6 * total:
+        return f"{obj.name} at {obj.position}"
+    seen = (frac > 0.05) & mask
+    part = "interior" if (frac[seen] >= INTERIOR).mean() > 0.5 else "edge"
+    return f"{part} of {obj.name} at {obj.position}"
+
+
+def region_mask(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """A highlighted region like the ones a feature's activation draws: a whole object, part of one
+    (edge or interior patches), or empty patches within one cell."""
+    cfg, n = scene.config, scene.config.patches
+    fracs = scene.object_patch_fractions()
+    occupied = np.sum(fracs, axis=0) if fracs else np.zeros((n, n))
+    kind = rng.random()
+    if scene.objects and kind < 0.75:
+        i = int(rng.integers(len(scene.objects)))
+        frac = fracs[i]
+        if kind < 0.45:
+            return (frac > 0.05).astype(float)
+        want_interior = rng.random() < 0.4 and (frac >= INTERIOR).any()
+        pool = np.argwhere(frac >= INTERIOR) if want_interior else np.argwhere((frac > 0.15) & (frac < INTERIOR))
+        if not len(pool):
+            pool = np.argwhere(frac > 0.05)
+        pick = pool[rng.choice(len(pool), size=min(len(pool), int(rng.integers(1, 4))), replace=False)]
+        m = np.zeros((n, n))
+        m[pick[:, 0], pick[:, 1]] = 1
+        return m
+    empty = np.argwhere(occupied < 0.02)
+    if not len(empty):
+        return (fracs[0] > 0.05).astype(float)
+    r0, c0 = empty[rng.integers(len(empty))]
+    cell = lambda rc: (int(rc[0]) * cfg.patch // cfg.cell, int(rc[1]) * cfg.patch // cfg.cell)  # noqa: E731
+    same = [rc for rc in empty if cell(rc) == cell((r0, c0))]
+    pick = [same[j] for j in rng.choice(len(same), size=min(len(same), int(rng.integers(1, 5))), replace=False)]
+    m = np.zeros((n, n))
+    for r, c in pick:
+        m[r, c] = 1
+    return m
+
+
+def _holds(rel: str, a: WorldObject, b: WorldObject) -> bool:
+    return {"left of": a.col < b.col, "right of": a.col > b.col, "above": a.row < b.row, "below": a.row > b.row}[rel]
+
+
+def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> list[QA]:
+    """One question of each requested task this scene supports, with the ground-truth answer."""
+    cfg, objs = scene.config, scene.objects
+    by_shape = {s: [o for o in objs if o.shape == s] for s in cfg.shapes}
+    by_color = {c: [o for o in objs if o.color == c] for c in cfg.colors}
+    unique = [o for o in objs if len(by_shape[o.shape]) == 1]  # objects a shape word picks out
+    unique_color = [o for o in objs if len(by_color[o.color]) == 1]
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    out: list[QA] = []
+    for task in tasks:
+        if task in ("color", "size", "fill", "where") and unique:
+            o = pick(unique)
+            q = {"color": "what color is the {} ?", "size": "what size is the {} ?",
+                 "fill": "what fill is the {} ?", "where": "where is the {} ?"}[task].format(o.shape)
+            a = {"color": o.color, "size": o.size, "fill": o.fill, "where": o.position}[task]
+            out.append(QA(task, q, a))
+        elif task == "shape" and unique_color:
+            o = pick(unique_color)
+            out.append(QA(task, f"what shape is the {o.color} object ?", o.shape))
+        elif task == "at":
+            pos = pick(list(POSITIONS))
+            if objs and rng.random() < 0.75:
+                pos = (o := pick(objs)).row, o.col
+            o = scene.object_at(*pos)
+            out.append(QA(task, f"what is at the {POSITIONS[pos]} ?", o.name if o else "nothing"))
+        elif task == "count":
+            out.append(QA(task, "how many objects are there ?", NUMBER_WORDS[len(objs)]))
+        elif task == "exists":
+            if rng.random() < 0.5:
+                o = pick(objs)
+                color, shape = o.color, o.shape
+            else:
+                color, shape = pick(list(cfg.colors)), pick(list(cfg.shapes))
+                if rng.random() < 0.5:  # near misses: a present colour or a present shape
+                    o = pick(objs)
+                    color, shape = (o.color, shape) if rng.random() < 0.5 else (color, o.shape)
+            ans = "yes" if any(o.color == color and o.shape == shape for o in objs) else "no"
+            out.append(QA(task, f"is there a {color} {shape} ?", ans))
+        elif task == "relation" and len(unique) >= 2:
+            i, j = rng.choice(len(unique), size=2, replace=False)
+            a, b = unique[int(i)], unique[int(j)]
+            rel = pick(list(RELATIONS))
+            out.append(QA(task, f"is the {a.shape} {rel} the {b.shape} ?", "yes" if _holds(rel, a, b) else "no"))
+        elif task == "letter":
+            letters = [o for o in objs if o.shape.startswith("letter")]
+            if len(letters) == 1:
+                out.append(QA(task, "what letter is in the image ?", letters[0].shape.split()[1]))
+        elif task == "caption":
+            out.append(QA(task, "describe the image .", caption(scene)))
+        elif task == "region":
+            m = region_mask(scene, rng)
+            out.append(QA(task, "what is in the highlighted region ?", describe_region(scene, m), highlight=m))
+    return out
+
+
+def vocabulary(config: WorldConfig = WorldConfig()) -> list[str]:
+    """Every word a question or answer of this world can use (the organisms' tokenizer)."""
+    words = set()
+    for q in ("what color is the ?", "what size is the ?", "what fill is the ?", "where is the ?",
+              "what shape is the object ?", "what is at the ?", "how many objects are there ?",
+              "is there a ?", "what letter is in the image ?", "describe the image .",
+              "what is in the highlighted region ?", "yes no nothing and , of at empty background",
+              "what do the highlighted regions have in common ? cannot tell any something in cell the image "
+              "also holds ; a an object objects"):
+        words.update(q.split())
+    for group in (config.colors, config.shapes, SIZES, FILLS, TONES, TEXTURES, PARTS, RELATIONS,
+                  POSITIONS.values(), NUMBER_WORDS):
+        for w in group:
+            words.update(w.split())
+    return sorted(words)
+
+
+def contact_sheet(config: WorldConfig = WorldConfig(), n: int = 8, split: str = "test", seed: int = 0,
+                  scale: int = 4) -> Image.Image:
+    """Scenes with their captions, and a highlighted-region view of each: a picture of the world."""
+    rng = np.random.default_rng(seed)
+    tile = config.image_size * scale
+    sheet = Image.new("RGB", (n * (tile + 8), 2 * (tile + 34) + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        scene = sample_scene(config, i, split, seed)
+        x = i * (tile + 8)
+        sheet.paste(scene.render().resize((tile, tile), Image.NEAREST), (x, 0))
+        for k, line in enumerate(caption(scene).split(" , ")[:2]):
+            draw.text((x + 2, tile + 2 + 11 * k), line, fill="black")
+        (qa,) = scene_questions(scene, rng, ("region",))
+        sheet.paste(scene.render(qa.highlight).resize((tile, tile), Image.NEAREST), (x, tile + 34))
+        draw.text((x + 2, 2 * tile + 36), qa.answer[:40], fill="black")
+    return sheet

@@ -1,0 +1,85 @@
+"""Shapes world v2: determinism, exact ground truth, the open vocabulary, bad input."""
+
+import numpy as np
+import pytest
+
+from interp.shapes import world_v2 as w
+
+
+def test_scenes_are_a_pure_function_of_their_arguments():
+    cfg = w.WorldConfig()
+    a, b = w.sample_scene(cfg, 5, "test", 3), w.sample_scene(cfg, 5, "test", 3)
+    assert np.array_equal(np.asarray(a.render()), np.asarray(b.render()))
+    assert a.to_json() == b.to_json()
+    assert a.to_json() != w.sample_scene(cfg, 5, "val", 3).to_json()
+
+
+def test_patch_coverage_partitions_every_patch():
+    cfg = w.WorldConfig()
+    for i in range(30):
+        s = w.sample_scene(cfg, i)
+        cov = s.patch_coverage()
+        assert set(cov) == set(w.concept_names(cfg))
+        total = cov["object"] + cov["background"]
+        assert np.allclose(total, 1, atol=1e-6)  # objects never overlap: object + background = 1
+        assert np.allclose(cov["part:edge"] + cov["part:interior"], cov["object"])
+        cells = sum(cov[f"cell:{p}"] for p in w.POSITIONS.values())
+        assert np.array_equal(cells, np.ones_like(cells))  # every patch lies in exactly one cell
+        for attr in ("color", "shape", "size", "fill"):
+            by_attr = sum(cov[c] for c in cov if c.startswith(attr + ":"))
+            assert np.allclose(by_attr, cov["object"])
+
+
+def test_large_objects_have_interior_patches_and_glyphs_are_solid():
+    cfg = w.WorldConfig()
+    interiors = []
+    for i in range(200):
+        s = w.sample_scene(cfg, i)
+        for o, frac in zip(s.objects, s.object_patch_fractions()):
+            if o.shape.startswith("letter"):
+                assert o.fill == "solid" and "solid" not in o.name
+            if o.size == "large" and o.shape in ("circle", "square"):
+                interiors.append((frac >= w.INTERIOR).sum())
+    assert min(interiors) >= 1 and np.mean(interiors) >= 4
+
+
+def test_every_answer_word_is_in_the_vocabulary():
+    cfg = w.WorldConfig()
+    vocab = set(w.vocabulary(cfg))
+    rng = np.random.default_rng(0)
+    for i in range(100):
+        for qa in w.scene_questions(w.sample_scene(cfg, i), rng):
+            assert set(qa.question.split()) <= vocab, qa.question
+            assert set(qa.answer.split()) <= vocab, qa.answer
+
+
+def test_region_descriptions_follow_the_ground_truth():
+    cfg = w.WorldConfig()
+    s = next(s for s in (w.sample_scene(cfg, i) for i in range(100)) if len(s.objects) == 1)
+    (obj,), (frac,) = s.objects, s.object_patch_fractions()
+    assert w.describe_region(s, frac > 0.05) == f"{obj.name} at {obj.position}"
+    empty = np.zeros_like(frac)
+    r, c = np.argwhere(frac == 0)[0]
+    empty[r, c] = 1
+    assert w.describe_region(s, empty).startswith(f"empty {s.texture} {s.tone} background at ")
+
+
+def test_relations_are_answered_from_cells():
+    cfg = w.WorldConfig()
+    rng = np.random.default_rng(1)
+    n = 0
+    for i in range(300):
+        s = w.sample_scene(cfg, i)
+        for qa in w.scene_questions(s, rng, ("relation",)):
+            n += 1
+            assert qa.answer in ("yes", "no")
+    assert n > 50
+
+
+def test_bad_config_and_unknown_concepts_say_why():
+    with pytest.raises(w.WorldConfigError, match="one object per cell"):
+        w.WorldConfig(max_objects=5)
+    with pytest.raises(w.WorldConfigError, match="unknown colors"):
+        w.WorldConfig(colors=("red", "teal"))
+    with pytest.raises(w.WorldConfigError, match="known: color:red"):
+        w.check_concepts(["color:teal"])
