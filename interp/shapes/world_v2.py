@@ -316,9 +316,9 @@ def sample_scene(config: WorldConfig, index: int, split: str = "train", seed: in
 # ---------------------------------------------------------------- questions
 
 TASKS = ("color", "shape", "size", "fill", "at", "where", "count", "exists", "relation", "letter",
-         "caption", "region")
+         "caption", "region", "judge")
 SUBJECT_TASKS = TASKS[:10]  # the subject answers questions; the explainer also describes
-EXPLAINER_TASKS = ("region", "caption", "color", "shape", "count", "where")
+EXPLAINER_TASKS = ("region", "caption", "judge", "color", "shape", "count", "where")
 
 
 @dataclass
@@ -448,10 +448,81 @@ def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ..
                 out.append(QA(task, "what letter is in the image ?", letters[0].shape.split()[1]))
         elif task == "caption":
             out.append(QA(task, "describe the image .", caption(scene)))
+        elif task == "judge":
+            phrase = judge_phrase(scene, rng)
+            out.append(QA(task, f"is there {phrase} ?", "yes" if shows(scene, phrase) else "no"))
         elif task == "region":
             m = region_mask(scene, rng)
             out.append(QA(task, "what is in the highlighted region ?", describe_region(scene, m), highlight=m))
     return out
+
+
+def phrase_attributes(phrase: str, config: WorldConfig = WorldConfig()) -> dict[str, str]:
+    """The attributes a phrase of the world's grammar names: {"color": "red", "shape": "letter k", ...}.
+
+    Works on any text: it picks out the world's words ("a small red object", "red circles",
+    "something at top left", "empty dark background")."""
+    text = " " + " ".join(phrase.lower().replace(",", " ").split()) + " "
+    out: dict[str, str] = {}
+    for kind, values in (("color", config.colors), ("size", SIZES), ("fill", FILLS), ("part", PARTS),
+                         ("tone", tuple(TONES)), ("texture", TEXTURES)):
+        for v in values:
+            if f" {v} " in text:
+                out[kind] = v
+    for s in sorted(config.shapes, key=len, reverse=True):
+        if f" {s} " in text or f" {s}s " in text or (s.startswith("letter") and f" the {s} " in text):
+            out["shape"] = s
+            break
+    for p in sorted(POSITIONS.values(), key=len, reverse=True):
+        if f" {p} " in text:
+            out["cell"] = p
+            break
+    if " empty " in text or " background " in text:
+        out["background"] = "yes"
+    return out
+
+
+def shows(scene: Scene, phrase: str) -> bool:
+    """Ground truth: does the scene show what the phrase describes (all its attributes on one thing)?"""
+    attrs = phrase_attributes(phrase, scene.config)
+    if not attrs:
+        return False
+    if "background" in attrs:
+        if attrs.get("tone", scene.tone) != scene.tone or attrs.get("texture", scene.texture) != scene.texture:
+            return False
+        cells = [(r, c) for (r, c), p in POSITIONS.items() if attrs.get("cell", p) == p]
+        return any(scene.object_at(r, c) is None for r, c in cells)
+    for o in scene.objects:
+        if all(getattr(o, k) == v if k in ("color", "shape", "size", "fill") else
+               (o.position == v if k == "cell" else True) for k, v in attrs.items()):
+            return True
+    return False
+
+
+def judge_phrase(scene: Scene, rng: np.random.Generator) -> str:
+    """A phrase of the explanation grammar, about half of them true of the scene."""
+    cfg = scene.config
+    kind = rng.random()
+    if kind < 0.2:
+        tone = str(rng.choice(list(TONES))) if rng.random() < 0.5 else scene.tone
+        cell = f" at {rng.choice(list(POSITIONS.values()))}" if rng.random() < 0.5 else ""
+        return f"empty {tone} background{cell}"
+    if scene.objects and rng.random() < 0.5:
+        o = scene.objects[int(rng.integers(len(scene.objects)))]
+        attrs = {"size": o.size, "fill": o.fill, "color": o.color, "shape": o.shape, "cell": o.position}
+    else:
+        attrs = {"size": str(rng.choice(SIZES)), "fill": str(rng.choice(FILLS)), "color": str(rng.choice(cfg.colors)),
+                 "shape": str(rng.choice(cfg.shapes)), "cell": str(rng.choice(list(POSITIONS.values())))}
+    keys = [k for k in attrs if rng.random() < 0.4] or [str(rng.choice(list(attrs)))]
+    if attrs["shape"].startswith("letter") and "fill" in keys:
+        keys.remove("fill")
+        keys = keys or ["shape"]
+    words = [attrs[k] for k in ("size", "fill", "color") if k in keys]
+    noun = attrs["shape"] if "shape" in keys else ("object" if words else "something")
+    cell = f" at {attrs['cell']}" if "cell" in keys else ""
+    article = "an" if (words or [noun])[0][0] in "aeiou" else "a"
+    lead = "" if noun == "something" and not words else f"{article} "
+    return f"{lead}{' '.join(words + [noun])}{cell}".strip()
 
 
 def vocabulary(config: WorldConfig = WorldConfig()) -> list[str]:
