@@ -131,7 +131,7 @@ class PatchFeatures:
 def patch_features(sae, rows: torch.Tensor, tokens: np.ndarray, k: int = 8) -> PatchFeatures:
     """Top-k features of each image-patch row, encoded in chunks so d_sae can be large."""
     from explain.feature_reader import chunk_rows_for
-    from interp.token_map import ROLE
+    from interp.model.token_map import ROLE
 
     keep = tokens["role"] == ROLE["image_patch"]
     x, tokens = rows[torch.from_numpy(keep)], tokens[keep]
@@ -161,9 +161,9 @@ def cached_rows(reader, image: int) -> tuple[torch.Tensor, np.ndarray]:
 
 def model_rows(lm, cache_meta: dict, image, prompt: str, engine: str = "nnsight") -> tuple[torch.Tensor, np.ndarray]:
     """(activation rows, token table rows) of a new image and prompt at the cache's layer, computed
-    exactly as `interp cache` does (interp.cache.CacheWriter: interp.inputs, hooks.capture, token_map)."""
-    from interp.cache import CacheConfig, CacheWriter
-    from interp.data import Sample
+    exactly as `interp cache` does (interp.cache.CacheWriter: interp.model.inputs, hooks.capture, token_map)."""
+    from interp.cache.writer import CacheConfig, CacheWriter
+    from interp.cache.data import Sample
 
     cfg = CacheConfig(model=cache_meta.get("model", lm.name), layer=cache_meta["layer"],
                       site=cache_meta.get("site", "resid"), prompt_template="{image}{text}",

@@ -45,7 +45,7 @@ def _h5_format(path: Path) -> str | None:
 
 
 def _is_cache(p: Path) -> bool:
-    from interp.cache_format import FORMAT
+    from interp.cache.format import FORMAT
 
     return p.is_file() and _h5_format(p) == FORMAT
 
@@ -193,7 +193,7 @@ class RunDir:
     def cache_meta(self) -> dict[str, Any]:
         if self.cache is None:
             return {}
-        from interp.reader import ActivationReader
+        from interp.cache.reader import ActivationReader
 
         with ActivationReader(self.cache) as r:
             return dict(r.meta)

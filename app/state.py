@@ -102,7 +102,7 @@ def sae(run: RunDir):
 
 @st.cache_resource(show_spinner="Opening the activation cache …", max_entries=4)
 def _reader(path: str, _mtime: int):
-    from interp.reader import ActivationReader
+    from interp.cache.reader import ActivationReader
 
     return ActivationReader(path)
 
@@ -174,7 +174,7 @@ def recovery_by_latent(run: RunDir) -> dict[int, list[dict]]:
 
 @st.cache_resource(show_spinner="Loading the model (once) …", max_entries=2)
 def model(name: str):
-    from interp.models import load_model
+    from interp.model.models import load_model
 
     return load_model(name, device="cpu")
 
@@ -192,7 +192,7 @@ def unit_decoder(run: RunDir):
 
 @st.cache_resource(show_spinner="Labelling cached tokens with the shapes world's ground truth …", max_entries=2)
 def _ground_truth(path: str, _mtime: int):
-    from interp.ground_truth import token_concepts
+    from interp.shapes.ground_truth import token_concepts
 
     try:
         return token_concepts(_reader(path, _mtime), with_object=False)

@@ -39,7 +39,7 @@ def open_sources(run: RunDir):
     """The run's FeatureSources, or None after an error box (missing stage or mismatched files)."""
     from app.state import sources
     from explain.feature_reader import FeatureFileError
-    from interp.reader import CacheError
+    from interp.cache.reader import CacheError
 
     if not need(run, "features", "cache", "sae"):
         return None

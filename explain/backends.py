@@ -100,7 +100,7 @@ class HFBackend:
     queried through its processor's chat template and `generate`, batched with left padding."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", batch_size: int = 32):
-        from interp.models import load_model
+        from interp.model.models import load_model
 
         self.loaded = load_model(model, device=device, dtype=dtype)
         if not self.loaded.is_multimodal:

@@ -84,7 +84,7 @@ def _open_sources(args):
 
 
 def _device(device: str) -> str:
-    from interp.models import resolve_device
+    from interp.model.models import resolve_device
 
     return str(resolve_device(device))
 
@@ -116,7 +116,7 @@ def _warn_vocabulary(explainer, cache_meta: dict) -> None:
 def run_explain(args) -> int:
     from explain.explainers import make_explainer
     from explain.store import FeatureStore
-    from interp.run import write_run_info
+    from interp.infra.runinfo import write_run_info
 
     t_start = time.time()
     run_dir, sources = _open_sources(args)
@@ -226,7 +226,7 @@ def run_score(args) -> int:
     from explain.explainers import make_explainer
     from explain.scoring import MaskFolder, ScoreConfig, summarize
     from explain.store import FeatureStore
-    from interp.run import write_run_info
+    from interp.infra.runinfo import write_run_info
 
     t_start = time.time()
     run_dir, sources = _open_sources(args)

@@ -109,7 +109,7 @@ def _round_robin(lists: list[list[Picked]], n: int) -> list[Picked]:
 
 def load_marked(sources: FeatureSources, feature: int, picked: list[Picked]) -> list[MarkedExample]:
     """The images behind `picked` with the feature's per-token activations (re-encoded from the cache)."""
-    from interp.data import load_image
+    from interp.cache.data import load_image
 
     vmax = sources.stats.stats(feature).max
     out = []

@@ -27,7 +27,7 @@ from explain.examples import MarkedExample
 from explain.prompts import (CANNOT_TELL, EXPLAIN_PROMPT, JUDGE_PROMPT, ORIGINALS_NOTE, REGION_QUESTION,
                              GarbageAnswer, aggregate_regions, judge_questions, one_line, world_terms, yes_no)
 from explain.render import render_feature
-from interp.world import WorldConfig
+from interp.shapes.world import WorldConfig
 
 PROTOCOLS = ("auto", "world", "generic")
 
@@ -209,7 +209,7 @@ class ExplainerConfig:
 
 def speaks_world(model: str) -> bool:
     """Whether a model is a shapes organism (a shipped name, or a directory trained on the world)."""
-    from interp.organisms import is_organism
+    from interp.shapes.organisms import is_organism
 
     if not model:
         return False

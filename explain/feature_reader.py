@@ -46,7 +46,7 @@ def sae_fingerprint(sae_dir: str | Path) -> str:
 
 def cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
     """The attributes that identify an activation cache (its settings, data, size and creation time)."""
-    from interp.cache_format import IDENTITY_ATTRS
+    from interp.cache.format import IDENTITY_ATTRS
 
     keys = (*IDENTITY_ATTRS, "data_fingerprint", "n_rows", "n_samples", "created")
     return {k: meta.get(k) for k in keys}
@@ -72,7 +72,7 @@ class Example:
 
     image: int
     sample: int  # the data source's sample number
-    image_ref: str  # interp.data.load_image(image_ref) gives the original image back
+    image_ref: str  # interp.cache.data.load_image(image_ref) gives the original image back
     value: float  # the ranking value (the image's max or mean token activation)
     max: float
     mean: float
@@ -226,7 +226,7 @@ class FeatureSources:
     activations of any example image by re-encoding that image's rows."""
 
     stats: FeatureStats
-    reader: Any  # interp.reader.ActivationReader
+    reader: Any  # interp.cache.reader.ActivationReader
     sae: Any  # saes.sae.SAE
     max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
@@ -234,7 +234,7 @@ class FeatureSources:
     def open(cls, features: str | Path, cache: str | Path | None = None, sae: str | Path | None = None,
              device: str = "cpu") -> FeatureSources:
         """`cache` and `sae` default to the paths recorded in the features file."""
-        from interp.reader import ActivationReader
+        from interp.cache.reader import ActivationReader
         from saes.sae import SAE
 
         with ExitStack() as opened:  # closes what was opened if a check fails
@@ -261,7 +261,7 @@ class FeatureSources:
     def token_activations(self, feature: int, image: int) -> tuple[np.ndarray, np.ndarray]:
         """(token table rows, activations) of `feature` on the image-patch tokens of `image`
         (a position in the samples table), re-encoded in chunks of bounded size."""
-        from interp.token_map import ROLE
+        from interp.model.token_map import ROLE
 
         f = self.stats.check_feature(feature)
         if not 0 <= image < len(self.stats.samples):

@@ -186,7 +186,7 @@ class _Accumulator:
     def add(self, start: int, acts: torch.Tensor, roles: torch.Tensor) -> None:
         """acts [c, d] of rows [start, start + c); roles [c] their token role codes. Past finding the
         active entries, everything costs O(active entries) or O(images in the chunk * d)."""
-        from interp.token_map import ROLE
+        from interp.model.token_map import ROLE
 
         rows, feats = (acts > 0).nonzero().T
         vals = acts[rows, feats]
@@ -249,9 +249,9 @@ def compute_features(cache: str | Path, sae_dir: str | Path, out: str | Path,
     """Stream the cache through the SAE and write features.h5 at `out` (via a temp file and rename)."""
     from tqdm import tqdm
 
-    from interp.reader import ActivationReader
-    from interp.run import versions
-    from interp.token_map import ROLE
+    from interp.cache.reader import ActivationReader
+    from interp.infra.runinfo import versions
+    from interp.model.token_map import ROLE
     from saes.sae import SAE
 
     cfg = cfg or FeaturesConfig()

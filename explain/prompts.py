@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from interp.world import WorldConfig
+from interp.shapes.world import WorldConfig
 
 CANNOT_TELL = "cannot tell"
 NOTHING = "nothing"

@@ -8,7 +8,7 @@ cache) so that brighter means more active from one example to the next.
 
 Views (PIL images, for the app and for explainer prompts): the original, the coloured heatmap,
 the heatmap blended over the image, the image dimmed outside the active tokens (as the
-explainer's marked views, interp.world.dim_outside), and a crop around the active tokens.
+explainer's marked views, interp.shapes.world.dim_outside), and a crop around the active tokens.
 Images smaller than `display_size` are upscaled with nearest-neighbour so patches stay crisp.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from explain.feature_reader import FeatureSources
-from interp.world import dim_outside
+from interp.shapes.world import dim_outside
 
 MODES = ("nearest", "bilinear")
 VIEWS = ("original", "heatmap", "overlay", "masked", "crop")
@@ -143,7 +143,7 @@ def render_feature(image: Image.Image, tokens: np.ndarray, acts: np.ndarray, *, 
 def render_example(sources: FeatureSources, feature: int, image: int, **kwargs) -> FeatureView:
     """`render_feature` for one image of the cache (a row of its samples table), with the colour
     scale at the feature's max over the cache unless `vmax` is given."""
-    from interp.data import load_image
+    from interp.cache.data import load_image
 
     tokens, acts = sources.token_activations(feature, image)
     kwargs.setdefault("vmax", sources.stats.stats(feature).max)

@@ -10,7 +10,7 @@
   ground-truth mask of its concept, pooled over the held-out activating images (sum of
   intersections over sum of unions): pixel masks from the shapes world's objects, or PNG masks
   a user supplies per sample; for a single shapes-world concept also at token resolution
-  (a token is in the concept where it covers > 5% of the token's box, interp.ground_truth),
+  (a token is in the concept where it covers > 5% of the token's box, interp.shapes.ground_truth),
   which a patch-level feature can reach 1.0 on.
 - Concept accuracy: for a latent that ground-truth recovery (saes.recovery.recover_concepts)
   matches to a concept with F1 >= f1_min, whether the explanation names that concept.
@@ -28,7 +28,7 @@ from PIL import Image
 from explain.examples import MarkedExample
 from explain.prompts import WorldTerms, names_concept, world_terms
 from explain.render import activation_map
-from interp.world import WorldConfig
+from interp.shapes.world import WorldConfig
 from saes.recovery import auroc
 
 
@@ -89,7 +89,7 @@ def feature_mask(ex: MarkedExample, threshold: float = 0.0) -> np.ndarray:
 def world_mask(image_ref: str, terms: WorldTerms, world: WorldConfig = WorldConfig()) -> np.ndarray | None:
     """[H, W] bool: the objects a world explanation or concept describes (all named colours x shapes);
     None for an image that is not from the shapes world."""
-    from interp.ground_truth import parse_shapes_ref, scene_of
+    from interp.shapes.ground_truth import parse_shapes_ref, scene_of
 
     if parse_shapes_ref(image_ref) is None:
         return None
@@ -105,7 +105,7 @@ def world_token_labels(image_ref: str, tokens: np.ndarray, concept: str, world: 
                        threshold: float = 0.05) -> np.ndarray:
     """Per token: the concept covers more than `threshold` of its box (as saes.recovery labels tokens)."""
     from explain.render import token_boxes
-    from interp.ground_truth import box_coverage, scene_of
+    from interp.shapes.ground_truth import box_coverage, scene_of
 
     return box_coverage(scene_of(image_ref, world), token_boxes(tokens), (concept,))[:, 0] > threshold
 

@@ -16,7 +16,7 @@ import sys
 # to load, which replaces the CPU torch with a CUDA build: no package index while we run.
 os.environ.setdefault("PIP_NO_INDEX", "1")
 
-STAGES = ["interp.world", "interp.organisms.cli", "interp.layers", "interp.cache", "interp.cache_bench", "saes.cli", "saes.evaluate", "saes.recovery", "explain.features", "explain.cli", "steering.cli", "app.cli", "interp.benchmark", "interp.demo"]
+STAGES = ["interp.shapes.world", "interp.shapes.organisms.cli", "interp.model.layers", "interp.cache.writer", "interp.cache.bench", "saes.cli", "saes.evaluate", "saes.recovery", "explain.features", "explain.cli", "steering.cli", "app.cli", "interp.pipeline.benchmark", "interp.pipeline.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

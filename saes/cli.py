@@ -4,7 +4,7 @@
 
 Re-running the same command resumes from the checkpoint in --out. Under torchrun
 (`torchrun --nproc_per_node N -m interp.cli train ...`) it trains data-parallel.
-`--cache` is read with `interp.reader.ActivationReader`; a `.safetensors` file with one
+`--cache` is read with `interp.cache.reader.ActivationReader`; a `.safetensors` file with one
 [rows, d] tensor (key `activations`, or its only tensor) is read into memory instead.
 """
 
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def open_source(path: str):
-    """The BatchSource for --cache: an in-memory .safetensors tensor, else interp.reader.ActivationReader."""
+    """The BatchSource for --cache: an in-memory .safetensors tensor, else interp.cache.reader.ActivationReader."""
     from pathlib import Path
 
     p = Path(path)
@@ -75,7 +75,7 @@ def open_source(path: str):
         if len(tensors) != 1:
             raise ValueError(f"{path}: expected a tensor named 'activations' or a single tensor, got {sorted(tensors)}")
         return TensorSource(next(iter(tensors.values())))
-    from interp.reader import ActivationReader  # the cache stage's reader (a BatchSource)
+    from interp.cache.reader import ActivationReader  # the cache stage's reader (a BatchSource)
 
     return ActivationReader(path)
 

@@ -2,7 +2,7 @@
 
 `batches()` is an endless stream (epoch after epoch, each shuffled by (seed, epoch)) whose batch
 b depends only on (seed, b), so a resumed run reads exactly the batches an uninterrupted one
-would; `interp.reader.ActivationReader` and `TensorSource` work this way. The trainer's global
+would; `interp.cache.reader.ActivationReader` and `TensorSource` work this way. The trainer's global
 batch g is the stream's batch g. Sources may also take `rank` and `world_size` (yield only
 batches b >= start_batch with b % world_size == rank): each data-parallel rank then reads only
 its own share. A source whose stream ends after one epoch still works (see

@@ -57,9 +57,9 @@ def reconstruction_metrics(sae, reader, chunk_rows: int = 16384, max_rows: int |
 def _eval_samples(reader, n: int):
     """The first `n` cached samples re-loaded, the prompt template to render them with, and on the
     shapes world the ground-truth captions as answers (else None)."""
-    from interp.data import Sample, load_image
-    from interp.ground_truth import parse_shapes_ref, scene_of
-    from interp.world import caption
+    from interp.cache.data import Sample, load_image
+    from interp.shapes.ground_truth import parse_shapes_ref, scene_of
+    from interp.shapes.world import caption
 
     template = reader.meta["prompt_template"]
     samples, answers = [], []
@@ -76,10 +76,10 @@ def _eval_samples(reader, n: int):
 @torch.no_grad()
 def spliced_metrics(sae, reader, lm=None, n_samples: int = 64, batch_size: int = 16) -> dict:
     """CE and KL with the SAE spliced in at the cached layer, on the cached roles."""
-    from interp.hooks import patch_output
-    from interp.inputs import model_inputs, prompts
-    from interp.models import load_model
-    from interp.token_map import ROLES, token_table
+    from interp.model.hooks import patch_output
+    from interp.model.inputs import model_inputs, prompts
+    from interp.model.models import load_model
+    from interp.model.token_map import ROLES, token_table
 
     meta = reader.meta
     lm = lm or load_model(meta["model"], revision=meta.get("revision") or None)
@@ -136,7 +136,7 @@ def _reconstruct(sae):
 
 
 def splice_at(mask: Callable[[], torch.Tensor | None], value_fn: Callable[[torch.Tensor], torch.Tensor]):
-    """A layer-output edit (for interp.hooks.patch_output) that replaces the positions of `mask()` by
+    """A layer-output edit (for interp.model.hooks.patch_output) that replaces the positions of `mask()` by
     value_fn(them). Calls whose [batch, seq] differs from the mask's (later generation steps) pass through."""
 
     def edit(out: torch.Tensor) -> torch.Tensor:
@@ -158,7 +158,7 @@ def _logits(lm, inputs) -> torch.Tensor:
 
 def _loss_positions(lm, inputs, ids, table, answers) -> torch.Tensor:
     """[B, T] bool: the tokens whose prediction is scored (the answers, else text after the image)."""
-    from interp.token_map import ROLES
+    from interp.model.token_map import ROLES
 
     mask = inputs.get("attention_mask", torch.ones_like(ids)).bool().cpu()
     target = torch.zeros(ids.shape, dtype=torch.bool)
@@ -181,15 +181,15 @@ def _loss_positions(lm, inputs, ids, table, answers) -> torch.Tensor:
 @torch.no_grad()
 def vqa_with_sae(sae, reader, lm=None, n: int = 100) -> dict | None:
     """Organism VQA accuracy per task, clean and with the SAE spliced into the image tokens."""
-    from interp.hooks import patch_output
-    from interp.organisms import ORGANISMS
-    from interp.organisms.build import SPECS
-    from interp.organisms.eval import evaluate
+    from interp.model.hooks import patch_output
+    from interp.shapes.organisms import ORGANISMS
+    from interp.shapes.organisms.build import SPECS
+    from interp.shapes.organisms.eval import evaluate
 
     meta = reader.meta
     if meta["model"] not in ORGANISMS or "image_patch" not in meta["roles"]:
         return None
-    from interp.models import load_model
+    from interp.model.models import load_model
 
     lm = lm or load_model(meta["model"])
     tasks = tuple(t for t in SPECS[ORGANISMS[meta["model"]]].tasks if t != "region")
@@ -212,8 +212,8 @@ def vqa_with_sae(sae, reader, lm=None, n: int = 100) -> dict | None:
 
 def evaluate_sae(sae_dir: str | Path, cache: str | Path, out: str | Path | None = None, n_samples: int = 64,
                  vqa_n: int = 100, max_rows: int | None = None) -> dict:
-    from interp.reader import ActivationReader
-    from interp.run import write_run_info
+    from interp.cache.reader import ActivationReader
+    from interp.infra.runinfo import write_run_info
     from saes.sae import SAE
 
     sae = SAE.load(sae_dir)

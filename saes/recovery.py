@@ -77,7 +77,7 @@ def best_threshold_f1(scores: np.ndarray, labels: np.ndarray) -> float:
 def recover_concepts(sae, reader, chunk_rows: int = 32768, threshold: float = 0.05,
                      candidates: int = 8) -> list[ConceptMatch]:
     """Best latent per concept of the shapes world, over the image tokens of `reader`'s cache."""
-    from interp.ground_truth import token_concepts
+    from interp.shapes.ground_truth import token_concepts
 
     gt = token_concepts(reader, with_object=False)
     labels = gt.labels(threshold)  # [rows, concepts]
@@ -150,7 +150,7 @@ def register(sub) -> None:
 
 
 def _cli(args) -> int:
-    from interp.reader import ActivationReader
+    from interp.cache.reader import ActivationReader
     from saes.sae import SAE
 
     sae = SAE.load(args.sae)

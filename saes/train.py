@@ -195,7 +195,7 @@ class Trainer:
             raise ValueError(f"the activation source has {n_rows} rows, fewer than one batch of {rows}")
 
     def _resume(self) -> bool:
-        from interp.checkpoint import find_checkpoint, load_checkpoint
+        from interp.infra.checkpoint import find_checkpoint, load_checkpoint
 
         found = find_checkpoint(self.ckpt_dir) if self.ckpt_dir is not None else None
         if not found:
@@ -295,7 +295,7 @@ class Trainer:
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         writer = self.rank == 0 and self.out is not None
         if writer:
-            from interp.run import write_run_info
+            from interp.infra.runinfo import write_run_info
 
             self.out.mkdir(parents=True, exist_ok=True)
             write_run_info(self.out, {"command": "saes.train", "run": self.run_meta, "resumed_at": self.step,
@@ -429,7 +429,7 @@ class Trainer:
                 "lr": self.opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 3), "step_s": round(step_s, 4)}
 
     def save_checkpoint(self) -> None:
-        from interp.checkpoint import save_checkpoint
+        from interp.infra.checkpoint import save_checkpoint
 
         state = {k: v.detach().cpu() for k, v in self.sae.state_dict().items()}
         state["trainer.steps_since_fired"] = self.steps_since_fired.cpu()

@@ -107,7 +107,7 @@ def attribute(setup: SteerSetup, batch: PromptBatch, answers: Sequence[int | Non
     fixes the linear estimate where it is worst: a latent that dominates its residual row,
     along which normalisation layers are flat, gets a near-zero or negative gradient even
     though ablating it changes everything."""
-    from interp.hooks import patch_output
+    from interp.model.hooks import patch_output
 
     if positions not in batch.masks:
         raise InterventionError(f"attribution positions must be one of {', '.join(batch.masks)}, not {positions!r}")
@@ -172,7 +172,7 @@ def ablation_effects(setup: SteerSetup, batch: PromptBatch, sample: int, attribu
 
     Per feature over all its positions, or (per_position) each active (position, latent) alone.
     The prediction is -score, summed the same way."""
-    from interp.hooks import patch_output
+    from interp.model.hooks import patch_output
 
     lm, sae = setup.lm, setup.sae
     if per_position:

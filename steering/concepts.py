@@ -34,7 +34,7 @@ def _recover(sae_dir: str | Path, cache: str | Path | None) -> list[dict]:
 
     import torch
 
-    from interp.reader import ActivationReader
+    from interp.cache.reader import ActivationReader
     from saes.recovery import recover_concepts
     from saes.sae import SAE
 

@@ -140,7 +140,7 @@ def sae_hook(lm, sae, layer: int | str | None = None):
 
     `layer` (optional) must name the same site as the SAE's own hook: steering an SAE at a
     layer it was not trained on would decode its features into the wrong basis."""
-    from interp.layers import UnknownLayerError, resolve_layer
+    from interp.model.layers import UnknownLayerError, resolve_layer
 
     own = sae.cfg.hook_name or (sae.cfg.metadata or {}).get("cache_layer")
     if own is None and layer is None:

@@ -26,8 +26,8 @@ from steering.interventions import (FeatureEdit, Intervention, InterventionError
 if TYPE_CHECKING:
     from PIL import Image
 
-    from interp.layers import HookPoint
-    from interp.models import LoadedModel
+    from interp.model.layers import HookPoint
+    from interp.model.models import LoadedModel
     from saes.sae import SAE
 
 ENGINES = ("nnsight", "torch")
@@ -54,7 +54,7 @@ def load_setup(sae_dir: str | Path, model: str | None = None, features: str | Pa
     """Load the SAE, its model (default: the one it was trained on) and the max activations.
 
     `interventions` are checked against the SAE before the model loads, so bad ones fail fast."""
-    from interp.models import load_model
+    from interp.model.models import load_model
     from saes.sae import SAE
 
     sae = SAE.load(sae_dir, device=device).eval()
@@ -109,7 +109,7 @@ class Query:
 
     @classmethod
     def load(cls, prompt: str, image: str | None) -> Query:
-        from interp.data import load_image
+        from interp.cache.data import load_image
 
         if image is None:
             return cls(prompt)
@@ -124,7 +124,7 @@ class PromptBatch:
     queries: list[Query]
     inputs: dict
     masks: dict[str, torch.Tensor]
-    table: np.ndarray = field(repr=False)  # interp.token_map token table, sample-major
+    table: np.ndarray = field(repr=False)  # interp.model.token_map token table, sample-major
 
     @property
     def length(self) -> int:
@@ -136,10 +136,10 @@ class PromptBatch:
 
 
 def prepare(lm: LoadedModel, queries: Sequence[Query]) -> PromptBatch:
-    """Tokenise queries the way every stage does (interp.inputs) and mark their image/text tokens."""
-    from interp.data import Sample
-    from interp.inputs import model_inputs, prompts
-    from interp.token_map import ROLE, token_table
+    """Tokenise queries the way every stage does (interp.model.inputs) and mark their image/text tokens."""
+    from interp.cache.data import Sample
+    from interp.model.inputs import model_inputs, prompts
+    from interp.model.token_map import ROLE, token_table
 
     queries = list(queries)
     has_image = [q.image is not None for q in queries]
@@ -191,7 +191,7 @@ def generate(setup: SteerSetup, batch: PromptBatch, interventions: Sequence[Inte
 
 
 def _generate_hooked(lm, module_path: str, edit: FeatureEdit, inputs: dict, kwargs: dict):
-    from interp.hooks import patch_output
+    from interp.model.hooks import patch_output
 
     steps = iter(range(1 << 30))
     with patch_output(lm.model, module_path, lambda o: edit(o, next(steps))):
@@ -199,7 +199,7 @@ def _generate_hooked(lm, module_path: str, edit: FeatureEdit, inputs: dict, kwar
 
 
 def _generate_nnsight(lm, module_path: str, edit: FeatureEdit, inputs: dict, kwargs: dict):
-    from interp.hooks import nnsight_model
+    from interp.model.hooks import nnsight_model
 
     wrapped = nnsight_model(lm.model)
     box = {}

@@ -72,7 +72,7 @@ def _check_keys(d: Any, cls: type, where: str) -> dict:
 
 @dataclass(frozen=True)
 class WorldItems:
-    """Held-out shapes-world questions of one task (interp.organisms.eval.world_items)."""
+    """Held-out shapes-world questions of one task (interp.shapes.organisms.eval.world_items)."""
 
     task: str = "color"
     n: int = 100
@@ -80,7 +80,7 @@ class WorldItems:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from interp.world import SPLITS
+        from interp.shapes.world import SPLITS
 
         if self.task not in WORLD_TASKS:
             raise SpecError(f"unknown world task {self.task!r}; use one of {', '.join(WORLD_TASKS)}")
@@ -227,10 +227,10 @@ class Condition:
 
 
 def items_for(spec: SweepSpec) -> list[Item]:
-    from interp.data import load_image
+    from interp.cache.data import load_image
 
     if spec.world is not None:
-        from interp.organisms.eval import world_items
+        from interp.shapes.organisms.eval import world_items
 
         w = spec.world
         out = []
@@ -276,7 +276,7 @@ def answer_set(spec: SweepSpec) -> set[str] | None:
         return set(spec.answer_set)
     if spec.world is None:
         return None
-    from interp.world import NUMBER_WORDS, POSITION_WORDS, WorldConfig
+    from interp.shapes.world import NUMBER_WORDS, POSITION_WORDS, WorldConfig
 
     w = WorldConfig()
     return {"color": set(w.colors), "shape": set(w.shapes), "where": set(POSITION_WORDS.values()),
@@ -288,7 +288,7 @@ def coherent(output: str, answers: set[str] | None, task: str | None) -> bool | 
     if answers is not None:
         return output in answers
     if task == "caption":  # free text: every word must be a word of the world
-        from interp.world import vocabulary
+        from interp.shapes.world import vocabulary
 
         words = set(vocabulary())
         return bool(output) and all(w in words for w in output.split())
@@ -372,7 +372,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, setup: SteerSetup | None = None,
     """Run (or finish) the sweep into `out`; returns the per-(feature, strength) metrics and best strengths."""
     from tqdm import tqdm
 
-    from interp.run import write_run_info
+    from interp.infra.runinfo import write_run_info
     from steering.steer import load_setup
 
     out = Path(out)

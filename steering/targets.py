@@ -36,7 +36,7 @@ def shapes_targets(sae_dir: str, features: str, out: str | Path, *, work: str | 
     out = Path(out)
     work = Path(work) if work else out.parent / "steering"
     setup = load_setup(sae_dir, features=features)
-    from interp.world import WorldConfig
+    from interp.shapes.world import WorldConfig
 
     colours = [m for m in concept_matches(sae_dir) if m.concept in WorldConfig().colors]
     base = SweepSpec(sae=str(sae_dir), feature_stats=str(features), mode="clamp", unit="max", positions=positions,
@@ -80,7 +80,7 @@ def shapes_targets(sae_dir: str, features: str, out: str | Path, *, work: str | 
 
 
 def _colour_batches(setup, n: int, batch_size: int, split: str = "test"):
-    from interp.organisms.eval import world_items
+    from interp.shapes.organisms.eval import world_items
     from steering.steer import Query, prepare
 
     items = world_items("color", n, split)
@@ -148,7 +148,7 @@ def attribution_targets(setup, colours, n: int, ig_steps: int, batch_size: int, 
 @torch.no_grad()
 def image_token_reach(setup, n: int, batch_size: int) -> dict:
     """Share of colour answers that change when the layer's image-token rows come from the next image instead."""
-    from interp.hooks import patch_output
+    from interp.model.hooks import patch_output
     from steering.steer import next_token_logits
 
     changed = []

@@ -15,13 +15,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def subject():
-    from interp.organisms import load_organism
+    from interp.shapes.organisms import load_organism
 
     return load_organism("shapes-subject")
 
 
 @pytest.fixture(scope="session")
 def explainer():
-    from interp.organisms import load_organism
+    from interp.shapes.organisms import load_organism
 
     return load_organism("shapes-explainer")

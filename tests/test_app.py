@@ -31,8 +31,8 @@ def make_run(base: Path) -> Path:
         return run
     from explain.cli import register as register_explain
     from explain.features import FeaturesConfig, compute_features
-    from interp.cache import CacheConfig, build_cache
-    from interp.reader import ActivationReader
+    from interp.cache.writer import CacheConfig, build_cache
+    from interp.cache.reader import ActivationReader
     from saes.evaluate import evaluate_sae
     from saes.recovery import recover_concepts, summarize
     from saes.sae import SAE, SAEConfig
@@ -180,7 +180,7 @@ def test_feature_table_queries_are_vectorised_and_fast_for_100k_features():
 
 @pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_vl"])
 def test_logit_effects_rank_tokens_as_the_final_norm_and_unembedding_do(tiny_path, family):
-    from interp.models import load_model
+    from interp.model.models import load_model
 
     lm = load_model(str(tiny_path(family)), device="cpu")
     w_u, scale = analysis.unembedding(lm)
@@ -195,10 +195,10 @@ def test_logit_effects_rank_tokens_as_the_final_norm_and_unembedding_do(tiny_pat
 
 
 def test_nearest_features_concept_scores_and_patches(demo_run):
-    from interp.data import load_image
-    from interp.ground_truth import token_concepts
-    from interp.models import load_model
-    from interp.reader import ActivationReader
+    from interp.cache.data import load_image
+    from interp.shapes.ground_truth import token_concepts
+    from interp.model.models import load_model
+    from interp.cache.reader import ActivationReader
     from saes.sae import SAE
 
     sae = SAE.load(demo_run / "sae" / "sae")
@@ -303,7 +303,7 @@ def test_image_explorer_page(demo_run, monkeypatch):
     at.text_input(key="prompt_cached").set_value("what color is the circle ?").run()  # runs the model
     assert not at.exception and not at.error and len(at.dataframe) == 2
     buf = io.BytesIO()
-    from interp.data import load_image
+    from interp.cache.data import load_image
 
     load_image("shapes:test:5:0").save(buf, format="PNG")
     at.radio(key="source").set_value("upload").run()
@@ -367,7 +367,7 @@ def test_app_command_registers_and_runs_streamlit(tmp_path, monkeypatch):
 def qwen_run(tmp_path_factory, tiny_path) -> Path:
     """A tiny Qwen2-VL run (merged patches, image and text rows) with a cache, an SAE and features only."""
     from explain.features import FeaturesConfig, compute_features
-    from interp.cache import CacheConfig, build_cache
+    from interp.cache.writer import CacheConfig, build_cache
     from saes.sae import SAE, SAEConfig
 
     run = tmp_path_factory.mktemp("qwen-run")

@@ -17,8 +17,8 @@ from interp.cli import main
 def run(tmp_path_factory):
     """A small shapes run: cache (subject layer 2), SAE, features, a second SAE of another width."""
     from explain.features import FeaturesConfig, compute_features
-    from interp.cache import CacheConfig, build_cache
-    from interp.reader import ActivationReader
+    from interp.cache.writer import CacheConfig, build_cache
+    from interp.cache.reader import ActivationReader
     from saes.sae import SAE, SAEConfig
     from saes.train import TrainConfig, train
 

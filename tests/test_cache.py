@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 
-from interp.cache import CacheConfig, CacheMismatchError, CacheWriter, build_cache
-from interp.data import DataError, open_source
-from interp.inputs import model_inputs, prompts
-from interp.hooks import capture
-from interp.layers import UnknownLayerError, resolve_layer
-from interp.reader import ActivationReader
-from interp.token_map import ROLES
+from interp.cache.writer import CacheConfig, CacheMismatchError, CacheWriter, build_cache
+from interp.cache.data import DataError, open_source
+from interp.model.inputs import model_inputs, prompts
+from interp.model.hooks import capture
+from interp.model.layers import UnknownLayerError, resolve_layer
+from interp.cache.reader import ActivationReader
+from interp.model.token_map import ROLES
 
 
 def cfg(model, **kw):
@@ -96,7 +96,7 @@ def test_roles_and_text_models(tiny_path, hooked_transformer, tmp_path):
     assert r.meta["kind"] == "causal-lm" and len(r.samples) == 3 and r.n_rows >= 6
     assert set(r.tokens["role"]) == {ROLES.index("text")}
     # a TransformerLens model built in code, cached through the same path
-    from interp.models import wrap_model
+    from interp.model.models import wrap_model
 
     tl_model, tl_tok = hooked_transformer
     c = CacheConfig(model="tl-tiny", layer="1", data=str(tmp_path / "texts.parquet"), prompt_template="{text}",

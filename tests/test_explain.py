@@ -13,7 +13,7 @@ from explain.prompts import (CANNOT_TELL, GarbageAnswer, WorldTerms, aggregate_r
                              world_terms, yes_no)
 from explain.scoring import MaskFolder, detection_metrics, iou_score
 from explain.store import FeatureStore, StoreError
-from interp.world import WorldConfig, sample_scene
+from interp.shapes.world import WorldConfig, sample_scene
 from saes.recovery import auroc
 from test_render import grid_tokens
 
@@ -142,9 +142,9 @@ def make_planted_run(root, n: int = 160):
     """A shapes-subject cache and an SAE whose latents 0..8 are least-squares probes of the world's nine
     concepts (ReLU at 0.5), 9 and 10 random directions, 11 dead; then its features.h5."""
     from explain.features import FeaturesConfig, compute_features
-    from interp.cache import CacheConfig, build_cache
-    from interp.ground_truth import token_concepts
-    from interp.reader import ActivationReader
+    from interp.cache.writer import CacheConfig, build_cache
+    from interp.shapes.ground_truth import token_concepts
+    from interp.cache.reader import ActivationReader
     from saes.sae import SAE, SAEConfig
 
     cache = build_cache(CacheConfig(model="shapes-subject", layer="2", n=n, batch_size=32, dtype="float32"),

@@ -20,7 +20,7 @@ from explain.examples import MarkedExample
 from explain.explainers import WorldExplainer
 from explain.server import ExplainerServer
 from explain.store import FeatureStore
-from interp.world import WorldConfig, sample_scene
+from interp.shapes.world import WorldConfig, sample_scene
 from test_explain import interp_main, make_planted_run
 from test_render import grid_tokens
 
@@ -277,7 +277,7 @@ def test_transformers_serve_is_a_real_openai_server(local, tmp_path):
 
     if not is_serve_available():
         pytest.skip("transformers serve needs `pip install transformers[serving]` (fastapi, openai)")
-    from interp.organisms import organism_path
+    from interp.shapes.organisms import organism_path
 
     port = free_port()
     path = str(organism_path("shapes-explainer"))

@@ -8,9 +8,9 @@ import torch
 
 from explain.feature_reader import FeatureFileError, FeatureSources, FeatureStats
 from explain.features import FeaturesConfig, compute_features
-from interp.cache import CacheConfig, build_cache
-from interp.reader import ActivationReader
-from interp.token_map import ROLE
+from interp.cache.writer import CacheConfig, build_cache
+from interp.cache.reader import ActivationReader
+from interp.model.token_map import ROLE
 from saes.sae import SAE, SAEConfig
 
 K = 5

@@ -7,8 +7,8 @@ from PIL import Image
 
 from tiny_models import WIDTH
 
-from interp.layers import HookPoint, UnknownLayerError, decoder_layers, list_layers, resolve_layer
-from interp.models import load_model, wrap_model
+from interp.model.layers import HookPoint, UnknownLayerError, decoder_layers, list_layers, resolve_layer
+from interp.model.models import load_model, wrap_model
 
 DECODER = {"idefics3": "model.text_model.layers", "llama": "model.layers"}  # the others: model.language_model.layers
 

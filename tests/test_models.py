@@ -8,8 +8,8 @@ import transformers
 
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-from interp.models import LoadedModel, ModelNotFoundError, load_model, resolve_device, wrap_model
-from interp.organisms import ORGANISMS, organism_path
+from interp.model.models import LoadedModel, ModelNotFoundError, load_model, resolve_device, wrap_model
+from interp.shapes.organisms import ORGANISMS, organism_path
 
 
 def test_every_multimodal_family_loads(multimodal_path):

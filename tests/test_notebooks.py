@@ -41,7 +41,7 @@ def test_notebook_is_stored_clean(name):
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> Path:
     """`interp demo` with small settings: cache, SAE, features, recovery, explanations, layer-0 steering (~30 s)."""
-    from interp.demo import run
+    from interp.pipeline.demo import run
 
     out = tmp_path_factory.mktemp("notebooks") / "run"
     assert run(argparse.Namespace(out=str(out), samples=600, layer="2", d_sae=128, k=4, steps=600, n=20, seed=0)) == 0

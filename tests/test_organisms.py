@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from interp.organisms import ORGANISMS, UnknownOrganismError, organism_path
-from interp.organisms.build import SPECS, build_processor, build_tokenizer
-from interp.organisms.eval import evaluate
-from interp.organisms.train import Batcher, TrainConfig, pixel_tensor, train
-from interp.world import WorldConfig, sample_scene
+from interp.shapes.organisms import ORGANISMS, UnknownOrganismError, organism_path
+from interp.shapes.organisms.build import SPECS, build_processor, build_tokenizer
+from interp.shapes.organisms.eval import evaluate
+from interp.shapes.organisms.train import Batcher, TrainConfig, pixel_tensor, train
+from interp.shapes.world import WorldConfig, sample_scene
 
 # a little under the targets (subject: colour, shape >= 0.95, where, count >= 0.90;
 # explainer: region >= 0.90, colour, shape >= 0.95), measured on 150 held-out questions each

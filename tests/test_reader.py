@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from interp.cache_format import FORMAT, empty_samples
-from interp.reader import ActivationReader, CacheError
+from interp.cache.format import FORMAT, empty_samples
+from interp.cache.reader import ActivationReader, CacheError
 
 
 def write_cache(path, n=5000, d=16, roles=None, bad_rows=()):
-    from interp.token_map import ROLES, TOKEN_DTYPE
+    from interp.model.token_map import ROLES, TOKEN_DTYPE
 
     x = np.arange(n * d, dtype=np.float32).reshape(n, d) / (n * d)
     x[:, 0] = np.arange(n)  # column 0 identifies the row
@@ -60,7 +60,7 @@ def test_ranks_split_the_same_sequence(tmp_path):
 
 
 def test_role_filter_and_sequential(tmp_path):
-    from interp.token_map import ROLES
+    from interp.model.token_map import ROLES
 
     roles = np.where(np.arange(3000) % 3 == 0, ROLES.index("text"), ROLES.index("image_patch"))
     x = write_cache(tmp_path / "c.h5", n=3000, roles=roles)

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from explain.render import activation_map, colorize, render_feature, write_feature_pngs
-from interp.token_map import TOKEN_DTYPE
+from interp.model.token_map import TOKEN_DTYPE
 
 
 def grid_tokens(n: int = 3, cell: float = 16) -> np.ndarray:

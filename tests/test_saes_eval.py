@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from interp.cache import CacheConfig, build_cache
-from interp.ground_truth import box_coverage, token_concepts
-from interp.reader import ActivationReader
-from interp.world import WorldConfig, sample_scene
+from interp.cache.writer import CacheConfig, build_cache
+from interp.shapes.ground_truth import box_coverage, token_concepts
+from interp.cache.reader import ActivationReader
+from interp.shapes.world import WorldConfig, sample_scene
 from saes.evaluate import reconstruction_metrics, spliced_metrics
 from saes.recovery import auroc, best_threshold, best_threshold_f1, recover_concepts, summarize
 from saes.sae import SAE, SAEConfig

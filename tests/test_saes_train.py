@@ -210,8 +210,8 @@ def test_cli_trains_from_a_safetensors_cache(data, tmp_path, capsys):
 
 
 def test_cli_trains_from_an_activation_cache(tiny_path, tmp_path, capsys):
-    """The real path: `interp cache` output read by interp.reader.ActivationReader."""
-    from interp.cache import CacheConfig, build_cache
+    """The real path: `interp cache` output read by interp.cache.reader.ActivationReader."""
+    from interp.cache.writer import CacheConfig, build_cache
     from interp.cli import main
 
     cache = build_cache(CacheConfig(model=str(tiny_path("llava")), layer="0", n=40, batch_size=8, dtype="float32"),
@@ -226,7 +226,7 @@ def test_cli_trains_from_an_activation_cache(tiny_path, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from sae_lens import SAE as SaeLensSAE
-    from interp.reader import ActivationReader
+    from interp.cache.reader import ActivationReader
 
     x = ActivationReader(cache).read(0, 200)
     theirs, ours = SaeLensSAE.load_from_disk(tmp_path / "run" / "sae"), SAE.load(tmp_path / "run" / "sae")

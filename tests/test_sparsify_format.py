@@ -266,8 +266,8 @@ def test_half_precision_weights_keep_their_dtype(sparsify, tmp_path):
 
 
 def test_a_sparsify_sae_finds_its_layer_on_the_subject(sparsify, tmp_path):
-    """model.layers.N is the subject's decoder layer N, as steering resolves it (interp.layers)."""
-    from interp.models import load_model
+    """model.layers.N is the subject's decoder layer N, as steering resolves it (interp.model.layers)."""
+    from interp.model.models import load_model
     from steering.interventions import sae_hook
 
     lm = load_model("shapes-subject", device="cpu")

@@ -27,7 +27,7 @@ def random_sae(d_in: int = 128, d_sae: int = 64, hook: str = LAYER0, seed: int =
 
 @pytest.fixture(scope="module")
 def lm():
-    from interp.models import load_model
+    from interp.model.models import load_model
 
     return load_model("shapes-subject", device="cpu")
 
@@ -46,14 +46,14 @@ def setup(lm, sae_dir):
 
 @pytest.fixture(scope="module")
 def batch(lm):
-    from interp.organisms.eval import world_items
+    from interp.shapes.organisms.eval import world_items
 
     items = world_items("color", 6, split="test")
     return prepare(lm, [Query(qa.question, scene.render(), f"shapes:test:{scene.index}:0") for scene, qa in items])
 
 
 def latent_acts(setup, batch, where: str = "image") -> torch.Tensor:
-    from interp.hooks import capture
+    from interp.model.hooks import capture
 
     x = capture(setup.lm.model, batch.inputs, setup.hook.module_path, engine="torch")
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_attribution_keeps_the_forward_and_predicts_ablations(setup, batch):
 
 def test_integrated_gradients_are_complete(setup, batch):
     """IG scores add up to what ablating every latent at those positions does to the metric."""
-    from interp.hooks import patch_output
+    from interp.model.hooks import patch_output
 
     atts = attribute(setup, batch, steps=16)
     mask = batch.masks["image"]

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 
-from interp.layers import decoder_layers
-from interp.models import load_model
-from interp.token_map import ROLE, ROLES, TOKEN_DTYPE, TokenLayoutError, image_token_id, token_table
+from interp.model.layers import decoder_layers
+from interp.model.models import load_model
+from interp.model.token_map import ROLE, ROLES, TOKEN_DTYPE, TokenLayoutError, image_token_id, token_table
 
 PROMPTS = ["what color is the circle ?", "describe the image ."]
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from interp.world import (
+from interp.shapes.world import (
     NUMBER_WORDS, POSITION_WORDS, TASKS, WorldConfig, WorldConfigError, caption, dim_outside, sample_scene,
     scene_questions, vocabulary,
 )

@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from interp.models import without_video
+from interp.model.models import without_video
 
 # the families every multimodal test runs on; smolvlm is only on demand (its processor needs num2words,
 # and its apply_chat_template needs a video processor, hence torchvision)
@@ -73,7 +73,7 @@ def _vision_kwargs(image_size: int, patch_size: int) -> dict:
 
 def build_llava():
     """LLaVA 1.5 as the shapes organisms are: CLIP vision (48 px, 16 px patches: 3x3 tokens), Llama text."""
-    from interp.organisms.build import OrganismSpec, build_model, build_processor
+    from interp.shapes.organisms.build import OrganismSpec, build_model, build_processor
 
     spec = OrganismSpec("tiny-llava", WIDTH, 1, WIDTH, 2, 2, ())
     return build_model(spec), build_processor()

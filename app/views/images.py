@@ -53,7 +53,7 @@ if source == "cached image":
     image_index = int(pick.number_input(f"Cached image (0 .. {len(samples) - 1})", min_value=0,
                                         max_value=len(samples) - 1, value=0, key="image", bind="query-params"))
     row = samples[image_index]
-    from interp.data import load_image
+    from interp.cache.data import load_image
 
     image = load_image(_text(row["image_ref"]))
     cached_prompt = _text(row["prompt"])

@@ -51,7 +51,7 @@ image, ref, default_prompt = None, "", "describe the image ."
 if multimodal:
     source = st.radio("Image", ["cached image", "upload"], horizontal=True, key="steer_source")
     if source == "cached image" and reader is not None and len(reader.samples):
-        from interp.data import load_image
+        from interp.cache.data import load_image
 
         i = int(st.number_input(f"Cached image (0 .. {len(reader.samples) - 1})", 0, len(reader.samples) - 1, 0,
                                 key="steer_image"))

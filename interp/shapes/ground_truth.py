@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interp.world import WorldConfig, sample_scene
+from interp.shapes.world import WorldConfig, sample_scene
 
 
 @dataclass

@@ -29,9 +29,9 @@ def _time(fn, repeat: int = 1) -> float:
 
 def bench_cache(model: str = "shapes-subject", layer: str = "2", samples: int = 2048, batch_size: int = 32,
                 engine: str = "nnsight", repeat: int = 2) -> dict:
-    from interp.cache import CacheConfig, CacheWriter, build_cache
-    from interp.data import open_source
-    from interp.inputs import model_inputs, prompts
+    from interp.cache.writer import CacheConfig, CacheWriter, build_cache
+    from interp.cache.data import open_source
+    from interp.model.inputs import model_inputs, prompts
 
     cfg = CacheConfig(model=model, layer=layer, n=samples, batch_size=batch_size, part_samples=256, engine=engine)
     writer = CacheWriter(cfg)
@@ -58,7 +58,7 @@ def bench_cache(model: str = "shapes-subject", layer: str = "2", samples: int = 
 def bench_reader(cache_path: str | Path, batch_size: int = 4096, batches: int = 30, d_sae_mult: int = 8,
                  k: int = 32) -> dict:
     """Reader rows/s against the trainer's rows/s on the same cache."""
-    from interp.reader import ActivationReader
+    from interp.cache.reader import ActivationReader
     from saes.sae import SAEConfig
     from saes.train import TrainConfig, train_steps_per_second
 
@@ -91,7 +91,7 @@ def register_bench(bench_sub) -> None:
 
 
 def _cli(args) -> int:
-    from interp.cache import CacheConfig, build_cache
+    from interp.cache.writer import CacheConfig, build_cache
 
     engines = ("nnsight", "torch") if args.engine == "both" else (args.engine,)
     out = {"cache": {e: bench_cache(args.model, args.layer, args.samples, args.batch_size, e) for e in engines}}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from interp.models import LoadedModel
+from interp.model.models import LoadedModel
 
 SITES = ("resid", "attn", "mlp")
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -126,7 +126,7 @@ def register(sub) -> None:
 
 
 def _cli(args) -> int:
-    from interp.models import load_model
+    from interp.model.models import load_model
 
     lm = load_model(args.model, device=args.device)
     print(f"{lm.name} ({lm.family}, {lm.kind}): {len(decoder_layers(lm))} decoder layers")

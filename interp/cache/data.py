@@ -59,7 +59,7 @@ class ShapesSource:
     """Scenes 0..n-1 of a shapes-world split; ref `shapes:SPLIT:INDEX:SEED`."""
 
     def __init__(self, n: int = 2000, split: str = "train", seed: int = 0, world=None):
-        from interp.world import WorldConfig
+        from interp.shapes.world import WorldConfig
 
         self.n, self.split, self.seed = n, split, seed
         self.world = world or WorldConfig()
@@ -68,7 +68,7 @@ class ShapesSource:
         return self.n
 
     def __getitem__(self, i: int) -> Sample:
-        from interp.world import sample_scene
+        from interp.shapes.world import sample_scene
 
         ref = f"shapes:{self.split}:{i}:{self.seed}"
         return Sample(i, ref, sample_scene(self.world, i, self.split, self.seed).render())
@@ -199,7 +199,7 @@ def load_image(ref: str) -> Image.Image:
     """The image behind an `image_ref` written by any source above."""
     kind, _, rest = ref.partition(":")
     if kind == "shapes":
-        from interp.world import WorldConfig, sample_scene
+        from interp.shapes.world import WorldConfig, sample_scene
 
         split, index, seed = rest.split(":")
         return sample_scene(WorldConfig(), int(index), split, int(seed)).render()

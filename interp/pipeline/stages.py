@@ -27,7 +27,7 @@ def steering_twin(cache: Path, out: Path, sae_cfg, train_cfg, seed: int = 0, n_a
     SAE at a layer where it still lives there (layer 0 in the demo and the benchmark)."""
     from explain.features import FeaturesConfig, compute_features
     from interp.cli import main as interp_main
-    from interp.reader import ActivationReader
+    from interp.cache.reader import ActivationReader
     from saes.recovery import recover_concepts, summarize
     from saes.sae import SAE
     from saes.train import train

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interp.models import LoadedModel
+from interp.model.models import LoadedModel
 
 ROLES = ("image_patch", "image_special", "text", "template", "special", "pad")
 ROLE = {name: code for code, name in enumerate(ROLES)}

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from interp.cache_format import FORMAT, IDENTITY_ATTRS, SAMPLE_DTYPE
-from interp.data import DEFAULT_TEMPLATE, DataError, Sample, check_template, fingerprint, open_source, user_text
-from interp.inputs import model_inputs, prompts
+from interp.cache.format import FORMAT, IDENTITY_ATTRS, SAMPLE_DTYPE
+from interp.cache.data import DEFAULT_TEMPLATE, DataError, Sample, check_template, fingerprint, open_source, user_text
+from interp.model.inputs import model_inputs, prompts
 
 
 class CacheMismatchError(ValueError):
@@ -75,17 +75,17 @@ class CacheWriter:
     """Holds the model and turns samples into activation rows, token rows and sample rows."""
 
     def __init__(self, cfg: CacheConfig, lm=None):
-        """`lm`: an already loaded model (e.g. `interp.models.wrap_model` of a model built in code),
+        """`lm`: an already loaded model (e.g. `interp.model.models.wrap_model` of a model built in code),
         used instead of loading `cfg.model`; the cache still records `cfg.model` as its name."""
-        from interp.layers import resolve_layer
-        from interp.models import load_model
+        from interp.model.layers import resolve_layer
+        from interp.model.models import load_model
 
         self.cfg = cfg
         self.lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype, revision=cfg.revision)
         layer = int(cfg.layer) if str(cfg.layer).lstrip("-").isdigit() else cfg.layer
         self.hook = resolve_layer(self.lm, layer, cfg.site)
         check_template(cfg.prompt_template, self.lm.is_multimodal)
-        from interp.token_map import ROLES
+        from interp.model.token_map import ROLES
 
         unknown = set(cfg.roles) - set(ROLES)
         if unknown:
@@ -95,8 +95,8 @@ class CacheWriter:
     def run_batch(self, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Activations [rows, d] and token table [rows] of the kept roles (sample-major, batch-local
         sample numbers), and each sample's number of non-padding tokens."""
-        from interp.hooks import capture
-        from interp.token_map import ROLES, token_table
+        from interp.model.hooks import capture
+        from interp.model.token_map import ROLES, token_table
 
         texts, users = prompts(self.lm, samples, self.cfg.prompt_template)
         inputs = model_inputs(self.lm, samples, texts)
@@ -121,7 +121,7 @@ class CacheWriter:
 def build_cache(cfg: CacheConfig, out: str | Path, writer: CacheWriter | None = None) -> Path:
     """Write (or finish writing) the cache at `out`; returns its path. Pass a `writer` built from
     the same config to reuse its loaded model."""
-    from interp.run import versions
+    from interp.infra.runinfo import versions
 
     out = Path(out)
     rank, world = _dist()
@@ -194,7 +194,7 @@ def _write_part(writer: CacheWriter, source, p: int, parts_dir: Path, bar) -> No
                 samples.append((g.index, g.image_ref, g.image_hash, user_text(cfg.prompt_template, g),
                                 g.image.width if g.image else 0, g.image.height if g.image else 0, int(nt), 0, int(nr)))
         bar.update(len(batch))
-    from interp.token_map import TOKEN_DTYPE
+    from interp.model.token_map import TOKEN_DTYPE
 
     tmp = parts_dir / f"part-{p:06d}.h5.tmp"
     with h5py.File(tmp, "w") as f:
@@ -207,7 +207,7 @@ def _write_part(writer: CacheWriter, source, p: int, parts_dir: Path, bar) -> No
 
 def _merge(parts_dir: Path, n_parts: int, out: Path, attrs: dict) -> None:
     """Concatenate the parts in order into `out` (written to a temp name, then renamed)."""
-    from interp.token_map import TOKEN_DTYPE
+    from interp.model.token_map import TOKEN_DTYPE
 
     paths = [_part_path(parts_dir, p) for p in range(n_parts)]
     n_rows, n_samples, d, skipped = 0, 0, 0, []
@@ -305,7 +305,7 @@ def _cli(args) -> int:
                       strict=args.strict, seed=args.seed)
     out = build_cache(cfg, args.out)
     if _dist()[0] == 0:
-        from interp.reader import ActivationReader
+        from interp.cache.reader import ActivationReader
 
         with ActivationReader(out) as r:
             print(f"{out}: {r.n_rows} rows x {r.d} from {len(r.samples)} samples")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from interp.data import Sample, chat_messages, user_text
+from interp.cache.data import Sample, chat_messages, user_text
 
 
 def prompts(lm, samples: list[Sample], template: str, answers: list[str] | None = None) -> tuple[list[str], list[str]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from interp.world import WorldConfig, sample_scene, scene_questions
+from interp.shapes.world import WorldConfig, sample_scene, scene_questions
 
 
 def world_items(task: str, n: int, split: str = "test", seed: int = 0, world: WorldConfig = WorldConfig()):

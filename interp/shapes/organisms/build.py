@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from interp.world import WorldConfig, vocabulary
+from interp.shapes.world import WorldConfig, vocabulary
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 IMAGE_TOKEN = "<image>"

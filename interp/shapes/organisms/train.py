@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from interp.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from interp.organisms.build import SPECS, build_model, build_processor, build_tokenizer
-from interp.world import WorldConfig, sample_scene, scene_questions
+from interp.infra.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from interp.shapes.organisms.build import SPECS, build_model, build_processor, build_tokenizer
+from interp.shapes.world import WorldConfig, sample_scene, scene_questions
 
 TASK_WEIGHTS = {"caption": 1.0, "color": 2.0, "shape": 2.0, "where": 2.0, "count": 0.5, "exists": 1.5, "region": 1.0}
 
@@ -186,7 +186,7 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def train(cfg: TrainConfig, out: str | Path, world: WorldConfig = WorldConfig(), threads: int | None = None) -> Path:
     """Train into `out` (checkpoints under out/checkpoint); re-running resumes where it stopped."""
-    from interp.organisms.eval import evaluate
+    from interp.shapes.organisms.eval import evaluate
 
     if threads:
         torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from interp.organisms import ORGANISMS, is_organism, organism_path
+from interp.shapes.organisms import ORGANISMS, is_organism, organism_path
 
 KINDS = ("image-text-to-text", "causal-lm", "hooked-transformer")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from interp.organisms import ORGANISMS
+from interp.shapes.organisms import ORGANISMS
 
 WHICH = sorted(set(ORGANISMS.values()))
 
@@ -39,8 +39,8 @@ def _train(args) -> int:
     import shutil
     from dataclasses import replace
 
-    from interp.organisms import WEIGHTS
-    from interp.organisms.train import RECIPES, train
+    from interp.shapes.organisms import WEIGHTS
+    from interp.shapes.organisms.train import RECIPES, train
 
     cfg = replace(RECIPES[args.which], seed=args.seed)
     if args.steps:
@@ -60,9 +60,9 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from interp.organisms import organism_path
-    from interp.organisms.build import SPECS
-    from interp.organisms.eval import evaluate
+    from interp.shapes.organisms import organism_path
+    from interp.shapes.organisms.build import SPECS
+    from interp.shapes.organisms.eval import evaluate
 
     path = Path(args.model) if args.model else organism_path(f"shapes-{args.which}")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="float32").eval()

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import torch
 
-from interp.cache_format import FORMAT, IDENTITY_ATTRS
+from interp.cache.format import FORMAT, IDENTITY_ATTRS
 
 
 class CacheError(ValueError):
@@ -47,7 +47,7 @@ class ActivationReader:
             self._rows = None
             self.n_rows = int(self._acts.shape[0])
         else:
-            from interp.token_map import ROLES
+            from interp.model.token_map import ROLES
 
             unknown = set(roles) - set(ROLES)
             if unknown:
@@ -73,7 +73,7 @@ class ActivationReader:
 
     @cached_property
     def tokens(self) -> np.ndarray:
-        """The token table of the selected rows (structured array, see interp.token_map.TOKEN_DTYPE)."""
+        """The token table of the selected rows (structured array, see interp.model.token_map.TOKEN_DTYPE)."""
         t = self._f["tokens"][:]
         return t if self._rows is None else t[self._rows]
 

@@ -34,14 +34,14 @@ def _stage(name: str):
 
 
 def run(args) -> int:
-    from interp.cache import CacheConfig, build_cache
-    from interp.organisms import ORGANISMS, load_organism
-    from interp.organisms.build import SPECS
-    from interp.organisms.eval import evaluate
-    from interp.reader import ActivationReader
-    from interp.run import write_run_info
-    from interp.stages import explain_and_score, steering_twin
-    from interp.world import WorldConfig, contact_sheet
+    from interp.cache.writer import CacheConfig, build_cache
+    from interp.shapes.organisms import ORGANISMS, load_organism
+    from interp.shapes.organisms.build import SPECS
+    from interp.shapes.organisms.eval import evaluate
+    from interp.cache.reader import ActivationReader
+    from interp.infra.runinfo import write_run_info
+    from interp.pipeline.stages import explain_and_score, steering_twin
+    from interp.shapes.world import WorldConfig, contact_sheet
     from saes.evaluate import evaluate_sae
     from saes.recovery import recover_concepts, summarize
     from saes.sae import SAE, SAEConfig

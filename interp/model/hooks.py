@@ -1,6 +1,6 @@
 """Read a layer's activations during a forward pass: nnsight tracing, or plain torch hooks.
 
-Both engines address the layer by its dotted module path (a HookPoint from interp.layers),
+Both engines address the layer by its dotted module path (a HookPoint from interp.model.layers),
 which also covers TransformerLens models, whose hook points are modules too. Capturing
 stops the forward right after the layer: nothing past it is needed.
 """

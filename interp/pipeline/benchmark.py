@@ -55,7 +55,7 @@ def _explain_and_steer(arch_dir: Path, cache: Path, steer_cache: Path | None, sa
     """Explanation accuracy on `cache`'s SAE, and the steering flip rate of a twin SAE on `steer_cache`;
     a stage that fails leaves its columns out of the report (n/a) instead of stopping the benchmark."""
     from explain.features import FeaturesConfig, compute_features
-    from interp.stages import explain_and_score, steering_twin
+    from interp.pipeline.stages import explain_and_score, steering_twin
 
     out: dict = {}
     compute_features(cache, arch_dir / "sae", arch_dir / "features.h5", FeaturesConfig(progress=False))
@@ -77,9 +77,9 @@ def _explain_and_steer(arch_dir: Path, cache: Path, steer_cache: Path | None, sa
 def run_benchmark(cache: str | Path, out: str | Path, archs: tuple[str, ...] = tuple(ARCH_DEFAULTS),
                   d_sae: int = 256, k: int = 4, steps: int = 3000, batch_size: int = 1024, seed: int = 0,
                   steer_cache: str | Path | None = None, explain: bool = True) -> dict:
-    from interp.ground_truth import token_concepts
-    from interp.reader import ActivationReader
-    from interp.run import write_run_info
+    from interp.shapes.ground_truth import token_concepts
+    from interp.cache.reader import ActivationReader
+    from interp.infra.runinfo import write_run_info
     from saes.evaluate import reconstruction_metrics
     from saes.recovery import recover_concepts, summarize
     from saes.sae import SAEConfig
@@ -178,7 +178,7 @@ def register(sub) -> None:
 
 
 def _cli(args) -> int:
-    from interp.cache import CacheConfig, build_cache
+    from interp.cache.writer import CacheConfig, build_cache
 
     archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
     unknown = set(archs) - set(ARCH_DEFAULTS)
