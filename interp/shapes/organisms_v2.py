@@ -67,7 +67,8 @@ SPECS = {
 }
 
 TASK_WEIGHTS = {"color": 1.0, "shape": 1.0, "size": 1.0, "fill": 1.0, "at": 1.5, "where": 1.0, "count": 0.5,
-                "exists": 1.5, "relation": 1.5, "letter": 0.7, "caption": 1.0, "region": 1.0}
+                "exists": 1.5, "relation": 1.5, "letter": 0.7, "caption": 1.0, "region": 1.0,
+                "judge": 2.0}
 
 
 @dataclass(frozen=True)
@@ -417,6 +418,70 @@ def evaluate(model, processor, tasks, n: int = 200, split: str = "test", seed: i
                        max_new_tokens=40 if task == "caption" else 12)
         result[task] = round(float(np.mean([p == qa.answer for p, (_, qa) in zip(preds, pairs)])), 4)
     return result
+
+
+def decoder_layers(model):
+    return model.model.language_model.layers
+
+
+@torch.no_grad()
+def image_token_reach(model, processor, layer: int, n: int = 200, split: str = "test", seed: int = 0,
+                      world: w.WorldConfig = w.WorldConfig(), tasks: tuple[str, ...] = ("color", "shape", "size",
+                                                                                         "fill", "at", "count")) -> float:
+    """How much the answers still depend on the image tokens at `layer`: the share of answers that
+    change when every image token's output of that layer is replaced by another image's.
+
+    Only questions whose true answer differs between the two images count, so an unchanged answer
+    means the model no longer reads the image there."""
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    per_task = max(1, n // len(tasks))
+    items = []
+    for task in tasks:
+        pairs = world_items(task, per_task * 3, split, seed, world)
+        for (a, qa), (b, _) in zip(pairs, pairs[1:] + pairs[:1]):
+            truth_b = [x.answer for x in w.scene_questions(b, np.random.default_rng(0), (task,))
+                       if x.question == qa.question]
+            if truth_b and truth_b[0] != qa.answer:  # the donor image would answer differently
+                items.append((a, b, qa))
+            if sum(1 for it in items if it[2].task == task) == per_task:
+                break
+    donor: dict[str, torch.Tensor] = {}
+    mode = {"capture": False, "swap": None}
+
+    def hook(_module, _inp, out):
+        h = out[0] if isinstance(out, tuple) else out
+        if h.shape[1] == 1 or mode["swap"] is None and not mode["capture"]:
+            return None
+        ids = mode["ids"]
+        if mode["capture"]:
+            donor["rows"] = h[ids == image_id].clone()
+            return None
+        h = h.clone()
+        h[ids == image_id] = mode["swap"]
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    changed = []
+    try:
+        for s in range(0, len(items), 64):
+            chunk = items[s: s + 64]
+            qs = [it[2].question for it in chunk]
+            base = answer(model, processor, [it[0].render() for it in chunk], qs, max_new_tokens=12)
+            texts = [prompt(processor, q) for q in qs]
+            inb = processor(images=[it[1].render() for it in chunk], text=texts, return_tensors="pt", padding=True)
+            mode.update(capture=True, ids=inb["input_ids"])
+            model(**inb)
+            mode.update(capture=False)
+            ina = processor(images=[it[0].render() for it in chunk], text=texts, return_tensors="pt", padding=True)
+            mode.update(swap=donor["rows"], ids=ina["input_ids"])
+            out = model.generate(**ina, max_new_tokens=12, do_sample=False)
+            mode.update(swap=None)
+            swapped = [t.strip() for t in processor.batch_decode(out[:, ina["input_ids"].shape[1]:],
+                                                                 skip_special_tokens=True)]
+            changed += [x != y for x, y in zip(base, swapped)]
+    finally:
+        handle.remove()
+    return round(float(np.mean(changed)), 4) if changed else float("nan")
 
 
 if __name__ == "__main__":  # a background training job: python -m interp.shapes.organisms_v2 subject OUT
