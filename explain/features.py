@@ -186,10 +186,16 @@ class _Accumulator:
     def add(self, start: int, acts: torch.Tensor, roles: torch.Tensor) -> None:
         """acts [c, d] of rows [start, start + c); roles [c] their token role codes. Past finding the
         active entries, everything costs O(active entries) or O(images in the chunk * d)."""
+        rows, feats = (acts > 0).nonzero().T
+        self.add_entries(start, len(acts), rows, feats, acts[rows, feats], roles)
+
+    def add_entries(self, start: int, n: int, rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor,
+                    roles: torch.Tensor) -> None:
+        """The active entries (chunk row, feature, value > 0) of rows [start, start + n), in the order of
+        `(acts > 0).nonzero()`; roles [n] the rows' token role codes."""
         from interp.model.token_map import ROLE
 
-        rows, feats = (acts > 0).nonzero().T
-        vals = acts[rows, feats]
+        vals = vals.float()
         self.n_active += torch.bincount(feats, minlength=self.d)
         self.total.index_add_(0, feats, vals.double())
         on_image = roles[rows] <= ROLE["image_special"]  # image_patch or image_special
@@ -199,7 +205,7 @@ class _Accumulator:
         self.hist.view(-1).index_add_(0, feats * self.cfg.bins + bins,
                                       torch.ones(len(bins), dtype=torch.int32, device=self.device))
 
-        stop = start + len(acts)
+        stop = start + n
         image_of_row = np.searchsorted(self.row_ends, np.arange(start, stop), side="right")
         parts = self._image_parts(rows, feats, vals, roles == ROLE["image_patch"],
                                   torch.from_numpy(image_of_row).to(self.device))
@@ -244,6 +250,30 @@ class _Accumulator:
             self.pending = None
 
 
+@torch.no_grad()
+def encode_entries(sae, x: torch.Tensor, buf: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The active entries (row, feature, value) of `sae.encode(x)`, bit-identical and in the order of
+    `(acts > 0).nonzero()`, without building the dense [rows, d_sae] activations, for a TopK SAE whose
+    normalisation is folded (every saved SAE). None for other SAEs: the caller encodes densely.
+
+    What it saves over encode + nonzero: a fresh [rows, d_sae] tensor for the bias sum (added in
+    place into `buf`, reused between chunks), the dense zero-and-scatter, and the scan for nonzeros;
+    what is left is the encoder matmul and the top-k."""
+    cfg = sae.cfg
+    if cfg.arch != "topk" or sae._normalised() or x.dtype != sae.dtype:
+        return None
+    sae_in = x - sae.b_dec if cfg.apply_b_dec_to_input else x
+    pre = torch.matmul(sae_in, sae.W_enc, out=buf[: len(x)] if buf is not None else None)
+    pre += sae.b_enc  # the same two roundings as SAE.pre_acts: (x - b_dec) @ W_enc, then + b_enc
+    vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+    idx, order = idx.sort(dim=1)
+    vals = vals.gather(1, order)
+    keep = vals > 0
+    rows = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)[keep]
+    return rows, idx[keep], vals[keep]
+
+
 def compute_features(cache: str | Path, sae_dir: str | Path, out: str | Path,
                      cfg: FeaturesConfig | None = None) -> Path:
     """Stream the cache through the SAE and write features.h5 at `out` (via a temp file and rename)."""
@@ -274,11 +304,7 @@ def compute_features(cache: str | Path, sae_dir: str | Path, out: str | Path,
         acc = _Accumulator(d, cfg, ends, device)
         bar = tqdm(total=reader.n_rows, desc=f"features of {d} latents", unit="row", mininterval=1,
                    disable=not cfg.progress)
-        with torch.no_grad():
-            for start, x in reader.iter_sequential(chunk):
-                acts = sae.encode(x.to(device)).float()
-                acc.add(start, acts, roles[start: start + len(acts)].to(device))
-                bar.update(len(acts))
+        accumulate(reader, sae, acc, chunk, roles, device, bar)
         bar.close()
         acc.close()
         has_text = bool((roles > ROLE["image_special"]).any())
@@ -294,6 +320,25 @@ def compute_features(cache: str | Path, sae_dir: str | Path, out: str | Path,
                  "note": "" if has_text else "the cache holds no text rows: image_share is 1.0 by construction"}
         _write(out, acc, samples, reader.n_rows, has_text, attrs)
     return out
+
+
+def accumulate(reader, sae, acc: _Accumulator, chunk: int, roles: torch.Tensor, device: torch.device,
+               bar=None) -> None:
+    """The pass itself: every row of `reader`, in chunks of `chunk` rows, encoded and added to `acc`."""
+    buf = None
+    if sae.cfg.arch == "topk" and device.type == "cpu":  # one [chunk, d_sae] scratch block for every chunk
+        buf = torch.empty(min(chunk, max(reader.n_rows, 1)), sae.cfg.d_sae, dtype=sae.dtype)
+    with torch.no_grad():
+        for start, x in reader.iter_sequential(chunk):
+            x = x.to(device=device, dtype=sae.dtype)
+            chunk_roles = roles[start: start + len(x)].to(device)
+            entries = encode_entries(sae, x, buf)
+            if entries is None:
+                acc.add(start, sae.encode(x).float(), chunk_roles)
+            else:
+                acc.add_entries(start, len(x), *entries, chunk_roles)
+            if bar is not None:
+                bar.update(len(x))
 
 
 def _write(out: Path, acc: _Accumulator, samples: np.ndarray, n_rows: int, has_text: bool, attrs: dict) -> None:

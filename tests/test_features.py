@@ -159,9 +159,12 @@ def test_token_activations_match_the_top_values(run):
 def test_wide_sae_stays_chunk_bounded(tmp_path, tiny_path, monkeypatch):
     """100k features over 312 rows: every encode sees at most max_chunk_elements / d_sae rows, never all of them."""
     cache, sae_dir = make_run(tmp_path, tiny_path, d_sae=100_000)
+    import explain.features as features_module
+
     seen = []
-    encode = SAE.encode
-    monkeypatch.setattr(SAE, "encode", lambda self, x: seen.append(x.shape[0]) or encode(self, x))
+    entries = features_module.encode_entries  # the pass encodes every chunk through it (dense: it returns None)
+    monkeypatch.setattr(features_module, "encode_entries",
+                        lambda sae, x, buf=None: seen.append(x.shape[0]) or entries(sae, x, buf))
     t = time.perf_counter()
     out = compute_features(cache, sae_dir, tmp_path / "wide.h5",
                            FeaturesConfig(k=K, max_chunk_elements=2**22, progress=False))
@@ -244,3 +247,38 @@ def test_image_share_without_text_rows_and_text_only_caches(run, tmp_path, tiny_
     with pytest.raises(ValueError, match="no image-patch rows"):
         compute_features(tmp_path / "text.h5", sae_dir, tmp_path / "g.h5", FeaturesConfig(progress=False))
     assert not (tmp_path / "g.h5").exists()
+
+
+def test_sparse_entries_equal_dense_encode():
+    """encode_entries gives exactly the nonzero entries of SAE.encode, in nonzero's order; None where it cannot."""
+    from explain.features import encode_entries
+
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(SAEConfig(arch="topk", d_in=64, d_sae=512, k=16), generator=g)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5, generator=g)  # many rows with fewer than k positive pre-activations
+        sae.b_dec.normal_(0, 1, generator=g)
+    x = torch.randn(300, 64, generator=g)
+    acts = sae.encode(x)
+    rows, feats = (acts > 0).nonzero().T
+    for buf in (None, torch.empty(400, 512)):
+        r, f, v = encode_entries(sae, x, buf)
+        assert torch.equal(r, rows) and torch.equal(f, feats) and torch.equal(v, acts[rows, feats])
+    sae.set_normalisation(torch.randn(64, generator=g), 2.0)  # not folded: the dense path
+    assert encode_entries(sae, x) is None
+    assert encode_entries(SAE(SAEConfig(arch="relu", d_in=64, d_sae=512)), x) is None
+
+
+def test_sparse_pass_writes_what_the_dense_pass_writes(run, tmp_path, monkeypatch):
+    import h5py
+
+    import explain.features as features_module
+
+    cache, sae_dir, out = run
+    monkeypatch.setattr(features_module, "encode_entries", lambda sae, x, buf=None: None)
+    dense = compute_features(cache, sae_dir, tmp_path / "dense.h5", FeaturesConfig(k=K, negatives=6, progress=False))
+    with h5py.File(out) as a, h5py.File(dense) as b:
+        names = []
+        a.visit(lambda n: names.append(n) if isinstance(a[n], h5py.Dataset) else None)
+        for name in names:
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
