@@ -175,6 +175,8 @@ class FeatureEdit:
         for iv in interventions:
             check_feature(iv.feature, sae.cfg.d_sae)
         self.sae, self.interventions, self.keep_error = sae, list(interventions), keep_error
+        self._feats = sorted({iv.feature for iv in self.interventions})  # the columns an edit changes
+        self._column = {f: j for j, f in enumerate(self._feats)}
         self.masks = {k: v.bool() for k, v in masks.items()}
         self.prompt_shape = tuple(next(iter(self.masks.values())).shape)
 
@@ -203,22 +205,27 @@ class FeatureEdit:
             return out
         x = out[union]
         acts = self.sae.encode(x)
-        new = acts.clone()
+        # only the intervened features' columns change: edit those [rows, F] and decode the change
+        # through their decoder rows (rank F), not a dense [rows, d_sae] @ W_dec
+        feats, column = self._feats, self._column
+        old = acts[:, feats]
+        new = old.clone()
         for iv, r in zip(self.interventions, rows):
             if r is None:
                 continue
-            sel = r[union]
+            sel, j = r[union], column[iv.feature]
             if iv.mode == "clamp":
-                new[sel, iv.feature] = iv.value
+                new[sel, j] = iv.value
             elif iv.mode == "add":
-                new[sel, iv.feature] += iv.value
+                new[sel, j] += iv.value
             else:
-                new[sel, iv.feature] = 0.0
+                new[sel, j] = 0.0
         # decode is affine: decode(new) - decode(acts) == (new - acts) @ W_dec, exactly 0 where nothing changed
         if self.keep_error:
-            edited = x + ((new - acts) @ self.sae.W_dec).to(x.dtype)
+            edited = x + ((new - old) @ self.sae.W_dec[feats]).to(x.dtype)
         else:
-            edited = self.sae.decode(new).to(x.dtype)
+            acts[:, feats] = new
+            edited = self.sae.decode(acts).to(x.dtype)
         result = out.clone()
         result[union] = edited
         return result
