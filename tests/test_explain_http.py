@@ -1,5 +1,6 @@
 """Explainers over OpenAI-compatible HTTP: real servers on 127.0.0.1 (`interp serve-explainer`, and
-`transformers serve` where installed), and servers that are down, slow, or answer garbage."""
+`transformers serve` where installed), and servers that are down, slow, or answer garbage. The server's
+own tests (load, limits, malformed bodies) are in test_explain_server.py."""
 
 import hashlib
 import json
@@ -53,13 +54,6 @@ def local():
     return HFBackend("shapes-explainer", device="cpu")
 
 
-@pytest.fixture(scope="module")
-def server(local):
-    srv = ExplainerServer(Counting(local), "shapes-explainer", port=0).start()
-    yield srv
-    srv.close()
-
-
 def red_examples(n: int = 6) -> list[MarkedExample]:
     """Shapes scenes with the 'feature' on the cell of a red object: what a red latent's examples look like."""
     out, i = [], 0
@@ -77,31 +71,6 @@ def red_examples(n: int = 6) -> list[MarkedExample]:
 def http(url: str, **kw) -> OpenAIBackend:
     kw.setdefault("model", "shapes-explainer")
     return OpenAIBackend(HTTPConfig(url, **kw))
-
-
-def test_served_explainer_answers_as_the_local_one(server, local, tmp_path):
-    examples = red_examples()
-    here = WorldExplainer(local).explain(examples)
-    assert here.text == "red"
-    cache = tmp_path / "cache.jsonl"
-    remote = WorldExplainer(http(server.url, cache=cache, logprobs=True))
-    there = remote.explain(examples)
-    assert (there.text, there.raw, there.tokens_in, there.tokens_out) == (here.text, here.raw, here.tokens_in,
-                                                                           here.tokens_out)
-    images = [ex.original for ex in examples] + [sample_scene(WorldConfig(), i, "val", 0).render() for i in range(4)]
-    np.testing.assert_allclose(remote.judge(there, images), WorldExplainer(local).judge(here, images), atol=1e-4)
-    # the response cache: a new client with the same cache asks the server nothing
-    asked = len(server.batcher.backend.seen)
-    again = WorldExplainer(http(server.url, cache=cache, logprobs=True))
-    assert again.explain(examples).text == "red" and again.judge(there, images)
-    assert len(server.batcher.backend.seen) == asked
-    # models, health, and requests the server refuses
-    models = json.loads(urllib.request.urlopen(server.url + "/models").read())
-    assert models["data"][0]["id"] == "shapes-explainer"
-    with pytest.raises(BackendError, match="HTTP 400.*base64 data URLs"):
-        http(server.url, retries=0)._call("POST", "/chat/completions", {
-            "model": "x", "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]})
 
 
 # ---------------------------------------------------------------- servers that misbehave
