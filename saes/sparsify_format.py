@@ -17,7 +17,7 @@ bit-identical), b_enc = encoder.bias, apply_b_dec_to_input=True. Decoding agrees
 rounding: sparsify sums the k rows with embedding_bag, we do a dense matmul.
 
 A folder records neither the model nor (except through its name) the layer. The layer comes
-from the folder name, `model.layers.24` -> our canonical `layers.24` (interp.layers), with
+from the folder name, `model.layers.24` -> our canonical `layers.24` (interp.model.layers), with
 `.mlp` / `.self_attn` suffixes mapped to the `.mlp` / `.attn` sites. The model comes from the
 caller, else from the run's config.json ("model"), else stays unknown (commands then ask for it).
 """
