@@ -1,7 +1,7 @@
 """Computations behind the app's pages, free of Streamlit (so they are tested directly):
-logit effects of a decoder direction, nearest features by decoder cosine, how well one latent
-detects each ground-truth concept of the shapes world, and the top features of every image
-patch (from the cache's rows, or by running the model on a new image)."""
+logit effects of a decoder direction, nearest features by decoder cosine, one feature's activations
+on the cache (scored against the shapes world's ground truth by interp.shapes.concepts), and the
+top features of every image patch (from the cache's rows, or by running the model on a new image)."""
 
 from __future__ import annotations
 
@@ -73,35 +73,18 @@ def nearest_features(unit: torch.Tensor, feature: int, k: int = 10) -> list[tupl
     return [(int(i), float(c)) for i, c in zip(top.indices, top.values)]
 
 
-# ---------------------------------------------------------------- ground truth for one latent
+# ---------------------------------------------------------------- ground truth for one feature
 
 
 @torch.no_grad()
-def latent_column(sae, reader, feature: int, rows: np.ndarray | None = None, chunk_rows: int = 16384) -> np.ndarray:
-    """One latent's activation on every cached row (or on `rows`), encoded chunk by chunk."""
+def feature_column(sae, reader, feature: int, rows: np.ndarray | None = None, chunk_rows: int = 16384) -> np.ndarray:
+    """One feature's activation on every cached row (or on `rows`), encoded chunk by chunk."""
     from explain.feature_reader import chunk_rows_for
 
     step = chunk_rows_for(sae.cfg.d_sae, cap=chunk_rows)
     out = np.concatenate([sae.encode(reader.read(s, min(s + step, reader.n_rows)).to(sae.device))[:, feature]
                           .float().cpu().numpy() for s in range(0, reader.n_rows, step)] or [np.zeros(0, np.float32)])
     return out if rows is None else out[rows]
-
-
-def concept_scores(values: np.ndarray, labels: np.ndarray, concepts: tuple[str, ...]) -> list[dict]:
-    """Per concept: how well `values` (one latent on the labelled tokens) detects it. F1 at the best
-    threshold (as saes.recovery), and the IoU of the tokens where the latent fires with the concept's."""
-    from saes.recovery import auroc, best_threshold
-
-    fires = values > 0
-    out = []
-    for j, concept in enumerate(concepts):
-        y = labels[:, j]
-        f1, precision, recall, threshold = best_threshold(values, y)
-        inter = int((fires & y).sum())
-        union = int((fires | y).sum())
-        out.append({"concept": concept, "f1": f1, "precision": precision, "recall": recall,
-                    "threshold": threshold, "iou": inter / union if union else 0.0, "auroc": auroc(values, y)})
-    return sorted(out, key=lambda r: -r["f1"])
 
 
 # ---------------------------------------------------------------- features per patch
@@ -131,9 +114,9 @@ class PatchFeatures:
 def patch_features(sae, rows: torch.Tensor, tokens: np.ndarray, k: int = 8) -> PatchFeatures:
     """Top-k features of each image-patch row, encoded in chunks so d_sae can be large."""
     from explain.feature_reader import chunk_rows_for
-    from interp.model.token_map import ROLE
+    from interp.cache.format import is_image_patch
 
-    keep = tokens["role"] == ROLE["image_patch"]
+    keep = is_image_patch(tokens["role"])
     x, tokens = rows[torch.from_numpy(keep)], tokens[keep]
     k = min(k, sae.cfg.d_sae)
     step = chunk_rows_for(sae.cfg.d_sae)
@@ -152,11 +135,10 @@ def patch_features(sae, rows: torch.Tensor, tokens: np.ndarray, k: int = 8) -> P
     return PatchFeatures(tokens, top_idx, np.where(top_val > 0, top_val, 0), features, acts)
 
 
-def cached_rows(reader, image: int) -> tuple[torch.Tensor, np.ndarray]:
-    """(activation rows, token table rows) of one cached image (a row of the samples table)."""
-    s = reader.samples[image]
-    start, stop = int(s["row_start"]), int(s["row_start"] + s["n_rows"])
-    return reader.read(start, stop), reader.tokens[start:stop]
+def cached_rows(reader, sample: int) -> tuple[torch.Tensor, np.ndarray]:
+    """(activation rows, token table rows) of one cached sample (a row of the samples table)."""
+    s = reader.sample(sample)
+    return reader.sample_activations(s), s.tokens
 
 
 def model_rows(lm, cache_meta: dict, image, prompt: str, engine: str = "nnsight") -> tuple[torch.Tensor, np.ndarray]:

@@ -35,7 +35,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 @contextmanager
 def serve(run_dir: str | Path, port: int | None = None, host: str = "127.0.0.1", timeout: float = 90) -> Iterator[str]:
     """The app on `run_dir`, served in a subprocess for the duration of the block; yields its base URL."""
-    from app.cli import streamlit_command
+    from app.commands import streamlit_command
 
     port = port or free_port(host)
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="lmmscope-app-")
@@ -109,14 +109,15 @@ PLOTLY = ".js-plotly-plot"
 
 
 def screenshots(run_dir: str | Path, out_dir: str | Path, feature: int | None = None) -> list[Path]:
-    """overview.png and feature.png of the app on `run_dir` (feature: the run's first recovered latent)."""
-    from app.run_dir import RunDir, read_json
+    """overview.png and feature.png of the app on `run_dir` (feature: the run's first recovered feature)."""
+    from interp.infra.layout import RunLayout
+    from interp.shapes.concepts import load_recovery
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if feature is None:
-        concepts = read_json(RunDir(run_dir).recovery).get("concepts") or [{}]
-        feature = concepts[0].get("latent", 0)
+        recovery = RunLayout.of(run_dir).recovery
+        feature = load_recovery(recovery).concepts[0].feature if recovery.exists() else 0
     shots = [("", (PLOTLY,), out / "app-overview.png"),
              (f"feature?feature={feature}", (IMAGES, PLOTLY), out / "app-feature.png")]
     with serve(run_dir) as url, browser() as page:

@@ -55,11 +55,11 @@ def score_histogram(values: np.ndarray, name: str = "balanced accuracy") -> go.F
 
 
 def recovery_bars(concepts: list[dict]) -> go.Figure:
-    """F1 of the best SAE latent per concept against the best raw neuron."""
+    """F1 of the best SAE feature per concept against the best raw neuron."""
     names = [c["concept"] for c in concepts]
     fig = go.Figure([
-        go.Bar(name="best SAE latent", x=names, y=[c.get("f1") for c in concepts], marker_color="#4c78a8",
-               text=[f"#{c.get('latent')}" for c in concepts], textposition="outside"),
+        go.Bar(name="best SAE feature", x=names, y=[c.get("f1") for c in concepts], marker_color="#4c78a8",
+               text=[f"#{c.get('feature')}" for c in concepts], textposition="outside"),
         go.Bar(name="best raw neuron", x=names, y=[c.get("neuron_f1") for c in concepts], marker_color="#bab0ac"),
     ])
     fig.update_layout(barmode="group", yaxis=dict(title="F1", range=[0, 1.1]), height=320,

@@ -1,6 +1,6 @@
 """The lmmscope app: `interp app RUN_DIR` runs `streamlit run app/main.py -- RUN_DIR`.
 
-Pages (app/views/, one file each): overview, feature list, feature page, image explorer,
+Pages (app/views/, one file each): overview, feature list, feature page, sample explorer,
 steering playground. Every page reads the one run directory the app was started on
 (app.state.current_run) and names the command that makes whatever stage is missing.
 """
@@ -22,7 +22,7 @@ PAGES = [
             default=True),
     st.Page(HERE / "views" / "feature_list.py", title="Feature list", icon=":material/list:", url_path="features"),
     st.Page(HERE / "views" / "feature.py", title="Feature", icon=":material/search:", url_path="feature"),
-    st.Page(HERE / "views" / "images.py", title="Image explorer", icon=":material/image:", url_path="images"),
+    st.Page(HERE / "views" / "samples.py", title="Sample explorer", icon=":material/image:", url_path="samples"),
     st.Page(HERE / "views" / "steering.py", title="Steering", icon=":material/tune:", url_path="steering"),
 ]
 

@@ -38,7 +38,7 @@ def _mtime_of_dir(path: str) -> int:
     """Changes when a stage adds or removes a file in the run directory or its usual subdirectories."""
     root = Path(path)
     stamps = []
-    for d in (root, root / "eval", root / "sae", root / "sae" / "sae"):
+    for d in (root, root / "eval", root / "sae", root / "train"):
         try:
             stamps.append(d.stat().st_mtime_ns)
         except OSError:
@@ -63,21 +63,21 @@ def mtime(path: Path | None) -> int:
 
 @st.cache_resource(show_spinner="Opening features.h5 …", max_entries=4)
 def _stats(path: str, _mtime: int):
-    from explain.feature_reader import FeatureStats
+    from explain.feature_reader import FeatureReader
 
-    return FeatureStats(path)
+    return FeatureReader(path)
 
 
 def stats(run: RunDir):
-    """The run's FeatureStats (None without features.h5)."""
+    """The run's FeatureReader (None without features.h5)."""
     return _stats(str(run.features), mtime(run.features)) if run.features else None
 
 
 @st.cache_resource(show_spinner="Opening the cache and the SAE …", max_entries=4)
-def _sources(features: str, cache: str, sae: str, _mtimes: tuple[int, ...]):
+def _sources(run_dir: str, _mtimes: tuple[int, ...]):
     from explain.feature_reader import FeatureSources
 
-    return FeatureSources.open(features, cache, sae, device="cpu")
+    return FeatureSources.open(run_dir, device="cpu")
 
 
 def sources(run: RunDir):
@@ -85,8 +85,7 @@ def sources(run: RunDir):
     None when one is missing. Raises FeatureFileError when they do not belong together."""
     if not (run.features and run.cache and run.sae):
         return None
-    return _sources(str(run.features), str(run.cache), str(run.sae),
-                    (mtime(run.features), mtime(run.cache), mtime(run.sae / "sae_weights.safetensors")))
+    return _sources(str(run.root), (mtime(run.features), mtime(run.cache), mtime(run.sae / "sae_weights.safetensors")))
 
 
 @st.cache_resource(show_spinner="Loading the SAE …", max_entries=4)
@@ -135,9 +134,9 @@ def scores(run: RunDir) -> dict[int, dict]:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _metrics(path: str, _mtime: int) -> pd.DataFrame:
-    from explain.store import read_jsonl
+    from interp.infra.records import read_records
 
-    return pd.DataFrame(list(read_jsonl(path)))
+    return pd.DataFrame(list(read_records(path)))
 
 
 def metrics(run: RunDir) -> pd.DataFrame | None:
@@ -160,13 +159,25 @@ def feature_table(run: RunDir) -> pd.DataFrame | None:
                   str(run.scores) if run.scores else None)
 
 
-def recovery_by_latent(run: RunDir) -> dict[int, list[dict]]:
-    """recovery.json's concepts, grouped by the latent that best detects each."""
-    out: dict[int, list[dict]] = {}
-    for c in json_file(run.recovery).get("concepts", []):
-        if isinstance(c, dict) and isinstance(c.get("latent"), int):
-            out.setdefault(c["latent"], []).append(c)
-    return out
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _recovery(path: str, _mtime: int):
+    from interp.shapes.concepts import load_recovery
+
+    try:
+        return load_recovery(path)
+    except ValueError:  # a report of an older format: as if there were none
+        return None
+
+
+def recovery(run: RunDir):
+    """The run's recovery report (interp.shapes.concepts.RecoveryReport), None without one."""
+    return _recovery(str(run.recovery), mtime(run.recovery)) if run.recovery else None
+
+
+def recovery_by_feature(run: RunDir) -> dict:
+    """The recovery report's concepts, grouped by the feature that best detects each."""
+    report = recovery(run)
+    return report.by_feature() if report is not None else {}
 
 
 # ---------------------------------------------------------------- models and derived arrays
@@ -205,12 +216,13 @@ CHEAP_ROWS = 500_000  # cached rows up to which a feature's per-concept scores a
 
 @st.cache_data(show_spinner="Scoring the feature against every ground-truth concept …", max_entries=256)
 def _concept_scores(cache: str, sae_dir: str, _mtimes: tuple[int, int], feature: int) -> pd.DataFrame | None:
-    from app.analysis import concept_scores, latent_column
+    from app.analysis import feature_column
+    from interp.shapes.concepts import concept_scores
 
     gt = _ground_truth(cache, _mtimes[0])
     if gt is None:
         return None
-    values = latent_column(_sae(sae_dir, _mtimes[1]), _reader(cache, _mtimes[0]), feature, gt.rows)
+    values = feature_column(_sae(sae_dir, _mtimes[1]), _reader(cache, _mtimes[0]), feature, gt.rows)
     return pd.DataFrame(concept_scores(values, gt.labels(), gt.concepts))
 
 
@@ -225,7 +237,7 @@ def concept_scores(run: RunDir, feature: int) -> pd.DataFrame | None:
 @st.cache_data(show_spinner=False, max_entries=8)
 def _labels(run_path: str, _mtimes: tuple[int, ...]) -> dict[int, str]:
     run = _run(run_path, _mtimes[0])
-    out = {f: "/".join(c["concept"] for c in cs) for f, cs in recovery_by_latent(run).items()}
+    out = {f: "/".join(c.concept for c in cs) for f, cs in recovery_by_feature(run).items()}
     table = feature_table(run)
     if table is not None:
         text = table["explanation"].to_numpy()

@@ -46,10 +46,10 @@ def read_store(path: str | Path | None) -> dict[int, dict]:
     """The latest successful record per feature of a JSONL store ({} when absent)."""
     if path is None or not Path(path).is_file():
         return {}
-    from explain.store import read_jsonl
+    from interp.infra.records import read_records
 
     out: dict[int, dict] = {}
-    for rec in read_jsonl(path):
+    for rec in read_records(path):
         f = rec.get("feature")
         if rec.get("kind") == "header" or isinstance(f, bool) or not isinstance(f, int):
             continue

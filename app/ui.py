@@ -51,30 +51,30 @@ def open_sources(run: RunDir):
 
 
 @st.cache_resource(show_spinner=False, max_entries=4096)
-def _view(features: str, _mtime: int, _sources, feature: int, image: int):
+def _view(features: str, _mtime: int, _sources, feature: int, sample: int):
     from explain.render import render_example
 
-    return render_example(_sources, feature, image, display_size=160)
+    return render_example(_sources, feature, sample, display_size=160)
 
 
-def render(run: RunDir, srcs, feature: int, image: int):
-    """All views of `feature` on cached image `image` (explain.render.render_example), cached."""
+def render(run: RunDir, srcs, feature: int, sample: int):
+    """All views of `feature` on the image of cached sample `sample` (explain.render.render_example), cached."""
     from app.state import mtime
 
-    return _view(str(run.features), mtime(run.features), srcs, feature, image)
+    return _view(str(run.features), mtime(run.features), srcs, feature, sample)
 
 
 def image_row(run: RunDir, srcs, feature: int, examples: Sequence, view: str, per_row: int = 6) -> None:
-    """Examples (feature_reader.Example) as rows of images in the chosen view, captioned with their values."""
+    """Examples (feature_reader.Example) as rows of their images in the chosen view, captioned with their values."""
     for start in range(0, len(examples), per_row):
         chunk = examples[start: start + per_row]
         cols = st.columns(per_row)
         for col, ex in zip(cols, chunk):
             with col:
                 try:
-                    img = getattr(render(run, srcs, feature, ex.image), view)
+                    img = getattr(render(run, srcs, feature, ex.sample), view)
                 except Exception as e:  # an image that can no longer be loaded: say which, keep the page
-                    st.warning(f"image {ex.image}: {e}")
+                    st.warning(f"sample {ex.sample}: {e}")
                     continue
-                st.image(img, caption=f"#{ex.image} · max {ex.max:.3g} · mean {ex.mean:.3g}",
+                st.image(img, caption=f"#{ex.sample} · max {ex.max:.3g} · mean {ex.mean:.3g}",
                          width="stretch")

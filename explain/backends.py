@@ -176,10 +176,12 @@ class ResponseCache:
         self.path = Path(path) if path else None
         self._lock = threading.Lock()
         self._replies: dict[str, dict] = {}
-        if self.path and self.path.exists():
-            from explain.store import read_jsonl
+        self._log = None
+        if self.path:
+            from interp.infra.records import RecordLog
 
-            for rec in read_jsonl(self.path):
+            self._log = RecordLog(self.path)
+            for rec in self._log:
                 if isinstance(rec.get("key"), str) and isinstance(rec.get("reply"), dict):
                     self._replies[rec["key"]] = rec["reply"]
 
@@ -191,10 +193,8 @@ class ResponseCache:
         rec = {k: v for k, v in asdict(reply).items() if k != "cached"}
         with self._lock:
             self._replies[key] = rec
-            if self.path:
-                from explain.store import append_jsonl
-
-                append_jsonl(self.path, {"key": key, "reply": rec})
+            if self._log is not None:
+                self._log.append({"key": key, "reply": rec})
 
 
 @dataclass

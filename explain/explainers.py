@@ -1,6 +1,6 @@
 """Explainers: one interface over the shapes organisms, local HF VLMs and OpenAI-compatible servers.
 
-    explainer = make_explainer(ExplainerConfig("shapes-explainer"))
+    explainer = make_explainer("shapes-explainer")
     explanation = explainer.explain(marked_examples)        # Explanation(text, raw, tokens, seconds)
     scores = explainer.judge(explanation, images)           # P(image shows it), or yes/no
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +27,7 @@ from explain.examples import MarkedExample
 from explain.prompts import (CANNOT_TELL, EXPLAIN_PROMPT, JUDGE_PROMPT, ORIGINALS_NOTE, REGION_QUESTION,
                              GarbageAnswer, aggregate_regions, judge_questions, one_line, world_terms, yes_no)
 from explain.render import render_feature
+from interp.infra.cli_config import choices
 from interp.shapes.world import WorldConfig
 
 PROTOCOLS = ("auto", "world", "generic")
@@ -181,30 +182,44 @@ class GenericExplainer:
 
 
 @dataclass
-class ExplainerConfig:
-    explainer: str = "shapes-explainer"  # organism name, model directory or hub id, or http(s)://HOST/v1
-    protocol: str = "auto"  # world (shapes organisms), generic, or auto (decided from the model)
-    api_model: str | None = None  # served model name (HTTP only)
-    api_key_env: str | None = None  # environment variable holding the API key (HTTP only)
+class ExplainerOptions:
+    """How an explainer (or judge) model is asked: protocol, HTTP settings, local device, aggregation."""
+
+    protocol: str = field(default="auto", metadata=choices(list(PROTOCOLS)))
+    """world: region questions in the shapes vocabulary; generic: one prompt with all examples; auto: decided
+    from the model"""
+    api_model: str | None = None
+    """HTTP: served model name (none: the first of GET /v1/models)"""
+    api_key_env: str | None = None
+    """HTTP: environment variable holding the API key"""
     timeout: float = 60.0
+    """HTTP: seconds per request"""
     retries: int = 3
+    """HTTP: retries per request (exponential backoff)"""
     backoff: float = 1.0
+    """HTTP: seconds before the first retry (doubles)"""
     concurrency: int = 4
+    """HTTP: requests in flight"""
     logprobs: bool = False
-    cache: str | Path | None = None  # HTTP response cache (JSONL)
+    """HTTP: ask for first-token logprobs (judge confidence; vLLM, SGLang, OpenAI)"""
     device: str = "auto"
+    """local models and the SAE: auto (cuda when present), cpu, cuda, cuda:N"""
     dtype: str = "float32"
+    """local models: float32, bfloat16, float16"""
     with_originals: bool = False
-    agree: float = 0.6  # world protocol: share of examples a word must be named in
-    threshold: float = 0.0  # tokens above threshold * the feature's max are "active"
+    """generic: show each original next to its marked view"""
+    agree: float = 0.6
+    """world: share of the (activation-weighted) examples a word must be named in"""
+    threshold: float = 0.0
+    """tokens above this fraction of the feature's max are marked active"""
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
 
-    @property
-    def is_http(self) -> bool:
-        return self.explainer.startswith(("http://", "https://"))
+
+def is_http(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
 
 
 def speaks_world(model: str) -> bool:
@@ -219,19 +234,22 @@ def speaks_world(model: str) -> bool:
     return meta.exists() and "world" in json.loads(meta.read_text())
 
 
-def make_explainer(cfg: ExplainerConfig) -> WorldExplainer | GenericExplainer:
-    if cfg.is_http:
-        backend: Backend = OpenAIBackend(HTTPConfig(cfg.explainer, cfg.api_model, api_key_from_env(cfg.api_key_env),
+def make_explainer(spec: str, cfg: ExplainerOptions = ExplainerOptions(),
+                   cache: str | Path | None = None) -> WorldExplainer | GenericExplainer:
+    """The explainer `spec` names (organism, model directory or hub id, or an OpenAI-compatible URL);
+    `cache`: the JSONL file HTTP replies are kept in."""
+    if is_http(spec):
+        backend: Backend = OpenAIBackend(HTTPConfig(spec, cfg.api_model, api_key_from_env(cfg.api_key_env),
                                                     cfg.timeout, cfg.retries, cfg.backoff, cfg.concurrency,
-                                                    cfg.logprobs, cache=cfg.cache))
+                                                    cfg.logprobs, cache=cache))
         world = speaks_world(cfg.api_model or "") if cfg.protocol == "auto" else cfg.protocol == "world"
     else:
-        world = speaks_world(cfg.explainer) if cfg.protocol == "auto" else cfg.protocol == "world"
-        backend = HFBackend(cfg.explainer, device=cfg.device, dtype=cfg.dtype)
+        world = speaks_world(spec) if cfg.protocol == "auto" else cfg.protocol == "world"
+        backend = HFBackend(spec, device=cfg.device, dtype=cfg.dtype)
     if world:
         return WorldExplainer(backend, agree=cfg.agree, threshold=cfg.threshold)
     return GenericExplainer(backend, with_originals=cfg.with_originals, threshold=cfg.threshold)
 
 
-__all__ = ["CANNOT_TELL", "Explainer", "ExplainerConfig", "Explanation", "GenericExplainer", "WorldExplainer",
+__all__ = ["CANNOT_TELL", "Explainer", "ExplainerOptions", "Explanation", "GenericExplainer", "WorldExplainer",
            "make_explainer"]

@@ -1,10 +1,10 @@
-"""The one reader of `features.h5` (written by `interp features`, see explain.features for the layout).
+"""The one reader of `features.h5` (written by `interp features`; docs/formats.md is the spec).
 
 Later stages (explanations, scoring, steering, the app) get every per-feature statistic and
-example list from `FeatureStats`, and per-token activations of an example image from
-`FeatureSources`, which re-encodes that image's cached rows on demand: storing them for
-every top image would cost d_sae * k * tokens floats (gigabytes for 100k features), while
-re-encoding one image's rows takes milliseconds.
+example list from `FeatureReader` (named like the cache's `ActivationReader`), and per-token
+activations of an example sample from `FeatureSources`, which re-encodes that sample's cached
+rows on demand: storing them for every top sample would cost d_sae * top_samples * tokens
+floats (gigabytes for 100k features), while re-encoding one sample's rows takes milliseconds.
 """
 
 from __future__ import annotations
@@ -20,28 +20,16 @@ import h5py
 import numpy as np
 import torch
 
-FORMAT = "lmmscope.features/1"
-RANKINGS = ("max", "mean")  # how an image's token activations are summarised into one value
+from saes.sae import sae_fingerprint  # noqa: F401  (the SAE's identity, used with this file)
+
+FORMAT = "lmmscope.features/2"
+RANKINGS = ("max", "mean")  # how a sample's token activations are summarised into one value
 DEFAULT_CHUNK_ELEMENTS = 2**25  # rows * d_sae of one dense encoded chunk (128 MiB of float32)
 JSON_ATTRS = ("sae_cfg", "cache_identity", "versions", "quantile_levels", "argv")
 
 
 class FeatureFileError(ValueError):
     """A features file that is missing, malformed, or does not belong to the given SAE or cache."""
-
-
-def sae_fingerprint(sae_dir: str | Path) -> str:
-    """sha256 of the SAE's weights file: identifies the SAE whatever directory it was copied to."""
-    from saes.sae import WEIGHTS_FILENAME
-
-    path = Path(sae_dir) / WEIGHTS_FILENAME
-    if not path.exists():
-        raise FileNotFoundError(f"no SAE at {sae_dir}: {WEIGHTS_FILENAME} is missing")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
@@ -68,18 +56,14 @@ def _text(v: Any) -> Any:
 
 @dataclass(frozen=True)
 class Example:
-    """One image of a feature's example lists; `image` is its position in the cache's samples table."""
+    """One sample of a feature's example lists."""
 
-    image: int
-    sample: int  # the data source's sample number
+    sample: int  # its row of the cache's samples table
+    source_index: int  # its number in the data source
     image_ref: str  # interp.cache.data.load_image(image_ref) gives the original image back
-    value: float  # the ranking value (the image's max or mean token activation)
+    value: float  # the ranking value (the sample's max or mean token activation)
     max: float
     mean: float
-    row_start: int  # the image's rows in the cache
-    n_rows: int
-    width: int
-    height: int
 
 
 @dataclass(frozen=True)
@@ -96,21 +80,20 @@ class FeatureSummary:
 
 @dataclass(frozen=True)
 class QuantileBand:
-    """Activating images whose value lies between two quantiles of the feature's per-image values."""
+    """Activating samples whose value lies between two quantiles of the feature's per-sample values."""
 
     q_lo: float
     q_hi: float
     examples: list[Example]
 
 
-class FeatureStats:
+class FeatureReader:
     """Read access to one features.h5; the file stays open until `close()`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
-            raise FeatureFileError(f"no features file at {self.path}: make one with "
-                                   f"`interp features --cache CACHE --sae SAE_DIR --out {self.path}`")
+            raise FeatureFileError(f"no features file at {self.path}: make one with `interp features RUN`")
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
@@ -121,13 +104,15 @@ class FeatureStats:
             raise FeatureFileError(f"{self.path} is not an lmmscope features file "
                                    f"(format {fmt!r}, expected {FORMAT!r})")
         self.meta = {k: json.loads(v) if k in JSON_ATTRS else _text(v) for k, v in self._f.attrs.items()}
-        self.d_sae, self.k, self.rank_by = int(self.meta["d_sae"]), int(self.meta["k"]), self.meta["rank_by"]
-        self.samples = self._f["samples"][:]
+        self.d_sae, self.top_samples = int(self.meta["d_sae"]), int(self.meta["top_samples"])
+        self.rank_by = self.meta["rank_by"]
+        self.samples_table = self._f["samples"][:]
+        self.image_refs = [_text(v) for v in self.samples_table["image_ref"]]  # decoded once
 
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> FeatureStats:
+    def __enter__(self) -> FeatureReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -142,7 +127,7 @@ class FeatureStats:
             raise FeatureFileError(
                 f"features file from another SAE: {self.path} was computed from the SAE at {self.meta['sae_path']} "
                 f"(weights sha256 {self.meta['sae_sha256'][:12]}), not from {sae_dir} (weights sha256 {theirs[:12]}); "
-                f"re-run `interp features --sae {sae_dir}`")
+                f"re-run `interp features` on the run of {sae_dir}")
 
     def check_cache(self, meta: dict[str, Any]) -> None:
         """Raise unless `meta` (an ActivationReader's .meta) is the cache this file was computed from."""
@@ -174,6 +159,14 @@ class FeatureStats:
         """Every per-feature scalar statistic as a [d_sae] array (to sort and filter features)."""
         return {name: ds[:] for name, ds in self._f["stats"].items() if ds.ndim == 1 and name != "hist_edges"}
 
+    def row_stats(self, start: int, stop: int):
+        """explain.feature_columns.RowStats of cache rows [start, stop), None for files written before them."""
+        from explain.feature_columns import RowStats
+
+        if "rows" not in self._f:
+            return None
+        return RowStats(self._f["rows/n_active"][start:stop], self._f["rows/min_active"][start:stop])
+
     def histogram(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
         """(edges [bins + 1], counts [bins]) of the feature's active values; edges run from 0 to inf."""
         f = self.check_feature(feature)
@@ -181,32 +174,28 @@ class FeatureStats:
 
     def _examples(self, group: str, feature: int, by: str) -> list[Example]:
         g = self._f[group]
-        images = g["image"][feature]
-        values = {name: g[name][feature] if name in g else np.zeros(len(images), np.float32) for name in RANKINGS}
-        out = []
-        for i in np.flatnonzero(images >= 0):
-            s = self.samples[images[i]]
-            out.append(Example(int(images[i]), int(s["sample"]), _text(s["image_ref"]), float(values[by][i]),
-                               float(values["max"][i]), float(values["mean"][i]), int(s["row_start"]),
-                               int(s["n_rows"]), int(s["width"]), int(s["height"])))
-        return out
+        samples = g["sample"][feature]
+        values = {name: g[name][feature] if name in g else np.zeros(len(samples), np.float32) for name in RANKINGS}
+        sources = self.samples_table["source_index"]
+        return [Example(int(samples[i]), int(sources[samples[i]]), self.image_refs[samples[i]], float(values[by][i]),
+                        float(values["max"][i]), float(values["mean"][i])) for i in np.flatnonzero(samples >= 0)]
 
     def _ranking(self, by: str | None) -> str:
         by = by or self.rank_by
         if by not in RANKINGS:
-            raise ValueError(f"rank images by one of {RANKINGS}, not {by!r}")
+            raise ValueError(f"rank samples by one of {RANKINGS}, not {by!r}")
         return by
 
-    def top_images(self, feature: int, by: str | None = None) -> list[Example]:
-        """The (up to k) images with the highest max (or mean) activation, best first."""
+    def top(self, feature: int, by: str | None = None) -> list[Example]:
+        """The (up to top_samples) samples with the highest max (or mean) activation, best first."""
         by = self._ranking(by)
         return self._examples(f"top_{by}", self.check_feature(feature), by)
 
     def quantile_samples(self, feature: int, n_bands: int = 4, per_band: int = 5,
                          by: str | None = None) -> list[QuantileBand]:
-        """Activating images spread over `n_bands` equal-count quantile bands of the per-image value,
+        """Activating samples spread over `n_bands` equal-count quantile bands of the per-sample value,
         lowest band first, `per_band` evenly spaced examples each (from a uniform random sample of
-        the activating images, so the bands estimate quantiles over all of them)."""
+        the activating samples, so the bands estimate quantiles over all of them)."""
         by = self._ranking(by)
         pool = sorted(self._examples("reservoir", self.check_feature(feature), by), key=lambda e: e.value)
         bands = []
@@ -216,39 +205,39 @@ class FeatureStats:
         return bands
 
     def negatives(self, feature: int) -> list[Example]:
-        """Random images on whose rows (image and text) the feature is exactly zero."""
+        """Random samples on whose rows (image and text) the feature is exactly zero."""
         return self._examples("negatives", self.check_feature(feature), self.rank_by)
 
 
 @dataclass
 class FeatureSources:
-    """A features file with the cache and SAE it was computed from (checked), to get per-token
-    activations of any example image by re-encoding that image's rows."""
+    """A run's features file with the cache and SAE it was computed from (checked: same SAE weights,
+    same cache identity), to get per-token activations of any example by re-encoding its rows."""
 
-    stats: FeatureStats
+    features: FeatureReader
     reader: Any  # interp.cache.reader.ActivationReader
     sae: Any  # saes.sae.SAE
     max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
     @classmethod
-    def open(cls, features: str | Path, cache: str | Path | None = None, sae: str | Path | None = None,
-             device: str = "cpu") -> FeatureSources:
-        """`cache` and `sae` default to the paths recorded in the features file."""
+    def open(cls, run, device: str = "cpu") -> FeatureSources:
+        """RUN/features.h5, RUN/activations.h5 and RUN/sae/ of a run directory (or its RunLayout)."""
         from interp.cache.reader import ActivationReader
+        from interp.infra.layout import RunLayout
         from saes.sae import SAE
 
+        layout = RunLayout.of(run)
         with ExitStack() as opened:  # closes what was opened if a check fails
-            stats = opened.enter_context(FeatureStats(features))
-            sae_dir = sae or stats.meta["sae_path"]
-            stats.check_matches(sae_dir)
-            reader = opened.enter_context(ActivationReader(cache or stats.meta["cache_path"]))
+            stats = opened.enter_context(FeatureReader(layout.features))
+            stats.check_matches(layout.sae)
+            reader = opened.enter_context(ActivationReader(layout.cache))
             stats.check_cache(reader.meta)
-            model = SAE.load(sae_dir, device=device)
+            model = SAE.load(layout.sae, device=device)
             opened.pop_all()
         return cls(stats, reader, model)
 
     def close(self) -> None:
-        self.stats.close()
+        self.features.close()
         self.reader.close()
 
     def __enter__(self) -> FeatureSources:
@@ -258,21 +247,23 @@ class FeatureSources:
         self.close()
 
     @torch.no_grad()
-    def token_activations(self, feature: int, image: int) -> tuple[np.ndarray, np.ndarray]:
-        """(token table rows, activations) of `feature` on the image-patch tokens of `image`
-        (a position in the samples table), re-encoded in chunks of bounded size."""
-        from interp.model.token_map import ROLE
+    def token_activations(self, feature: int, sample: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token table rows, activations) of `feature` on the image-patch tokens of `sample` (a row of
+        the samples table): from the feature's encoder column and the file's row statistics where the
+        architecture allows (explain.feature_columns), else re-encoded in chunks of bounded size."""
+        from explain.feature_columns import feature_column
+        from interp.cache.format import is_image_patch
 
-        f = self.stats.check_feature(feature)
-        if not 0 <= image < len(self.stats.samples):
-            raise ValueError(f"image {image} is out of range: the cache has {len(self.stats.samples)} images "
-                             f"(valid indices 0..{len(self.stats.samples) - 1})")
-        s = self.stats.samples[image]
-        start, stop = int(s["row_start"]), int(s["row_start"] + s["n_rows"])
-        tokens = self.reader.tokens[start:stop]
-        step = chunk_rows_for(self.stats.d_sae, self.max_chunk_elements)
-        acts = [self.sae.encode(self.reader.read(a, min(a + step, stop)).to(self.sae.device))[:, f].float().cpu()
-                for a in range(start, stop, step)]
-        keep = tokens["role"] == ROLE["image_patch"]
+        f = self.features.check_feature(feature)
+        s = self.reader.sample(sample)
+        keep = is_image_patch(s.tokens["role"])
+        # one column of the encoder (ms) instead of every feature (a minute for 131k features on one image)
+        column = feature_column(self.sae, self.reader.read(s.start, s.stop).to(self.sae.device), f,
+                                self.features.row_stats(s.start, s.stop))
+        if column is not None:
+            return s.tokens[keep], column.float().cpu().numpy()[keep]
+        step = chunk_rows_for(self.features.d_sae, self.max_chunk_elements)
+        acts = [self.sae.encode(self.reader.read(a, min(a + step, s.stop)).to(self.sae.device))[:, f].float().cpu()
+                for a in range(s.start, s.stop, step)]
         values = torch.cat(acts).numpy() if acts else np.zeros(0, np.float32)
-        return tokens[keep], values[keep]
+        return s.tokens[keep], values[keep]

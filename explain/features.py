@@ -1,46 +1,45 @@
-"""`interp features`: per-feature statistics and example images of an SAE over an activation cache.
+"""`interp features`: per-feature statistics and example samples of an SAE over an activation cache.
 
-    interp features --cache acts.h5 --sae runs/sae/sae --out runs/features.h5 [--rank-by max|mean]
+    interp features RUN [--rank-by max|mean]      # RUN/activations.h5 through RUN/sae/ into RUN/features.h5
 
 One streaming pass: the cache is read in chunks, each chunk encoded by the SAE, and per-feature
-state updated. Memory is O(d_sae * (k + reservoir + negatives + bins)) plus one dense encoded
-chunk of at most `max_chunk_elements` rows * d_sae, whatever the number of rows or images; no
-[rows, d_sae] or [images, d_sae] array is ever built. An image's rows may straddle chunks: its
-partial per-image aggregates are carried into the next chunk.
+state updated. Memory is O(d_sae * (top_samples + reservoir + negatives + bins)) plus one dense encoded
+chunk of at most `max_chunk_elements` rows * d_sae, whatever the number of rows or samples; no
+[rows, d_sae] or [samples, d_sae] array is ever built. A sample's rows may straddle chunks: its
+partial per-sample aggregates are carried into the next chunk.
 
 Per-feature example lists are running selections of [d_sae, size] arrays, merged per chunk with
 `topk` over only the features that have a candidate better than their current worst entry:
-top images by max and by mean, a uniform random sample ("reservoir") of activating images
-(the smallest values of a fixed hash of (image, feature), so the sample does not depend on the
-chunking), and random non-activating images (the same hash over images with zero activation).
+top samples by max and by mean, a uniform random sample ("reservoir") of activating samples
+(the smallest values of a fixed hash of (sample, feature), so the sample does not depend on the
+chunking), and random non-activating samples (the same hash over samples with zero activation).
 
-An "image" is a row of the cache's samples table; its value is the max (or mean) of the
-feature over its image-patch rows. Per-token activations of the top images are not stored
-(d_sae * k * tokens floats); `FeatureSources.token_activations` re-encodes one image's rows.
+A "sample" is a row of the cache's samples table; its value is the max (or mean) of the
+feature over its image-patch rows. Per-token activations of the top samples are not stored
+(d_sae * top_samples * tokens floats); `FeatureSources.token_activations` re-encodes one sample's rows.
 
-features.h5 (format "lmmscope.features/1"):
+features.h5 (format "lmmscope.features/2"; docs/formats.md is the spec):
   /stats/density, max, mean, mean_active, image_share  [d_sae] float32
   /stats/n_active                                      [d_sae] int64
   /stats/quantiles    [d_sae, L] float32  active-value quantiles at attrs quantile_levels
   /stats/histogram    [d_sae, bins] int32 active values per log-spaced bin
   /stats/hist_edges   [bins + 1] float64  bin edges, 0 ... inf
-  /top_max/{image,max,mean}, /top_mean/{image,max,mean}   [d_sae, k]   best first
-  /reservoir/{image,max,mean}                             [d_sae, reservoir]
-  /negatives/image                                        [d_sae, negatives]
-  /samples            the cache's samples table; every `image` above is a row of it (-1: empty slot)
-  attrs: format, d_sae, k, rank_by, reservoir, negatives, seed, n_rows, n_images, has_text_rows,
+  /top_max/{sample,max,mean}, /top_mean/{sample,max,mean}   [d_sae, top_samples]   best first
+  /reservoir/{sample,max,mean}                             [d_sae, reservoir]
+  /negatives/sample                                        [d_sae, negatives]
+  /samples            the cache's samples table; every `sample` above is a row of it (-1: empty slot)
+  attrs: format, d_sae, top_samples, rank_by, reservoir, negatives, seed, n_rows, n_samples, has_text_rows,
          chunk_rows, quantile_levels, sae_path, sae_cfg, sae_sha256, cache_path, cache_identity,
          cache_fingerprint, versions, argv, created, note
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -49,6 +48,10 @@ import torch
 
 from explain.feature_reader import (DEFAULT_CHUNK_ELEMENTS, FORMAT, RANKINGS, cache_fingerprint, cache_identity,
                                     chunk_rows_for, sae_fingerprint)
+from interp.cache.format import is_image, is_image_patch
+from interp.infra.cli_config import Command, choices, hidden, positional
+from interp.infra.layout import RunLayout
+from interp.model.models import resolve_device
 
 _M32 = 0xFFFFFFFF
 _NO_KEY = 1 << 40  # larger than any 32-bit hash: an entry that cannot be selected
@@ -56,35 +59,52 @@ _NO_KEY = 1 << 40  # larger than any 32-bit hash: an entry that cannot be select
 
 @dataclass
 class FeaturesConfig:
-    k: int = 20  # top images per feature, for each ranking
-    rank_by: str = "max"  # the default ranking recorded in the file (both are stored)
-    reservoir: int = 40  # uniform sample of activating images per feature, for quantile bands
-    negatives: int = 20  # random non-activating images per feature
-    bins: int = 256  # log-spaced histogram bins of the active values
-    hist_range: tuple[float, float] = (1e-4, 1e4)  # below/above go to the first/last bin
-    quantile_levels: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
-    chunk_rows: int | None = None  # at most this many rows per chunk (always also within max_chunk_elements)
-    max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-    seed: int = 0  # of the random reservoir and negatives
-    device: str = "cpu"
+    """`interp features`: per-feature statistics and example samples of the run's SAE over its cache."""
+
+    run: str | None = field(default=None, metadata=positional())
+    """run directory: reads RUN/activations.h5 and RUN/sae/, writes RUN/features.h5"""
+    top_samples: int = 20
+    """top samples kept per feature, for each ranking"""
+    rank_by: str = field(default="max", metadata=choices(list(RANKINGS)))
+    """the ranking readers use unless told otherwise: max or mean of the feature over a sample's patch tokens
+    (both are stored)"""
+    reservoir: int = 40
+    """random activating samples kept per feature, for quantile-band examples"""
+    negatives: int = 20
+    """random non-activating samples kept per feature"""
+    bins: int = 256
+    """log-spaced histogram bins of the active values, for quantiles"""
+    hist_range: tuple[float, float] = field(default=(1e-4, 1e4), metadata=hidden())
+    """histogram range; below and above go to the first and last bin"""
+    quantile_levels: tuple[float, ...] = field(default=(0.1, 0.25, 0.5, 0.75, 0.9, 0.99), metadata=hidden())
+    """quantiles of the active values to store"""
+    chunk_rows: int | None = None
+    """at most this many rows per encoded chunk (always also within max_chunk_elements / d_sae)"""
+    max_chunk_elements: int = field(default=DEFAULT_CHUNK_ELEMENTS, metadata=hidden())
+    """rows * d_sae of one dense encoded chunk"""
+    seed: int = 0
+    """seed of the random reservoir and negatives"""
+    device: str = "auto"
+    """auto (cuda when present), cpu, cuda, cuda:N"""
     progress: bool = True
+    """progress bar"""
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANKINGS:
             raise ValueError(f"--rank-by must be one of {', '.join(RANKINGS)}, got {self.rank_by!r}")
-        for name in ("k", "reservoir", "negatives", "bins"):
+        for name in ("top_samples", "reservoir", "negatives", "bins"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.hist_range[0] < self.hist_range[1]:
             raise ValueError(f"hist_range must be 0 < low < high, got {self.hist_range}")
 
 
 @dataclass
 class _Selection:
-    """Per feature, the `size` best (key, image) pairs so far, sorted best first, with payloads."""
+    """Per feature, the `size` best (key, sample) pairs so far, sorted best first, with payloads."""
 
     key: torch.Tensor  # [d, size]
-    image: torch.Tensor  # [d, size] int64, -1 = empty
+    sample: torch.Tensor  # [d, size] int64, -1 = empty
     payload: dict[str, torch.Tensor]  # name -> [d, size]
     largest: bool
     empty_key: float | int
@@ -97,8 +117,8 @@ class _Selection:
                    torch.full((d, size), -1, dtype=torch.int64, device=device),
                    {n: torch.zeros(d, size, device=device) for n in payload}, largest, empty)
 
-    def update(self, key: torch.Tensor, images: torch.Tensor, payload: dict[str, torch.Tensor]) -> None:
-        """Merge candidates key [d, m] of `images` [m] (payloads [d, m]); `empty_key` marks non-candidates."""
+    def update(self, key: torch.Tensor, samples: torch.Tensor, payload: dict[str, torch.Tensor]) -> None:
+        """Merge candidates key [d, m] of `samples` [m] (payloads [d, m]); `empty_key` marks non-candidates."""
         worst = self.key[:, -1:]
         better = key > worst if self.largest else key < worst
         cols = better.any(1).nonzero().squeeze(1)  # the features with a candidate: only they are merged
@@ -107,41 +127,41 @@ class _Selection:
         keys = torch.cat([self.key[cols], key[cols]], 1)
         pick = keys.topk(self.key.shape[1], dim=1, largest=self.largest, sorted=True).indices
         self.key[cols] = new_key = keys.gather(1, pick)
-        cand_images = images[None, :].expand(len(cols), -1)
-        image = torch.cat([self.image[cols], cand_images], 1).gather(1, pick)
-        self.image[cols] = image.masked_fill(new_key == self.empty_key, -1)
+        cand_samples = samples[None, :].expand(len(cols), -1)
+        sample = torch.cat([self.sample[cols], cand_samples], 1).gather(1, pick)
+        self.sample[cols] = sample.masked_fill(new_key == self.empty_key, -1)
         for name, old in self.payload.items():
             old[cols] = torch.cat([old[cols], payload[name][cols]], 1).gather(1, pick)
 
 
 @dataclass
-class _ImageParts:
-    """Per-image aggregates of a run of consecutive images (possibly partial at a chunk edge),
+class _SampleParts:
+    """Per-sample aggregates of a run of consecutive samples (possibly partial at a chunk edge),
     feature-major so that merging a feature's candidates reads one contiguous row."""
 
-    images: torch.Tensor  # [m] rows of the samples table
+    samples: torch.Tensor  # [m] rows of the samples table
     max: torch.Tensor  # [d, m] over image-patch rows
     sum: torch.Tensor  # [d, m] over image-patch rows
     count: torch.Tensor  # [m] image-patch rows
     any_max: torch.Tensor  # [d, m] over all rows (image and text): zero means a clean negative
 
-    def split(self, i: int) -> tuple[_ImageParts, _ImageParts]:
-        return (_ImageParts(self.images[:i], self.max[:, :i], self.sum[:, :i], self.count[:i], self.any_max[:, :i]),
-                _ImageParts(self.images[i:], self.max[:, i:], self.sum[:, i:], self.count[i:], self.any_max[:, i:]))
+    def split(self, i: int) -> tuple[_SampleParts, _SampleParts]:
+        return (_SampleParts(self.samples[:i], self.max[:, :i], self.sum[:, :i], self.count[:i], self.any_max[:, :i]),
+                _SampleParts(self.samples[i:], self.max[:, i:], self.sum[:, i:], self.count[i:], self.any_max[:, i:]))
 
-    def absorb(self, earlier: _ImageParts) -> None:
-        """Add the rows of the same first image seen in an earlier chunk."""
+    def absorb(self, earlier: _SampleParts) -> None:
+        """Add the rows of the same first sample seen in an earlier chunk."""
         self.max[:, 0] = torch.maximum(self.max[:, 0], earlier.max[:, 0])
         self.sum[:, 0] += earlier.sum[:, 0]
         self.count[0] += earlier.count[0]
         self.any_max[:, 0] = torch.maximum(self.any_max[:, 0], earlier.any_max[:, 0])
 
 
-def random_keys(images: torch.Tensor, d: int, seed: int) -> torch.Tensor:
-    """A fixed pseudo-random 32-bit key per (feature, image) [d, m]: the smallest keys of a set are a
-    uniform random sample of it, independent of the order and chunking the images come in."""
-    feats = torch.arange(d, device=images.device)
-    x = ((feats[:, None] * 0x85EBCA77) & _M32) + ((images[None, :] * 0x9E3779B1) & _M32) + seed * 0x3C6EF372
+def random_keys(samples: torch.Tensor, d: int, seed: int) -> torch.Tensor:
+    """A fixed pseudo-random 32-bit key per (feature, sample) [d, m]: the smallest keys of a set are a
+    uniform random sample of it, independent of the order and chunking the samples come in."""
+    feats = torch.arange(d, device=samples.device)
+    x = ((feats[:, None] * 0x85EBCA77) & _M32) + ((samples[None, :] * 0x9E3779B1) & _M32) + seed * 0x3C6EF372
     x &= _M32
     for mult in (0x7FEB352D, 0x2C1B3C6D):  # multipliers < 2^31: products stay within int64
         x ^= x >> 16
@@ -168,7 +188,7 @@ class _Accumulator:
     """Everything the pass keeps per feature; `add` takes one encoded chunk."""
 
     def __init__(self, d: int, cfg: FeaturesConfig, row_ends: np.ndarray, device: torch.device):
-        """row_ends: [images] the end row of each image (rows are sample-major)."""
+        """row_ends: [samples] the end row of each sample (rows are sample-major)."""
         self.d, self.cfg, self.row_ends, self.device = d, cfg, row_ends, device
         inner = np.logspace(*np.log10(cfg.hist_range), cfg.bins - 1)
         self.edges = torch.tensor(np.concatenate([[0.0], inner, [np.inf]]), device=device)
@@ -178,14 +198,17 @@ class _Accumulator:
         self.image_total = torch.zeros(d, dtype=torch.float64, device=device)
         self.max = torch.zeros(d, device=device)
         self.hist = torch.zeros(d, cfg.bins, dtype=torch.int32, device=device)
-        self.top = {by: _Selection.new(d, cfg.k, True, RANKINGS, device) for by in RANKINGS}
+        self.top = {by: _Selection.new(d, cfg.top_samples, True, RANKINGS, device) for by in RANKINGS}
         self.reservoir = _Selection.new(d, cfg.reservoir, False, RANKINGS, device)
         self.negatives = _Selection.new(d, cfg.negatives, False, (), device)
-        self.pending: _ImageParts | None = None  # an image whose rows go on in the next chunk
+        self.pending: _SampleParts | None = None  # a sample whose rows go on in the next chunk
+        from explain.feature_columns import RowStatsRecorder
+
+        self.row_stats = RowStatsRecorder(int(row_ends[-1]) if len(row_ends) else 0)  # for one-feature re-encodes
 
     def add(self, start: int, acts: torch.Tensor, roles: torch.Tensor) -> None:
         """acts [c, d] of rows [start, start + c); roles [c] their token role codes. Past finding the
-        active entries, everything costs O(active entries) or O(images in the chunk * d)."""
+        active entries, everything costs O(active entries) or O(samples in the chunk * d)."""
         rows, feats = (acts > 0).nonzero().T
         self.add_entries(start, len(acts), rows, feats, acts[rows, feats], roles)
 
@@ -193,12 +216,11 @@ class _Accumulator:
                     roles: torch.Tensor) -> None:
         """The active entries (chunk row, feature, value > 0) of rows [start, start + n), in the order of
         `(acts > 0).nonzero()`; roles [n] the rows' token role codes."""
-        from interp.model.token_map import ROLE
-
         vals = vals.float()
+        self.row_stats.add(start, n, rows, vals)
         self.n_active += torch.bincount(feats, minlength=self.d)
         self.total.index_add_(0, feats, vals.double())
-        on_image = roles[rows] <= ROLE["image_special"]  # image_patch or image_special
+        on_image = is_image(roles[rows])
         self.image_total.index_add_(0, feats[on_image], vals[on_image].double())
         self.max.scatter_reduce_(0, feats, vals, "amax")
         bins = torch.bucketize(vals, self.inner_edges, right=True)
@@ -206,20 +228,20 @@ class _Accumulator:
                                       torch.ones(len(bins), dtype=torch.int32, device=self.device))
 
         stop = start + n
-        image_of_row = np.searchsorted(self.row_ends, np.arange(start, stop), side="right")
-        parts = self._image_parts(rows, feats, vals, roles == ROLE["image_patch"],
-                                  torch.from_numpy(image_of_row).to(self.device))
-        if self.pending is not None and self.pending.images[0] == parts.images[0]:
+        sample_of_row = np.searchsorted(self.row_ends, np.arange(start, stop), side="right")
+        parts = self._sample_parts(rows, feats, vals, is_image_patch(roles),
+                                  torch.from_numpy(sample_of_row).to(self.device))
+        if self.pending is not None and self.pending.samples[0] == parts.samples[0]:
             parts.absorb(self.pending)
         self.pending = None
-        if self.row_ends[image_of_row[-1]] > stop:  # the last image goes on in the next chunk
-            parts, self.pending = parts.split(len(parts.images) - 1)
+        if self.row_ends[sample_of_row[-1]] > stop:  # the last sample goes on in the next chunk
+            parts, self.pending = parts.split(len(parts.samples) - 1)
         self._finish(parts)
 
-    def _image_parts(self, rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, patch: torch.Tensor,
-                     image_of_row: torch.Tensor) -> _ImageParts:
-        """Per-image aggregates of the chunk's active entries (rows, feats, vals); patch [c] marks patch rows."""
-        local = image_of_row - image_of_row[0]
+    def _sample_parts(self, rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, patch: torch.Tensor,
+                     sample_of_row: torch.Tensor) -> _SampleParts:
+        """Per-sample aggregates of the chunk's active entries (rows, feats, vals); patch [c] marks patch rows."""
+        local = sample_of_row - sample_of_row[0]
         m, d = int(local[-1]) + 1, self.d
         cell = feats * m + local[rows]  # flat index into [d, m]
         on_patch = patch[rows]
@@ -227,22 +249,22 @@ class _Accumulator:
         mx.scatter_reduce_(0, cell[on_patch], vals[on_patch], "amax")
         total.index_add_(0, cell[on_patch], vals[on_patch])
         any_max.scatter_reduce_(0, cell, vals, "amax")
-        return _ImageParts(image_of_row[0] + torch.arange(m, device=self.device), mx.view(d, m), total.view(d, m),
+        return _SampleParts(sample_of_row[0] + torch.arange(m, device=self.device), mx.view(d, m), total.view(d, m),
                            torch.bincount(local[patch], minlength=m), any_max.view(d, m))
 
-    def _finish(self, parts: _ImageParts) -> None:
-        """Offer complete images to the selections."""
-        if not len(parts.images):
+    def _finish(self, parts: _SampleParts) -> None:
+        """Offer complete samples to the selections."""
+        if not len(parts.samples):
             return
         mean = parts.sum / parts.count.clamp_min(1)
         active = parts.max > 0
         values = {"max": parts.max, "mean": mean}
         for by, sel in self.top.items():
-            sel.update(values[by].masked_fill(~active, float("-inf")), parts.images, values)
-        keys = random_keys(parts.images, self.d, self.cfg.seed)
-        self.reservoir.update(keys.masked_fill(~active, _NO_KEY), parts.images, values)
+            sel.update(values[by].masked_fill(~active, float("-inf")), parts.samples, values)
+        keys = random_keys(parts.samples, self.d, self.cfg.seed)
+        self.reservoir.update(keys.masked_fill(~active, _NO_KEY), parts.samples, values)
         negative = (parts.any_max == 0) & (parts.count > 0)
-        self.negatives.update(keys.masked_fill(~negative, _NO_KEY), parts.images, {})
+        self.negatives.update(keys.masked_fill(~negative, _NO_KEY), parts.samples, {})
 
     def close(self) -> None:
         if self.pending is not None:
@@ -251,69 +273,45 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def encode_entries(sae, x: torch.Tensor, buf: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The active entries (row, feature, value) of `sae.encode(x)`, bit-identical and in the order of
-    `(acts > 0).nonzero()`, without building the dense [rows, d_sae] activations, for a TopK SAE whose
-    normalisation is folded (every saved SAE). None for other SAEs: the caller encodes densely.
-
-    What it saves over encode + nonzero: a fresh [rows, d_sae] tensor for the bias sum (added in
-    place into `buf`, reused between chunks), the dense zero-and-scatter, and the scan for nonzeros;
-    what is left is the encoder matmul and the top-k."""
-    cfg = sae.cfg
-    if cfg.arch != "topk" or sae._normalised() or x.dtype != sae.dtype:
-        return None
-    sae_in = x - sae.b_dec if cfg.apply_b_dec_to_input else x
-    pre = torch.matmul(sae_in, sae.W_enc, out=buf[: len(x)] if buf is not None else None)
-    pre += sae.b_enc  # the same two roundings as SAE.pre_acts: (x - b_dec) @ W_enc, then + b_enc
-    vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
-    idx, order = idx.sort(dim=1)
-    vals = vals.gather(1, order)
-    keep = vals > 0
-    rows = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)[keep]
-    return rows, idx[keep], vals[keep]
-
-
-def compute_features(cache: str | Path, sae_dir: str | Path, out: str | Path,
-                     cfg: FeaturesConfig | None = None) -> Path:
-    """Stream the cache through the SAE and write features.h5 at `out` (via a temp file and rename)."""
+def compute_features(cfg: FeaturesConfig) -> Path:
+    """Stream the run's cache through its SAE and write RUN/features.h5 (via a temp file and rename)."""
     from tqdm import tqdm
 
     from interp.cache.reader import ActivationReader
     from interp.infra.runinfo import versions
-    from interp.model.token_map import ROLE
     from saes.sae import SAE
 
-    cfg = cfg or FeaturesConfig()
-    out = Path(out)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    sha = sae_fingerprint(sae_dir)
-    sae = SAE.load(sae_dir, device=str(device))
+    layout = RunLayout.of(cfg.run)
+    out = layout.features
+    device = resolve_device(cfg.device)
+    sha = sae_fingerprint(layout.sae)
+    sae = SAE.load(layout.sae, device=str(device))
     d = sae.cfg.d_sae
-    with ActivationReader(cache) as reader:
+    with ActivationReader(layout.cache) as reader:
         sae.check_width(torch.zeros(1, reader.d))
         roles = torch.from_numpy(np.ascontiguousarray(reader.tokens["role"]))
-        if not (roles == ROLE["image_patch"]).any():
-            raise ValueError(f"{cache} holds no image-patch rows: feature statistics rank images by their patch "
-                             "tokens; cache with --roles image_patch[,text]")
-        samples = reader.samples
+        if not is_image_patch(roles).any():
+            raise ValueError(f"{layout.cache} holds no image-patch rows: feature statistics rank samples by their "
+                             "patch tokens; cache with --roles image_patch[,text]")
+        samples = reader.samples_table
         ends = np.cumsum(samples["n_rows"])
         if ends[-1] != reader.n_rows or (samples["row_start"] != ends - samples["n_rows"]).any():
-            raise ValueError(f"{cache}: the samples table does not tile the rows in order; rebuild the cache")
+            raise ValueError(f"{layout.cache}: the samples table does not tile the rows in order; rebuild the cache")
         chunk = chunk_rows_for(d, cfg.max_chunk_elements, cfg.chunk_rows)
         acc = _Accumulator(d, cfg, ends, device)
-        bar = tqdm(total=reader.n_rows, desc=f"features of {d} latents", unit="row", mininterval=1,
+        bar = tqdm(total=reader.n_rows, desc=f"features of {d}", unit="row", mininterval=1,
                    disable=not cfg.progress)
         accumulate(reader, sae, acc, chunk, roles, device, bar)
         bar.close()
         acc.close()
-        has_text = bool((roles > ROLE["image_special"]).any())
+        has_text = bool((~is_image(roles)).any())
         identity = cache_identity(reader.meta)
-        attrs = {"format": FORMAT, "d_sae": d, "k": cfg.k, "rank_by": cfg.rank_by, "reservoir": cfg.reservoir,
-                 "negatives": cfg.negatives, "seed": cfg.seed, "n_rows": reader.n_rows, "n_images": len(samples),
-                 "has_text_rows": has_text, "chunk_rows": chunk, "quantile_levels": json.dumps(cfg.quantile_levels),
-                 "sae_path": str(Path(sae_dir).resolve()), "sae_cfg": json.dumps(sae.cfg.to_dict(), default=str),
-                 "sae_sha256": sha, "cache_path": str(Path(cache).resolve()),
+        attrs = {"format": FORMAT, "d_sae": d, "top_samples": cfg.top_samples, "rank_by": cfg.rank_by,
+                 "reservoir": cfg.reservoir, "negatives": cfg.negatives, "seed": cfg.seed, "n_rows": reader.n_rows,
+                 "n_samples": len(samples), "has_text_rows": has_text, "chunk_rows": chunk,
+                 "quantile_levels": json.dumps(cfg.quantile_levels),
+                 "sae_path": str(layout.sae), "sae_cfg": json.dumps(sae.cfg.to_dict(), default=str),
+                 "sae_sha256": sha, "cache_path": str(layout.cache),
                  "cache_identity": json.dumps(identity, default=str), "cache_fingerprint": cache_fingerprint(identity),
                  "versions": json.dumps(versions()), "argv": json.dumps(sys.argv),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -326,13 +324,13 @@ def accumulate(reader, sae, acc: _Accumulator, chunk: int, roles: torch.Tensor, 
                bar=None) -> None:
     """The pass itself: every row of `reader`, in chunks of `chunk` rows, encoded and added to `acc`."""
     buf = None
-    if sae.cfg.arch == "topk" and device.type == "cpu":  # one [chunk, d_sae] scratch block for every chunk
+    if sae.arch.entries_scratch and device.type == "cpu":  # one [chunk, d_sae] scratch block for every chunk
         buf = torch.empty(min(chunk, max(reader.n_rows, 1)), sae.cfg.d_sae, dtype=sae.dtype)
     with torch.no_grad():
         for start, x in reader.iter_sequential(chunk):
             x = x.to(device=device, dtype=sae.dtype)
             chunk_roles = roles[start: start + len(x)].to(device)
-            entries = encode_entries(sae, x, buf)
+            entries = sae.arch.active_entries(sae, x, buf)
             if entries is None:
                 acc.add(start, sae.encode(x).float(), chunk_roles)
             else:
@@ -365,10 +363,13 @@ def _write(out: Path, acc: _Accumulator, samples: np.ndarray, n_rows: int, has_t
             groups = {f"top_{by}": sel for by, sel in acc.top.items()}
             groups.update(reservoir=acc.reservoir, negatives=acc.negatives)
             for group, sel in groups.items():
-                _put(f, f"{group}/image", sel.image.cpu().numpy().astype(np.int32))
+                _put(f, f"{group}/sample", sel.sample.cpu().numpy().astype(np.int32))
                 for name, v in sel.payload.items():
                     _put(f, f"{group}/{name}", v.cpu().numpy().astype(np.float32))
             f.create_dataset("samples", data=samples)
+            rows = acc.row_stats.stats()  # explain.feature_columns: one feature's activations from its column
+            f.create_dataset("rows/n_active", data=rows.n_active, chunks=(min(max(n_rows, 1), 1 << 16),))
+            f.create_dataset("rows/min_active", data=rows.min_active, chunks=(min(max(n_rows, 1), 1 << 16),))
             f.attrs.update(attrs)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -382,40 +383,15 @@ def _put(f: h5py.File, name: str, arr: np.ndarray) -> None:
                      compression_opts=1)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    d = FeaturesConfig()
-    p = sub.add_parser("features", help="per-feature statistics and example images of an SAE over a cache",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="One streaming pass over the cache; memory stays bounded for any number "
-                                   "of rows and features. Writes features.h5 (read with explain.feature_reader).")
-    p.add_argument("--cache", required=True, help="activation cache written by `interp cache`")
-    p.add_argument("--sae", required=True, help="SAE directory (SAELens format)")
-    p.add_argument("--out", default=None, help="output file (default: SAE_DIR/features.h5)")
-    p.add_argument("--k", type=int, default=d.k, help="top images per feature")
-    p.add_argument("--rank-by", choices=RANKINGS, default=d.rank_by,
-                   help="default ranking of an image: max or mean of the feature over its patch tokens (both stored)")
-    p.add_argument("--reservoir", type=int, default=d.reservoir,
-                   help="random activating images kept per feature, for quantile-band examples")
-    p.add_argument("--negatives", type=int, default=d.negatives, help="random non-activating images per feature")
-    p.add_argument("--bins", type=int, default=d.bins, help="log-spaced histogram bins (1e-4 .. 1e4) for quantiles")
-    p.add_argument("--chunk-rows", type=int, default=None,
-                   help=f"at most this many rows per chunk (never more than {d.max_chunk_elements} / d_sae)")
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random reservoir and negatives")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cli)
+def _report(out: Path, cfg: FeaturesConfig) -> None:
+    from explain.feature_reader import FeatureReader
 
-
-def _cli(args: argparse.Namespace) -> int:
-    from explain.feature_reader import FeatureStats
-
-    cfg = FeaturesConfig(k=args.k, rank_by=args.rank_by, reservoir=args.reservoir, negatives=args.negatives,
-                         bins=args.bins, chunk_rows=args.chunk_rows, seed=args.seed, device=args.device,
-                         progress=not args.no_progress)
-    out = compute_features(args.cache, args.sae, args.out or Path(args.sae) / "features.h5", cfg)
-    with FeatureStats(out) as fs:
+    with FeatureReader(out) as fs:
         density = fs.summary_table()["density"]
-    print(f"{out}: {fs.d_sae} features over {fs.meta['n_rows']} rows of {fs.meta['n_images']} images; "
+    print(f"{out}: {fs.d_sae} features over {fs.meta['n_rows']} rows of {fs.meta['n_samples']} samples; "
           f"dead {(density == 0).mean():.1%}, median density of the live ones "
           f"{np.median(density[density > 0]) if (density > 0).any() else 0:.2e}")
-    return 0
+
+
+COMMANDS = [Command("features", FeaturesConfig, compute_features,
+                    "per-feature statistics and example samples of the run's SAE over its cache", report=_report)]

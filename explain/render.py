@@ -140,31 +140,30 @@ def render_feature(image: Image.Image, tokens: np.ndarray, acts: np.ndarray, *, 
                        box, float(vmax), scale)
 
 
-def render_example(sources: FeatureSources, feature: int, image: int, **kwargs) -> FeatureView:
-    """`render_feature` for one image of the cache (a row of its samples table), with the colour
-    scale at the feature's max over the cache unless `vmax` is given."""
+def render_example(sources: FeatureSources, feature: int, sample: int, **kwargs) -> FeatureView:
+    """`render_feature` for the image of one sample of the cache (a row of its samples table), with
+    the colour scale at the feature's max over the cache unless `vmax` is given."""
     from interp.cache.data import load_image
 
-    tokens, acts = sources.token_activations(feature, image)
-    kwargs.setdefault("vmax", sources.stats.stats(feature).max)
-    ref = sources.stats.samples[image]["image_ref"]
-    return render_feature(load_image(ref.decode() if isinstance(ref, bytes) else ref), tokens, acts, **kwargs)
+    tokens, acts = sources.token_activations(feature, sample)
+    kwargs.setdefault("vmax", sources.features.stats(feature).max)
+    return render_feature(load_image(sources.reader.image_refs[sample]), tokens, acts, **kwargs)
 
 
 def write_feature_pngs(sources: FeatureSources, feature: int, out_dir: str | Path, *, by: str | None = None,
                        views: tuple[str, ...] = ("overlay", "masked", "crop", "original"), **kwargs) -> list[Path]:
-    """PNGs of `views` for each top image of `feature` (one shared colour scale), named
-    `feature{F}_top{RANK}_image{IMAGE}_{VIEW}.png`; returns their paths."""
+    """PNGs of `views` for each top sample of `feature` (one shared colour scale), named
+    `feature{F}_top{RANK}_sample{SAMPLE}_{VIEW}.png`; returns their paths."""
     unknown = set(views) - set(VIEWS)
     if unknown:
         raise ValueError(f"unknown views {sorted(unknown)}; choose from {VIEWS}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for rank, example in enumerate(sources.stats.top_images(feature, by)):
-        view = render_example(sources, feature, example.image, **kwargs)
+    for rank, example in enumerate(sources.features.top(feature, by)):
+        view = render_example(sources, feature, example.sample, **kwargs)
         for name in views:
-            path = out / f"feature{feature}_top{rank:02d}_image{example.image}_{name}.png"
+            path = out / f"feature{feature}_top{rank:02d}_sample{example.sample}_{name}.png"
             getattr(view, name).save(path)
             paths.append(path)
     return paths

@@ -1,7 +1,7 @@
 """Scoring explanations: detection by a judge, IoU with ground-truth masks, concept accuracy.
 
 - Detection: the judge (the explainer by default) gets the explanation and, one at a time,
-  held-out activating images (top images and quantile-band samples the explainer did not see,
+  held-out activating samples (top samples and quantile-band samples the explainer did not see,
   explain.examples) and non-activating ones (FeatureStats negatives), unmarked, and says whether
   each shows it. Balanced accuracy and F1 at P(yes) >= 0.5, AUROC over P(yes) where the judge
   gives one (else over its yes/no), and the recall per source (top, q0..q3) to show which part
@@ -12,7 +12,7 @@
   a user supplies per sample; for a single shapes-world concept also at token resolution
   (a token is in the concept where it covers > 5% of the token's box, interp.shapes.ground_truth),
   which a patch-level feature can reach 1.0 on.
-- Concept accuracy: for a latent that ground-truth recovery (saes.recovery.recover_concepts)
+- Concept accuracy: for a feature that ground-truth recovery (interp.shapes.concepts, RUN/recovery.json)
   matches to a concept with F1 >= f1_min, whether the explanation names that concept.
 """
 
@@ -26,10 +26,10 @@ import numpy as np
 from PIL import Image
 
 from explain.examples import MarkedExample
-from explain.prompts import WorldTerms, names_concept, world_terms
+from explain.prompts import names_concept, world_terms
 from explain.render import activation_map
 from interp.shapes.world import WorldConfig
-from saes.recovery import auroc
+from interp.shapes.concepts import auroc
 
 
 @dataclass
@@ -76,7 +76,7 @@ class IoU:
     pixels: float  # pooled over images: sum of intersections / sum of unions
     pixels_mean: float  # mean of the per-image IoUs
     tokens: float | None  # pooled at token resolution (shapes world, one concept), else None
-    n_images: int
+    n_samples: int
 
 
 def feature_mask(ex: MarkedExample, threshold: float = 0.0) -> np.ndarray:
@@ -86,41 +86,18 @@ def feature_mask(ex: MarkedExample, threshold: float = 0.0) -> np.ndarray:
     return activation_map(ex.tokens, ex.acts, (w, h), (w, h), "nearest") > threshold * ex.vmax
 
 
-def world_mask(image_ref: str, terms: WorldTerms, world: WorldConfig = WorldConfig()) -> np.ndarray | None:
-    """[H, W] bool: the objects a world explanation or concept describes (all named colours x shapes);
-    None for an image that is not from the shapes world."""
-    from interp.shapes.ground_truth import parse_shapes_ref, scene_of
-
-    if parse_shapes_ref(image_ref) is None:
-        return None
-    scene = scene_of(image_ref, world)
-    out = np.zeros((world.image_size, world.image_size), bool)
-    for o in scene.objects:
-        if (not terms.colors or o.color in terms.colors) and (not terms.shapes or o.shape in terms.shapes):
-            out |= o.mask
-    return out
-
-
-def world_token_labels(image_ref: str, tokens: np.ndarray, concept: str, world: WorldConfig = WorldConfig(),
-                       threshold: float = 0.05) -> np.ndarray:
-    """Per token: the concept covers more than `threshold` of its box (as saes.recovery labels tokens)."""
-    from explain.render import token_boxes
-    from interp.shapes.ground_truth import box_coverage, scene_of
-
-    return box_coverage(scene_of(image_ref, world), token_boxes(tokens), (concept,))[:, 0] > threshold
-
-
 class MaskFolder:
-    """User ground truth: DIR/{sample}.png per image (non-zero = inside), `sample` as in the cache's samples table."""
+    """User ground truth: DIR/{source_index}.png per sample (non-zero = inside), `source_index` being the
+    sample's number in its data source (the cache's samples table records it)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"mask folder {root} does not exist: give a folder of PNG masks named "
-                                    "{sample}.png (the sample numbers of the cache's samples table)")
+                                    "{source_index}.png (the samples' numbers in their data source)")
 
-    def get(self, sample: int, size: tuple[int, int]) -> np.ndarray | None:
-        path = self.root / f"{sample}.png"
+    def get(self, source_index: int, size: tuple[int, int]) -> np.ndarray | None:
+        path = self.root / f"{source_index}.png"
         if not path.exists():
             return None
         with Image.open(path) as im:
@@ -131,10 +108,12 @@ class MaskFolder:
         return mask
 
 
-def iou_score(examples: list[MarkedExample], samples: dict[int, int], concept: str | None, threshold: float = 0.0,
+def iou_score(examples: list[MarkedExample], concept: str | None, threshold: float = 0.0,
               masks: MaskFolder | None = None, world: WorldConfig = WorldConfig()) -> IoU | None:
     """IoU of the feature's masks with the ground truth over `examples` (None: no ground truth for them).
-    `concept`: a world concept or explanation (its colour and shape words); `samples`: image -> sample."""
+    `concept`: a world concept or explanation (its colour and shape words)."""
+    from interp.shapes.ground_truth import object_mask, token_labels
+
     terms = world_terms(concept or "", world)
     if masks is None and not terms.words:
         return None
@@ -143,7 +122,8 @@ def iou_score(examples: list[MarkedExample], samples: dict[int, int], concept: s
     per_image = []
     for ex in examples:
         pred = feature_mask(ex, threshold)
-        truth = masks.get(samples[ex.image], ex.original.size) if masks else world_mask(ex.image_ref, terms, world)
+        truth = (masks.get(ex.source_index, ex.original.size) if masks
+                 else object_mask(ex.image_ref, terms.colors, terms.shapes, world))
         if truth is None:
             continue
         i, u = int((pred & truth).sum()), int((pred | truth).sum())
@@ -151,7 +131,7 @@ def iou_score(examples: list[MarkedExample], samples: dict[int, int], concept: s
         per_image.append(i / u if u else 1.0)
         if single and masks is None:
             on = ex.acts > threshold * ex.vmax
-            lab = world_token_labels(ex.image_ref, ex.tokens, terms.words[0], world)
+            lab = token_labels(ex.image_ref, ex.tokens, terms.words[0], world)
             t_inter, t_union = t_inter + int((on & lab).sum()), t_union + int((on | lab).sum())
     if not per_image:
         return None
@@ -164,14 +144,13 @@ def iou_score(examples: list[MarkedExample], samples: dict[int, int], concept: s
 
 
 @dataclass
-class ScoreConfig:
+class ScoringConfig:
     iou_threshold: float = 0.0  # tokens above this fraction of the feature's max form its mask
-    f1_min: float = 0.9  # recovery F1 at which a latent counts as matching a concept
+    f1_min: float = 0.9  # recovery F1 at which a feature counts as matching a concept
 
 
 def score_feature(judge, explanation: str, positives: list[MarkedExample], negatives: list[MarkedExample],
-                  samples: dict[int, int], concepts: list[str], cfg: ScoreConfig = ScoreConfig(),
-                  masks: MaskFolder | None = None) -> dict:
+                  concepts: list[str], cfg: ScoringConfig = ScoringConfig(), masks: MaskFolder | None = None) -> dict:
     """Detection, IoU and concept accuracy of one feature's explanation, as one JSON-able record."""
     t0 = time.time()
     before = (judge.usage.tokens_in, judge.usage.tokens_out)
@@ -181,9 +160,9 @@ def score_feature(judge, explanation: str, positives: list[MarkedExample], negat
                             [ex.source for ex in positives + negatives])
     record: dict = {"explanation": explanation, "detection": _no_nan(asdict(det)),
                     "verdicts": [None if v is None else round(float(v), 4) for v in verdicts],
-                    "images": [ex.image for ex in positives + negatives]}
+                    "samples": [ex.sample for ex in positives + negatives]}
     truth = concepts[0] if concepts else explanation  # the matched concept, else what the explanation names
-    iou = iou_score(positives, samples, truth, cfg.iou_threshold, masks)
+    iou = iou_score(positives, truth, cfg.iou_threshold, masks)
     record["iou"] = asdict(iou) if iou else None
     record["concepts"] = concepts
     record["names_concept"] = any(names_concept(explanation, c) for c in concepts) if concepts else None
@@ -196,15 +175,6 @@ def score_feature(judge, explanation: str, positives: list[MarkedExample], negat
 def _no_nan(d: dict) -> dict:
     """NaN (undefined, e.g. AUROC without negatives) as null, so the stores stay standard JSON."""
     return {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in d.items()}
-
-
-def concept_matches(matches, f1_min: float = 0.9) -> dict[int, list[tuple[str, float]]]:
-    """latent -> [(concept, F1)] for every concept recovery matched to it with F1 >= f1_min."""
-    out: dict[int, list[tuple[str, float]]] = {}
-    for m in matches:
-        if m.f1 >= f1_min:
-            out.setdefault(int(m.latent), []).append((m.concept, round(float(m.f1), 4)))
-    return out
 
 
 def summarize(records: dict[int, dict], matched: dict[int, list[tuple[str, float]]],

@@ -1,8 +1,12 @@
-"""`interp`: the one command-line entry point, a subcommand per pipeline stage.
+"""`interp`: the one command-line entry point, generated from the stages' config dataclasses.
 
-Each stage registers its own subcommands (`register(subparsers)` in its `cli` module) and,
-optionally, its benchmarks under `interp bench` (`register_bench(bench_subparsers)`).
-Heavy imports happen inside the handlers so `interp --help` stays fast.
+Every command is a stage function of one config dataclass (`interp.infra.cli_config.Command`),
+listed in its module's `COMMANDS`; this module collects them, builds the parser from the
+dataclasses, and turns a user error into one line and exit code 2. It is, with
+`interp.pipeline`, the only place that imports every stage. Modules in `REGISTERS` add their
+commands with argparse themselves (`register(subparsers)`), for commands not yet moved onto
+config dataclasses. Stage modules are imported when the parser is built; their heavy imports
+happen inside the stage functions, so `interp --help` stays fast.
 """
 
 from __future__ import annotations
@@ -12,35 +16,54 @@ import importlib
 import os
 import sys
 
+from interp.infra.cli_config import Command, add_commands, run_command
+
 # transformer-lens's bridge may `pip install torchvision` by itself when a processor fails
 # to load, which replaces the CPU torch with a CUDA build: no package index while we run.
 os.environ.setdefault("PIP_NO_INDEX", "1")
 
-STAGES = ["interp.shapes.world", "interp.shapes.organisms.cli", "interp.model.layers", "interp.cache.writer", "interp.cache.bench", "saes.cli", "saes.evaluate", "saes.recovery", "explain.features", "explain.cli", "steering.cli", "app.cli", "interp.pipeline.benchmark", "interp.pipeline.demo"]
+STAGES = ["interp.shapes.world", "interp.shapes.organisms.cli", "interp.model.layers", "interp.cache.writer",
+          "interp.pipeline.speed", "saes.train", "saes.bench", "saes.evaluate", "saes.recovery", "explain.features",
+          "explain.commands", "steering.commands", "app.commands", "interp.pipeline.benchmark", "interp.pipeline.demo"]
+REGISTERS = ["explain.server"]  # `interp serve-explainer` registers itself (argparse) until it moves onto a config
+GROUPS = {"bench": "speed benchmarks, as ratios against baselines measured in the same run"}
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the command, exit code 2 (argparse prints the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def commands() -> tuple[list[Command], dict[str, str]]:
+    out: list[Command] = []
+    groups = dict(GROUPS)
+    for name in STAGES:
+        module = importlib.import_module(name)
+        out += getattr(module, "COMMANDS", [])
+        groups.update(getattr(module, "GROUPS", {}))
+    return out, groups
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="interp", description="lmmscope: sparse-autoencoder interpretability for multimodal models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    bench = sub.add_parser("bench", help="speed benchmarks, as ratios against baselines measured in the same run")
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
-    for name in STAGES:
-        module = importlib.import_module(name)
-        if hasattr(module, "register"):
-            module.register(sub)
-        if hasattr(module, "register_bench"):
-            module.register_bench(bench_sub)
+    parser = _Parser(prog="interp", description="lmmscope: sparse-autoencoder interpretability for multimodal models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    cmds, groups = commands()
+    add_commands(sub, cmds, groups)
+    for name in REGISTERS:
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "_command"):
+            return run_command(args._command, args)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # user errors: one clear line, no traceback
+    except USER_ERRORS as e:  # user errors: one clear line, no traceback
         if os.environ.get("INTERP_DEBUG"):
             raise
         print(f"interp {args.command}: error: {e}", file=sys.stderr)

@@ -16,32 +16,49 @@ final SAE), their ratios, and our time per batch against one dense encoder matmu
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass, field
+
+from interp.infra.cli_config import Command, choices
 
 
-def register_bench(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("train", help="TopK SAE training throughput and FVU: ours vs sae-lens vs dense",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--d-in", type=int, default=512, help="activation width")
-    p.add_argument("--d-sae", type=int, default=8192, help="latents")
-    p.add_argument("--k", type=int, default=32, help="active latents per row")
-    p.add_argument("--batch", type=int, default=4096, help="rows per training step")
-    p.add_argument("--steps", type=int, default=30, help="training steps per trainer")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (all trainers)")
-    p.add_argument("--warmup", type=int, default=3, help="linear warm-up steps (all trainers)")
-    p.add_argument("--decay-fraction", type=float, default=0.2, help="linear decay to 0 over this last fraction")
-    p.add_argument("--features", type=int, default=4096, help="true directions in the synthetic data")
-    p.add_argument("--active", type=float, default=16, help="true directions active per row")
-    p.add_argument("--eval-rows", type=int, default=8192, help="held-out rows for the FVU")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0, help="seed of data and weights")
-    p.add_argument("--skip", nargs="*", default=[], choices=["sae-lens", "dense"], help="trainers to leave out")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run_bench)
+@dataclass
+class BenchTrainConfig:
+    """`interp bench train`: TopK training throughput and FVU, ours against sae-lens and the dense reference."""
+
+    d_in: int = 512
+    """activation width"""
+    d_sae: int = 8192
+    """features of each SAE"""
+    k: int = 32
+    """active features per row"""
+    batch_size: int = 4096
+    """rows per training step"""
+    steps: int = 30
+    """training steps per trainer"""
+    lr: float = 1e-3
+    """peak learning rate (all trainers)"""
+    warmup_steps: int = 3
+    """linear warm-up steps (all trainers)"""
+    decay_fraction: float = 0.2
+    """linear decay to 0 over this last fraction of the steps"""
+    true_features: int = 4096
+    """true directions in the synthetic data"""
+    active: float = 16
+    """true directions active per row"""
+    eval_rows: int = 8192
+    """held-out rows for the FVU"""
+    threads: int = 1
+    """torch CPU threads"""
+    seed: int = 0
+    """seed of data and weights"""
+    skip: tuple[str, ...] = field(default=(), metadata=choices(["sae-lens", "dense"]))
+    """trainers to leave out"""
+    json: bool = False
+    """print one JSON object"""
 
 
 def _fvu(forward, x) -> float:
@@ -52,19 +69,19 @@ def _fvu(forward, x) -> float:
     return float(((out - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
 
-def _ours(args, source, sparse: bool):
+def _ours(args: BenchTrainConfig, source, sparse: bool):
     """(step function, final-SAE function) for our trainer."""
     from saes.sae import SAEConfig
     from saes.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                       decay_fraction=args.decay_fraction, seed=args.seed, sparse=sparse, progress=False,
                       device="cpu")
     trainer = Trainer(SAEConfig(arch="topk", d_in=args.d_in, d_sae=args.d_sae, k=args.k), cfg, source, None)
     return (lambda g, batch: trainer.run_step(g, batch)), trainer.final_sae
 
 
-def _sae_lens(args, source):
+def _sae_lens(args: BenchTrainConfig, source):
     """(step function, final-SAE function) for sae-lens's TopKTrainingSAE + SAETrainer.
 
     The step does what SAETrainer.fit() does per batch: `trainer.step(batch)`, then counts the step."""
@@ -81,8 +98,9 @@ def _sae_lens(args, source):
     torch.manual_seed(args.seed)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, dtype="float32",
                                                 device="cpu"))
-    tcfg = SAETrainerConfig(total_training_samples=args.steps * args.batch, train_batch_size_samples=args.batch,
-                            lr=args.lr, lr_end=args.lr, lr_scheduler_name="constant", lr_warm_up_steps=args.warmup,
+    tcfg = SAETrainerConfig(total_training_samples=args.steps * args.batch_size,
+                            train_batch_size_samples=args.batch_size, lr=args.lr, lr_end=args.lr,
+                            lr_scheduler_name="constant", lr_warm_up_steps=args.warmup_steps,
                             lr_decay_steps=int(args.decay_fraction * args.steps), device="cpu", autocast=False,
                             dead_feature_window=1000, feature_sampling_window=10**9,
                             logger=LoggingConfig(log_to_wandb=False))
@@ -95,7 +113,7 @@ def _sae_lens(args, source):
     return step, lambda: sae.eval()
 
 
-def run_bench(args) -> int:
+def bench_train(args: BenchTrainConfig) -> dict:
     import contextlib
     import io
 
@@ -104,8 +122,8 @@ def run_bench(args) -> int:
     from saes.data import TensorSource, synthetic_activations
 
     torch.set_num_threads(args.threads)
-    n_train = args.steps * args.batch
-    data = synthetic_activations(n_train + args.eval_rows, args.d_in, n_features=args.features, active=args.active,
+    n_train = args.steps * args.batch_size
+    data = synthetic_activations(n_train + args.eval_rows, args.d_in, n_features=args.true_features, active=args.active,
                                  seed=args.seed)
     train_rows, held_out = data[:n_train], data[n_train:]
     source = TensorSource(train_rows)
@@ -119,13 +137,13 @@ def run_bench(args) -> int:
             runs["sae_lens"] = _sae_lens(args, source)
     names = list(runs)
     times: dict[str, list[float]] = {n: [] for n in names}
-    mm_x, mm_w = torch.randn(args.batch, args.d_in), torch.randn(args.d_in, args.d_sae)
+    mm_x, mm_w = torch.randn(args.batch_size, args.d_in), torch.randn(args.d_in, args.d_sae)
     mm_x @ mm_w
     matmul: list[float] = []
-    say(f"training {', '.join(names)} in lockstep: {args.steps} steps of {args.batch} rows, "
+    say(f"training {', '.join(names)} in lockstep: {args.steps} steps of {args.batch_size} rows, "
         f"d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}")
     with quiet:
-        for i, batch in enumerate(source.batches(args.batch, seed=args.seed)):
+        for i, batch in enumerate(source.batches(args.batch_size, seed=args.seed)):
             if i == args.steps:
                 break
             for name in names[i % len(names):] + names[:i % len(names)]:  # rotate the order: no position bias
@@ -140,7 +158,7 @@ def run_bench(args) -> int:
     results = {}
     for name in names:
         t = times[name]
-        results[name] = {"acts_per_s": round(len(t) * args.batch / sum(t), 1), "train_s": round(sum(t), 3),
+        results[name] = {"acts_per_s": round(len(t) * args.batch_size / sum(t), 1), "train_s": round(sum(t), 3),
                          "step_ms_median": round(statistics.median(t) * 1e3, 2),
                          "fvu": round(_fvu(runs[name][1](), held_out), 5)}
         r = results[name]
@@ -155,13 +173,16 @@ def run_bench(args) -> int:
         if other in results:
             ratios[f"speed_ours_over_{other}"] = round(ours["acts_per_s"] / results[other]["acts_per_s"], 3)
             ratios[f"fvu_ours_minus_{other}"] = round(ours["fvu"] - results[other]["fvu"], 5)
-    report = {"config": {k: v for k, v in vars(args).items() if not callable(v)}, "results": results,
+    report = {"config": asdict(args), "results": results,
               "matmul_ms_median": round(mm, 2), "ratios": ratios, "torch_threads": torch.get_num_threads(),
               "torch": torch.__version__}
-    if args.json:
-        print(json.dumps(report))
-    else:
-        say(f"one dense encoder matmul [{args.batch}x{args.d_in}]@[{args.d_in}x{args.d_sae}]: {mm:.0f} ms (median)")
+    if not args.json:
+        say(f"one dense encoder matmul [{args.batch_size}x{args.d_in}]@[{args.d_in}x{args.d_sae}]: {mm:.0f} ms (median)")
         for k, v in ratios.items():
             say(f"  {k}: {v}")
-    return 0
+    return report
+
+
+COMMANDS = [Command("bench train", BenchTrainConfig, bench_train,
+                    "TopK SAE training throughput and FVU: ours vs sae-lens vs dense",
+                    report=lambda r, cfg: print(json.dumps(r)) if cfg.json else None)]

@@ -12,16 +12,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-DENSE = 0.1  # a latent firing on more than 10% of rows is "dense"
+from interp.infra.cli_config import Command, positional
+from interp.infra.layout import RunLayout
+
+DENSE = 0.1  # a feature firing on more than 10% of rows is "dense"
 
 
 @torch.no_grad()
@@ -63,11 +66,11 @@ def _eval_samples(reader, n: int):
 
     template = reader.meta["prompt_template"]
     samples, answers = [], []
-    for row in reader.samples[:n]:
-        ref, prompt = (v.decode() if isinstance(v, bytes) else v for v in (row["image_ref"], row["prompt"]))
-        image = load_image(ref) if row["width"] > 0 else None
-        samples.append(Sample(int(row["sample"]), ref, image, text=prompt))
-        answers.append(caption(scene_of(ref)) if parse_shapes_ref(ref) else None)
+    for i in range(min(n, reader.n_samples)):
+        s = reader.sample(i)
+        image = load_image(s.image_ref) if s.has_image else None
+        samples.append(Sample(s.source_index, s.image_ref, image, text=s.prompt))
+        answers.append(caption(scene_of(s.image_ref)) if parse_shapes_ref(s.image_ref) else None)
     if "{image}" not in template:
         template = "{text}"  # text models: the stored prompt is the whole user text
     return samples, template, (answers if all(a is not None for a in answers) else None)
@@ -79,11 +82,12 @@ def spliced_metrics(sae, reader, lm=None, n_samples: int = 64, batch_size: int =
     from interp.model.hooks import patch_output
     from interp.model.inputs import model_inputs, prompts
     from interp.model.models import load_model
-    from interp.model.token_map import ROLES, token_table
+    from interp.cache.format import role_codes
+    from interp.model.token_map import token_table
 
     meta = reader.meta
     lm = lm or load_model(meta["model"], revision=meta.get("revision") or None)
-    role_codes = [ROLES.index(r) for r in meta["roles"]]
+    codes = role_codes(meta["roles"])
     samples, template, answers = _eval_samples(reader, n_samples)
     sums = {k: 0.0 for k in ("clean", "spliced", "spliced_with_error", "zero_ablated", "kl_spliced", "kl_zero")}
     count = 0
@@ -96,7 +100,7 @@ def spliced_metrics(sae, reader, lm=None, n_samples: int = 64, batch_size: int =
         table = token_table(lm, {"input_ids": ids, **{k: v for k, v in inputs.items() if k != "input"}},
                             [[b.image] for b in batch] if lm.is_multimodal else None, users)
         splice = torch.zeros(ids.shape, dtype=torch.bool)
-        keep = np.isin(table["role"], role_codes)
+        keep = np.isin(table["role"], codes)
         splice[table["sample"][keep], table["position"][keep]] = True
         target = _loss_positions(lm, inputs, ids, table, ans)
         splice, target = splice.to(ids.device), target.to(ids.device)
@@ -158,7 +162,7 @@ def _logits(lm, inputs) -> torch.Tensor:
 
 def _loss_positions(lm, inputs, ids, table, answers) -> torch.Tensor:
     """[B, T] bool: the tokens whose prediction is scored (the answers, else text after the image)."""
-    from interp.model.token_map import ROLES
+    from interp.cache.format import is_image, is_text
 
     mask = inputs.get("attention_mask", torch.ones_like(ids)).bool().cpu()
     target = torch.zeros(ids.shape, dtype=torch.bool)
@@ -168,8 +172,7 @@ def _loss_positions(lm, inputs, ids, table, answers) -> torch.Tensor:
             last = int(mask[i].nonzero().max()) + 1
             target[i, last - n: last] = True
         return target
-    image_rows = np.isin(table["role"], [ROLES.index("image_patch"), ROLES.index("image_special")])
-    text_rows = np.isin(table["role"], [ROLES.index("text"), ROLES.index("template")])
+    image_rows, text_rows = is_image(table["role"]), is_text(table["role"])
     for i in range(ids.shape[0]):
         img = table["position"][image_rows & (table["sample"] == i)]
         after = table["position"][text_rows & (table["sample"] == i)]
@@ -210,60 +213,64 @@ def vqa_with_sae(sae, reader, lm=None, n: int = 100) -> dict | None:
     return {"clean": clean, "spliced": spliced}
 
 
-def evaluate_sae(sae_dir: str | Path, cache: str | Path, out: str | Path | None = None, n_samples: int = 64,
-                 vqa_n: int = 100, max_rows: int | None = None) -> dict:
+@dataclass
+class EvalConfig:
+    """`interp eval`: how good the run's SAE is, on a cache and spliced back into its model."""
+
+    run: str | None = field(default=None, metadata=positional())
+    """run directory: evaluates RUN/sae/, writes RUN/eval/"""
+    cache: str | None = None
+    """activation cache to evaluate on (none: the run's own, RUN/activations.h5; ideally a held-out one)"""
+    samples: int = 64
+    """cached samples for the spliced CE/KL evaluation"""
+    questions: int = 100
+    """organism VQA with the SAE spliced in: held-out questions per task (0: skip)"""
+    max_rows: int | None = None
+    """rows for the reconstruction metrics (none: all)"""
+    json: bool = False
+    """print eval.json"""
+
+
+def evaluate_sae(cfg: EvalConfig) -> dict:
     from interp.cache.reader import ActivationReader
     from interp.infra.runinfo import write_run_info
     from saes.sae import SAE
 
-    sae = SAE.load(sae_dir)
-    reader = ActivationReader(cache)
-    sae.check_width(torch.zeros(1, reader.d))
-    rec = reconstruction_metrics(sae, reader, max_rows=max_rows)
-    density = rec.pop("density")
-    result = {"sae": str(sae_dir), "cache": str(cache), **rec}
-    if reader.meta.get("module_path"):
-        result["spliced"] = spliced_metrics(sae, reader, n_samples=n_samples)
-        vqa = vqa_with_sae(sae, reader, n=vqa_n) if vqa_n else None
-        if vqa:
-            result["vqa"] = vqa
-    out = Path(out or sae_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
-    write_run_info(out, {"command": "eval", "sae": str(sae_dir), "cache": str(cache)}, name="eval_run.json")
-    _figures(density, out)
+    layout = RunLayout.of(cfg.run)
+    cache = Path(cfg.cache) if cfg.cache else layout.cache
+    sae = SAE.load(layout.sae)
+    with ActivationReader(cache) as reader:
+        sae.check_width(torch.zeros(1, reader.d))
+        rec = reconstruction_metrics(sae, reader, max_rows=cfg.max_rows)
+        density = rec.pop("density")
+        result = {"sae": str(layout.sae), "cache": str(cache), **rec}
+        if reader.meta.get("module_path"):
+            result["spliced"] = spliced_metrics(sae, reader, n_samples=cfg.samples)
+            vqa = vqa_with_sae(sae, reader, n=cfg.questions) if cfg.questions else None
+            if vqa:
+                result["vqa"] = vqa
+    layout.eval_dir.mkdir(parents=True, exist_ok=True)
+    layout.eval.write_text(json.dumps(result, indent=1))
+    write_run_info(layout.run_info("eval"), {"command": "eval", "config": asdict(cfg)})
+    _figures(density, layout)
     return result
 
 
-def _figures(density: np.ndarray, out: Path) -> None:
+def _figures(density: np.ndarray, layout: RunLayout) -> None:
     import plotly.graph_objects as go
 
     alive = density[density > 0]
     fig = go.Figure(go.Histogram(x=np.log10(alive), nbinsx=40))
     fig.update_layout(title=f"Feature density ({(density == 0).mean():.1%} dead)", xaxis_title="log10 firing rate",
-                      yaxis_title="latents", template="plotly_white")
-    fig.write_html(out / "density.html", include_plotlyjs="cdn")
-    fig.write_json(out / "density.json")
+                      yaxis_title="features", template="plotly_white")
+    fig.write_html(layout.density_figure("html"), include_plotlyjs="cdn")
+    fig.write_json(layout.density_figure("json"))
 
 
-def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate an SAE: FVU, L0, dead/dense, CE recovered, KL, organism VQA",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sae", required=True, help="SAE directory (SAELens format)")
-    p.add_argument("--cache", required=True, help="activation cache to evaluate on (ideally held out)")
-    p.add_argument("--out", default=None, help="directory for eval.json and figures (default: the SAE directory)")
-    p.add_argument("--samples", type=int, default=64, help="samples for the spliced CE/KL evaluation")
-    p.add_argument("--vqa-n", type=int, default=100, help="questions per task for organism VQA (0: skip)")
-    p.add_argument("--max-rows", type=int, default=None, help="rows for the reconstruction metrics (default: all)")
-    p.add_argument("--json", action="store_true", help="print eval.json")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    r = evaluate_sae(args.sae, args.cache, args.out, args.samples, args.vqa_n, args.max_rows)
-    if args.json:
+def _report(r: dict, cfg: EvalConfig) -> None:
+    if cfg.json:
         print(json.dumps(r))
-        return 0
+        return
     print(f"FVU {r['fvu']:.4f}  L0 {r['l0']:.1f}  dead {r['dead_fraction']:.1%}  dense {r['dense_fraction']:.1%}")
     if "spliced" in r:
         s = r["spliced"]
@@ -272,4 +279,7 @@ def _cli(args) -> int:
     if "vqa" in r:
         for task in r["vqa"]["clean"]:
             print(f"VQA {task:8s} clean {r['vqa']['clean'][task]:.3f}  with SAE {r['vqa']['spliced'][task]:.3f}")
-    return 0
+
+
+COMMANDS = [Command("eval", EvalConfig, evaluate_sae, "evaluate the run's SAE: FVU, L0, dead/dense, CE recovered, KL, "
+                    "organism VQA", report=_report)]

@@ -1,15 +1,10 @@
 """Sparse autoencoders (TopK, BatchTopK, JumpReLU, ReLU+L1) that save and load in SAELens's format.
 
 On disk an SAE is a directory with `cfg.json` and `sae_weights.safetensors`, exactly what
-`sae_lens.SAE.load_from_disk(dir)` reads (checked against sae-lens 6.54):
-
-    ours        saved as SAELens architecture   weights
-    topk        "topk" (k, rescale_acts_by_decoder_norm=false)   W_enc b_enc W_dec b_dec
-    batchtopk   "jumprelu" (its inference form, as sae-lens exports it)   + threshold
-    jumprelu    "jumprelu"                                               + threshold
-    relu        "standard"                                               W_enc b_enc W_dec b_dec
-
-with W_enc [d_in, d_sae] and W_dec [d_sae, d_in]. `cfg.json`'s metadata carries
+`sae_lens.SAE.load_from_disk(dir)` reads (checked against sae-lens 6.54), with W_enc [d_in, d_sae],
+W_dec [d_sae, d_in], b_enc, b_dec and the architecture's own tensors (a threshold). What differs
+between architectures (activation, training loss, dead-feature handling, SAELens mapping) lives
+in `saes.architectures`, one module each; this class asks `self.arch`. `cfg.json`'s metadata carries
 `sae_lens_version` and our own full config under "lmmscope".
 
 Training runs in a normalised space, x' = (x - mean) / scale (centred, unit mean row norm).
@@ -31,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from saes import kernels
+from interp.infra.cli_config import choices, hidden
+from saes import architectures
+from saes.architectures.base import TrainOutput
 
-ARCHS = ("topk", "batchtopk", "jumprelu", "relu")
-SAE_LENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
@@ -53,37 +48,46 @@ def sae_lens_version() -> str:
 class SAEConfig:
     """What an SAE is: architecture, sizes, sparsity hyperparameters, and where its inputs come from."""
 
-    arch: str = "topk"  # topk | batchtopk | jumprelu | relu
-    d_in: int = 512
+    arch: str = field(default="topk", metadata=choices(architectures.names))
+    """SAE architecture (relu: ReLU with an L1 penalty)"""
+    d_in: int = field(default=512, metadata=hidden())
+    """width of the activations (the cache's)"""
     d_sae: int = 8192
-    k: float = 32  # active latents per row (topk; an integer) or per row on average (batchtopk)
-    l1_coefficient: float = 0.1  # relu: weight of the L1 penalty on activations (times decoder norms)
-    l0_coefficient: float = 3e-3  # jumprelu: weight of the (straight-through) L0 penalty
+    """features of the SAE"""
+    k: float = 32
+    """active features per row (topk: an integer), or per row on average (batchtopk)"""
+    l1_coefficient: float = 0.1
+    """relu: weight of the L1 penalty on activations times decoder norms (normalised inputs)"""
+    l0_coefficient: float = 3e-3
+    """jumprelu: weight of the straight-through L0 penalty"""
     jumprelu_init_threshold: float = 0.01
-    jumprelu_bandwidth: float = 0.01  # width of the straight-through estimator's window
-    apply_b_dec_to_input: bool = True
-    normalize: bool = True  # train on centred activations scaled to unit mean row norm (folded on save)
-    dtype: str = "float32"
-    device: str = "cpu"
-    model_name: str | None = None
-    hook_name: str | None = None
-    hook_layer: int | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)  # anything else (data set, cache path, ...)
+    """jumprelu: initial threshold"""
+    jumprelu_bandwidth: float = 0.01
+    """jumprelu: width of the straight-through estimator's window"""
+    apply_b_dec_to_input: bool = field(default=True, metadata=hidden())
+    """subtract b_dec from the input before encoding (SAELens's convention)"""
+    normalize: bool = True
+    """train on centred activations scaled to unit mean row norm (folded into the saved SAE)"""
+    dtype: str = field(default="float32", metadata=hidden())
+    """parameter dtype"""
+    device: str = field(default="cpu", metadata=hidden())
+    """where the parameters live"""
+    model_name: str | None = field(default=None, metadata=hidden())
+    """the model the activations come from (cfg.json metadata)"""
+    hook_name: str | None = field(default=None, metadata=hidden())
+    """the module path the activations come from"""
+    hook_layer: int | None = field(default=None, metadata=hidden())
+    """the layer of that hook"""
+    metadata: dict[str, Any] = field(default_factory=dict, metadata=hidden())
+    """anything else (data set, cache settings, ...)"""
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown SAE architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        arch = architectures.get(self.arch)
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.arch in ("topk", "batchtopk"):
-            if not 0 < self.k <= self.d_sae:
-                raise ValueError(f"k must be in (0, d_sae={self.d_sae}], got {self.k}")
-            if self.arch == "topk":
-                if self.k != int(self.k):
-                    raise ValueError(f"topk needs an integer k, got {self.k}")
-                self.k = int(self.k)
+        arch.check_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,52 +96,6 @@ class SAEConfig:
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-class _JumpReLU(torch.autograd.Function):
-    """pre * (pre > threshold); the threshold learns through a rectangle-kernel straight-through estimator."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth: float):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, g):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        window = ((pre - threshold).abs() < eps / 2).to(g.dtype)
-        grad_threshold = -(threshold / eps * window * g).sum(0)
-        return (pre > threshold) * g, grad_threshold, None
-
-
-class _Step(torch.autograd.Function):
-    """1[pre > threshold] for the L0 penalty; gradient only to the threshold (as in DeepMind's JumpReLU)."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth: float):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        window = ((pre - threshold).abs() < eps / 2).to(g.dtype)
-        return None, -(window * g / eps).sum(0), None
-
-
-@dataclass
-class TrainOutput:
-    loss: torch.Tensor  # what backward runs on
-    mse: torch.Tensor  # mean over rows of the summed squared error (normalised space)
-    aux: torch.Tensor  # AuxK loss (topk/batchtopk), else 0
-    sparsity: torch.Tensor  # L0 / L1 penalty (jumprelu/relu), else 0
-    recon: torch.Tensor  # detached reconstruction of the (normalised) input
-    l0: torch.Tensor  # mean active latents per row
-    fire_counts: torch.Tensor  # [d_sae] rows in which each latent was active
 
 
 class SAE(nn.Module):
@@ -153,11 +111,8 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(w_dec.t().contiguous())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
-        if cfg.arch == "jumprelu":
-            self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, dtype=dtype,
-                                                     device=device))
-        elif cfg.arch == "batchtopk":  # learned from the batches, not by gradient; the inference threshold
-            self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+        self.arch = architectures.get(cfg.arch)
+        self.arch.init_state(self)
         # input normalisation x' = (x - norm_mean) / norm_scale; identity once folded
         self.register_buffer("norm_mean", torch.zeros(cfg.d_in, dtype=dtype, device=device))
         self.register_buffer("norm_scale", torch.ones((), dtype=dtype, device=device))
@@ -185,13 +140,7 @@ class SAE(nn.Module):
         return sae_in @ self.W_enc + self.b_enc
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        arch = self.cfg.arch
-        if arch == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
-        if arch in ("jumprelu", "batchtopk"):  # batchtopk's inference form is a JumpReLU
-            return pre.relu() * (pre > self.threshold).to(pre.dtype)
-        return pre.relu()
+        return self.arch.activation(self, pre)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations [..., d_in] -> latent activations [..., d_sae] (raw units)."""
@@ -237,8 +186,8 @@ class SAE(nn.Module):
             self.b_enc.sub_(mu @ self.W_enc / s)
         self.b_dec.mul_(s).add_(mu)
         self.b_enc.mul_(s)
-        if hasattr(self, "threshold"):
-            self.threshold.mul_(s)
+        for name in self.arch.state_names():  # thresholds live in the pre-activation's units
+            getattr(self, name).mul_(s)
         self.norm_mean.zero_()
         self.norm_scale.fill_(1.0)
 
@@ -256,87 +205,14 @@ class SAE(nn.Module):
     def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None = None, *, sparse: bool = True,
                          aux_k: int | None = None, aux_coefficient: float = 1 / 32,
                          sparsity_scale: float = 1.0) -> TrainOutput:
-        """Losses on a batch already in the normalised space. `dead` ([d_sae] bool) drives AuxK.
+        """Losses on a batch already in the normalised space, as the architecture defines them.
+        `dead` ([d_sae] bool, from `arch.dead_features`) drives its dead-feature loss; sparse=True uses
+        the k-sparse kernels where the architecture has them; `sparsity_scale` multiplies the L0/L1
+        coefficient (its warm-up)."""
+        return self.arch.training_forward(self, x, dead, sparse=sparse, aux_k=aux_k,
+                                          aux_coefficient=aux_coefficient, sparsity_scale=sparsity_scale)
 
-        sparse=True uses the k-sparse kernels for topk/batchtopk; False the dense reference.
-        `sparsity_scale` multiplies the L0/L1 coefficient (its warm-up).
-        """
-        cfg, batch = self.cfg, x.shape[0]
-        zero = x.new_zeros(())
-        aux = sparsity = zero
-        if cfg.arch in ("topk", "batchtopk"):
-            n_dead = int(dead.sum()) if dead is not None else 0
-            base = aux_k or cfg.d_in // 2
-            k_aux = min(base, n_dead)
-            aux_scale = min(n_dead / base, 1.0)
-            dead_arg = dead if k_aux > 0 else None
-            if cfg.arch == "topk" and sparse:
-                recon, aux_recon, acts, idx, _ = kernels.sparse_topk_forward(
-                    x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, cfg.k, dead_arg, k_aux,
-                    cfg.apply_b_dec_to_input, pre_out=self._pre_buffer(x))
-            elif cfg.arch == "topk":
-                recon, aux_recon, acts, idx, _ = kernels.dense_topk_forward(
-                    x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, cfg.k, dead_arg, k_aux,
-                    cfg.apply_b_dec_to_input)
-            else:
-                recon, aux_recon, acts, idx = self._batchtopk_forward(x, dead_arg, k_aux, sparse)
-            active = acts > 0
-            fire_counts = torch.bincount(idx[active], minlength=cfg.d_sae)
-            l0 = active.sum() / batch
-            mse = (recon - x).pow(2).sum(-1).mean()
-            loss = mse
-            if aux_recon is not None:
-                residual = (x - recon).detach()
-                aux = aux_coefficient * aux_scale * (aux_recon - residual).pow(2).sum(-1).mean()
-                loss = loss + aux
-            if cfg.arch == "batchtopk":
-                self._update_batchtopk_threshold(acts[active])
-        else:
-            pre = torch.addmm(self.b_enc, x - self.b_dec if cfg.apply_b_dec_to_input else x, self.W_enc)
-            if cfg.arch == "jumprelu":
-                acts = _JumpReLU.apply(pre, self.threshold, cfg.jumprelu_bandwidth)
-                sparsity = cfg.l0_coefficient * sparsity_scale * _Step.apply(
-                    pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
-            else:
-                acts = pre.relu()
-                sparsity = cfg.l1_coefficient * sparsity_scale * (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
-            recon = acts @ self.W_dec + self.b_dec
-            active = acts.detach() > 0
-            fire_counts = active.sum(0)
-            l0 = active.sum() / batch
-            mse = (recon.float() - x).pow(2).sum(-1).mean()
-            loss = mse + sparsity
-        return TrainOutput(loss=loss, mse=mse.detach(), aux=aux.detach(), sparsity=sparsity.detach(),
-                           recon=recon.detach(), l0=l0, fire_counts=fire_counts)
-
-    def _batchtopk_forward(self, x, dead, k_aux, sparse):
-        cfg = self.cfg
-        sae_in = x - self.b_dec if cfg.apply_b_dec_to_input else x
-        if not sparse:
-            pre = torch.addmm(self.b_enc, sae_in, self.W_enc)
-            idx, keep = kernels.batchtopk_select(pre.detach(), cfg.k)
-            acts_k = pre.gather(1, idx).relu() * keep
-            recon = torch.zeros_like(pre).scatter(1, idx, acts_k) @ self.W_dec + self.b_dec
-            aux_recon = None
-            if dead is not None:
-                aux_idx = kernels.aux_topk_indices(pre.detach(), dead, k_aux)
-                aux_recon = torch.zeros_like(pre).scatter(1, aux_idx, pre.gather(1, aux_idx).relu()) @ self.W_dec
-            return recon, aux_recon, acts_k, idx
-        pre = kernels.encoder_preacts(sae_in, self.W_enc, self.b_enc, self._pre_buffer(x))
-        idx, keep = kernels.batchtopk_select(pre, cfg.k)
-        m = idx.shape[1]
-        aux_idx = kernels.aux_topk_indices(pre, dead, k_aux) if dead is not None else None
-        all_idx = idx if aux_idx is None else torch.cat([idx, aux_idx], 1)
-        vals = kernels.SparseEncoderGather.apply(sae_in, self.W_enc, self.b_enc, all_idx, pre)
-        del pre
-        acts_k = vals[:, :m].relu() * keep
-        recon = kernels.SparseDecoder.apply(acts_k, idx, self.W_dec) + self.b_dec
-        aux_recon = None
-        if aux_idx is not None:
-            aux_recon = kernels.SparseDecoder.apply(vals[:, m:].relu(), aux_idx, self.W_dec)
-        return recon, aux_recon, acts_k, idx
-
-    def _pre_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
+    def pre_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
         """A [batch, d_sae] scratch buffer kept between CPU training steps (None elsewhere)."""
         if x.device.type != "cpu":
             return None
@@ -350,17 +226,6 @@ class SAE(nn.Module):
         state.pop("_pre_buf", None)
         return state
 
-    @torch.no_grad()
-    def _update_batchtopk_threshold(self, active_vals: torch.Tensor, lr: float = 0.01) -> None:
-        """EMA of the smallest kept activation: the JumpReLU threshold used at inference."""
-        if active_vals.numel() == 0:
-            return
-        m = active_vals.min().to(self.threshold.dtype)
-        if bool(self.threshold[0] == 0):
-            self.threshold.fill_(m)
-        else:
-            self.threshold.mul_(1 - lr).add_(lr * m)
-
     # ------------------------------------------------------------------ SAELens on-disk format
     def sae_lens_state(self) -> dict[str, torch.Tensor]:
         """The weights as SAELens stores them (normalisation folded into a copy)."""
@@ -371,8 +236,7 @@ class SAE(nn.Module):
             sae = copy.deepcopy(self)
             sae.fold_normalisation()
         out = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-        if hasattr(sae, "threshold"):
-            out["threshold"] = sae.threshold
+        out.update({name: getattr(sae, name) for name in sae.arch.state_names()})
         return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
     def sae_lens_config(self, extra_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -382,14 +246,11 @@ class SAE(nn.Module):
                 "model_name": cfg.model_name, "hook_name": cfg.hook_name, "hook_layer": cfg.hook_layer,
                 **cfg.metadata, **(extra_metadata or {}),
                 "lmmscope": {"arch": cfg.arch, "config": cfg.to_dict(), "normalisation_folded": True}}
-        if cfg.arch == "batchtopk":
-            meta["training_architecture"] = "batchtopk"
-            meta["training_architecture_details"] = {"k": cfg.k}
-        out = {"architecture": SAE_LENS_ARCH[cfg.arch], "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype,
+        extra, extra_meta = self.arch.sae_lens_config(cfg)
+        meta.update(extra_meta)
+        out = {"architecture": self.arch.sae_lens, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype,
                "device": "cpu", "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": "none",
-               "reshape_activations": "none", "metadata": meta}
-        if cfg.arch == "topk":
-            out.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
+               "reshape_activations": "none", "metadata": meta, **extra}
         return out
 
     def save(self, path: str | Path, extra_metadata: dict[str, Any] | None = None,
@@ -474,35 +335,26 @@ def _config_from_sae_lens(raw: dict[str, Any], weights: dict[str, torch.Tensor],
         "torch.", ""), apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), normalize=False,
                   model_name=meta.get("model_name"), hook_name=meta.get("hook_name"),
                   hook_layer=meta.get("hook_layer"))
-    if arch_raw == "topk":
-        if raw.get("rescale_acts_by_decoder_norm"):  # fold the decoder norms, as sae-lens does on export
-            _fold_decoder_norms(weights)
-        cfg = SAEConfig(arch="topk", k=int(raw["k"]), **common)
-    elif arch_raw in ("batchtopk", "matryoshka_batchtopk"):  # training format: scalar topk_threshold
-        if raw.get("rescale_acts_by_decoder_norm", True):
-            _fold_decoder_norms(weights)
-        thr = weights.pop("topk_threshold").reshape(())
-        weights["threshold"] = thr.to(weights["b_enc"].dtype).expand(int(raw["d_sae"])).clone()
-        cfg = SAEConfig(arch="batchtopk", k=float(raw["k"]), **common)
-    elif arch_raw == "jumprelu":
-        details = meta.get("training_architecture_details") or {}
-        if meta.get("training_architecture") == "batchtopk" and "k" in details:
-            cfg = SAEConfig(arch="batchtopk", k=float(details["k"]), **common)
-        else:
-            cfg = SAEConfig(arch="jumprelu", **common)
-    elif arch_raw == "standard":
-        cfg = SAEConfig(arch="relu", **common)
-    else:
-        raise ValueError(f"{where}: SAELens architecture {arch_raw!r} is not supported "
-                         f"(supported: topk, batchtopk, jumprelu, standard)")
+    arch = architectures.for_sae_lens(arch_raw, meta)
+    if arch is None:
+        raise ValueError(f"{where}: SAELens architecture {arch_raw!r} is not supported (supported: "
+                         f"{', '.join(sorted({a.sae_lens for a in map(architectures.get, architectures.names())}))})")
+    cfg = SAEConfig(arch=arch.name, **common, **arch.from_sae_lens(raw, weights, meta))
     return cfg, weights
 
 
-def _fold_decoder_norms(w: dict[str, torch.Tensor]) -> None:
-    n = w["W_dec"].norm(dim=-1)
-    w["b_enc"] = w["b_enc"] * n
-    w["W_enc"] = w["W_enc"] * n[None, :]
-    w["W_dec"] = w["W_dec"] / n[:, None]
+def sae_fingerprint(sae_dir: str | Path) -> str:
+    """sha256 of the SAE's weights file: identifies the SAE whatever directory it was copied to."""
+    import hashlib
+
+    path = Path(sae_dir) / WEIGHTS_FILENAME
+    if not path.exists():
+        raise FileNotFoundError(f"no SAE at {sae_dir}: {WEIGHTS_FILENAME} is missing")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def lr_for(d_sae: int) -> float:

@@ -4,19 +4,20 @@
     from saes.sae import SAEConfig
     from saes.data import TensorSource
     result = train(SAEConfig(arch="topk", d_in=512, d_sae=8192, k=32), TrainConfig(steps=2000),
-                   TensorSource(acts), "runs/sae-topk")
-    result.path  # runs/sae-topk/sae: cfg.json + sae_weights.safetensors, loads in sae_lens
+                   TensorSource(acts), "runs/dev")
+    result.path  # runs/dev/sae: cfg.json + sae_weights.safetensors, loads in sae_lens
 
-The output directory holds run.json (how it was made), metrics.jsonl (one record per log
-step), checkpoint/ (weights, Adam state, dead-latent counters; written atomically every
-`checkpoint_every` steps) and sae/ (the final SAE, normalisation folded in). Re-running the
-same command resumes from the checkpoint and ends with the same weights as an uninterrupted run:
-batches are a pure function of (seed, batch index) and every update is deterministic on CPU.
+In the run directory (interp.infra.layout) training writes train_run.json (how it was made),
+train/metrics.jsonl (one record per log step), train/checkpoint/ (weights, Adam state, dead-
+feature counters; written atomically every `checkpoint_every` steps) and sae/ (the final SAE,
+normalisation folded in). Re-running the same command resumes from the checkpoint and ends with
+the same weights as an uninterrupted run: batches are a pure function of (seed, batch index)
+and every update is deterministic on CPU. `interp train RUN` is `run_train(TrainRunConfig)`.
 
-What a step does: normalise the batch (centred, unit mean row norm), encode / decode (for
-topk and batchtopk with the k-sparse kernels in `saes.kernels`), MSE plus AuxK on dead latents
-(topk, batchtopk) or the L0 / L1 penalty (jumprelu / relu), backward, project the decoder
-gradient off the decoder rows, Adam, renormalise the decoder rows to unit norm.
+What a step does: normalise the batch (centred, unit mean row norm), the architecture's forward
+and loss (saes.architectures: for topk and batchtopk the k-sparse kernels, MSE plus AuxK on dead
+features; for jumprelu and relu the L0 / L1 penalty), backward, project the decoder gradient off
+the decoder rows, Adam, the architecture's projections, renormalise the decoder rows to unit norm.
 
 Under torchrun (WORLD_SIZE > 1) every rank reads its own share of the batches (global batch
 g = step * world + rank, each of batch_size / world rows), gradients and latent firing counts
@@ -36,6 +37,10 @@ from typing import Any
 
 import torch
 
+from interp.infra.cli_config import Command, choices, hidden, positional
+from interp.infra.identity import check_identity
+from interp.infra.layout import RunLayout
+from interp.infra.records import RecordLog
 from saes.sae import SAE, SAEConfig, lr_for
 
 NOT_RUN_DEFINING = ("checkpoint_every", "log_every", "progress", "threads")
@@ -43,29 +48,54 @@ NOT_RUN_DEFINING = ("checkpoint_every", "log_every", "progress", "threads")
 
 @dataclass
 class TrainConfig:
+    """How an SAE is trained (what it is: SAEConfig)."""
+
     steps: int = 10_000
-    batch_size: int = 4096  # rows per step, over all ranks
-    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2^14)
-    warmup_steps: int = 100  # linear warm-up from lr/warmup_steps
-    decay_fraction: float = 0.2  # linear decay over this last fraction of the steps ...
-    lr_end: float = 0.0  # ... to lr_end * lr
+    """training steps"""
+    batch_size: int = 4096
+    """rows per step, over all ranks"""
+    lr: float | None = None
+    """peak learning rate (none: 2e-4 / sqrt(d_sae / 16384))"""
+    warmup_steps: int = 100
+    """linear learning-rate warm-up from lr / warmup_steps"""
+    decay_fraction: float = 0.2
+    """linear learning-rate decay over this last fraction of the steps, to lr_end * lr"""
+    lr_end: float = 0.0
+    """learning rate at the end of the decay, as a fraction of the peak"""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's betas"""
     adam_eps: float = 1e-8
-    seed: int = 0  # weights and data order
-    b_dec_init: str = "geometric_median"  # geometric_median | mean | zeros (of the normalised sample)
-    stats_rows: int = 65536  # rows sampled for the normalisation and the b_dec init
-    dead_window: int = 1000  # steps without firing before a latent counts as dead (drives AuxK)
-    aux_k: int | None = None  # dead latents per row in AuxK (None: d_in / 2)
+    """Adam's epsilon"""
+    seed: int = 0
+    """seed of the weights and of the data order"""
+    b_dec_init: str = field(default="geometric_median", metadata=choices(["geometric_median", "mean", "zeros"]))
+    """decoder bias initialisation, from the normalised sample"""
+    stats_rows: int = 65536
+    """rows sampled for the normalisation and the decoder bias initialisation"""
+    dead_window: int = 1000
+    """steps without firing before a feature counts as dead (drives AuxK)"""
+    aux_k: int | None = None
+    """topk/batchtopk: dead features per row in AuxK (none: d_in / 2)"""
     aux_coefficient: float = 1 / 32
-    sparsity_warmup_steps: int = 0  # linear warm-up of the L0 / L1 coefficient (jumprelu, relu)
-    sparse: bool = True  # the k-sparse kernels for topk / batchtopk (False: dense reference)
-    grad_clip: float | None = None  # max global gradient norm
+    """topk/batchtopk: weight of the AuxK loss"""
+    sparsity_warmup_steps: int = 0
+    """jumprelu/relu: linear warm-up steps of the L0 / L1 penalty"""
+    sparse: bool = True
+    """topk/batchtopk: the k-sparse kernels (off: the dense reference, slow)"""
+    grad_clip: float | None = None
+    """max global gradient norm (none: no clipping)"""
     checkpoint_every: int = 500
+    """steps between checkpoints"""
     log_every: int = 10
-    device: str = "auto"  # auto: cuda when present
-    autocast: bool | None = None  # bf16 autocast; None: on for cuda
-    threads: int | None = None  # torch CPU threads
+    """steps between metrics records"""
+    device: str = "auto"
+    """auto (cuda when present), cpu, cuda, cuda:N"""
+    autocast: bool | None = field(default=None, metadata=hidden())
+    """bf16 autocast (none: on for cuda)"""
+    threads: int | None = None
+    """torch CPU threads (1 per process when sharing cores)"""
     progress: bool = True
+    """progress bar"""
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
@@ -124,9 +154,9 @@ def check_finite(x: torch.Tensor, where: str) -> None:
 
 
 class Trainer:
-    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source, out: str | Path | None):
+    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source, run: str | Path | RunLayout | None):
         self.sae_cfg, self.cfg, self.source = sae_cfg, cfg, source
-        self.out = Path(out) if out is not None else None
+        self.run = RunLayout.of(run) if run is not None else None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self._setup_distributed()
@@ -160,7 +190,7 @@ class Trainer:
                          "train": {k: v for k, v in cfg.to_dict().items() if k not in NOT_RUN_DEFINING},
                          "source": {"d": source.d, "n_rows": source.n_rows}, "world_size": self.world}
         self.run_meta = json.loads(json.dumps(self.run_meta))
-        self.ckpt_dir = self.out / "checkpoint" if self.out is not None else None
+        self.ckpt_dir = self.run.checkpoint if self.run is not None else None
         if not self._resume():
             self._init_from_data()
             if self.world > 1:
@@ -201,10 +231,8 @@ class Trainer:
         if not found:
             return False
         state, meta = load_checkpoint(found)
-        if meta.get("run") != self.run_meta:
-            diff = _describe_diff(meta.get("run"), self.run_meta)
-            raise ValueError(f"checkpoint {found} was made with a different configuration ({diff}); "
-                             f"use another output directory or delete the checkpoint to start over")
+        check_identity(meta.get("run"), self.run_meta, f"checkpoint {found}",
+                       "use another run directory or delete the checkpoint to start over")
         load_checkpoint(found, self.opt)
         self._match_optimizer_layout()
         self.steps_since_fired.copy_(state.pop("trainer.steps_since_fired"))
@@ -212,8 +240,9 @@ class Trainer:
         self.sae.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         self.step = int(meta["step"])
         self.rows_seen = int(meta["rows_seen"])
-        if self.rank == 0 and self.out is not None:
-            _truncate_jsonl(self.out / "metrics.jsonl", self.step)
+        if self.rank == 0 and self.run is not None:  # drop the records after the checkpoint: they are redone
+            step = self.step
+            RecordLog(self.run.metrics).keep(lambda r: r.get("step", 0) <= step)
         return True
 
     def _match_optimizer_layout(self) -> None:
@@ -293,14 +322,15 @@ class Trainer:
 
         cfg, sae = self.cfg, self.sae
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        writer = self.rank == 0 and self.out is not None
+        writer = self.rank == 0 and self.run is not None
         if writer:
             from interp.infra.runinfo import write_run_info
 
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_run_info(self.out, {"command": "saes.train", "run": self.run_meta, "resumed_at": self.step,
-                                      "lr": self.lr, "device": str(self.device), "autocast": self.use_autocast})
-        log = open(self.out / "metrics.jsonl", "a") if writer else None
+            self.run.mkdir()
+            write_run_info(self.run.run_info("train"), {"command": "train", "run": self.run_meta,
+                                                        "resumed_at": self.step, "lr": self.lr,
+                                                        "device": str(self.device), "autocast": self.use_autocast})
+        log = RecordLog(self.run.metrics) if writer else None
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.sae_cfg.arch} SAE", mininterval=1,
                    disable=not (cfg.progress and self.rank == 0), dynamic_ncols=True)
         t_start, t_log, steps_since_log = time.perf_counter(), time.perf_counter(), 0
@@ -321,21 +351,18 @@ class Trainer:
                 t_log, steps_since_log = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{last['loss']:.4g}", fvu=f"{last['fvu']:.4f}", l0=f"{last['l0']:.1f}",
                                 dead=f"{last['dead_frac']:.1%}", refresh=False)
-                if log:
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
+                if log is not None:
+                    log.append(last)
             if writer and (self.step % cfg.checkpoint_every == 0 or self.step == end):
                 self.save_checkpoint()
         bar.close()
-        if log:
-            log.close()
         final = self.final_sae()
         path = None
         if writer and self.step >= cfg.steps:
             freq = (self.fire_total / max(1, self.rows_seen)).float()
             extra = {"l0": last.get("l0"), "num_dead_features": int((self.steps_since_fired >= cfg.dead_window).sum()),
                      "training_steps": self.step, "training_rows": self.rows_seen}
-            path = final.save(self.out / "sae", extra_metadata=extra, sparsity=freq)
+            path = final.save(self.run.sae, extra_metadata=extra, sparsity=freq)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -359,9 +386,7 @@ class Trainer:
         x = sae.normalise(batch.to(self.device, torch.float32, non_blocking=True))
         for group in self.opt.param_groups:
             group["lr"] = self.lr * lr_multiplier(step, cfg)
-        dead = self.steps_since_fired >= cfg.dead_window if self.sae_cfg.arch in ("topk", "batchtopk") else None
-        if dead is not None and not bool(dead.any()):
-            dead = None
+        dead = sae.arch.dead_features(self.steps_since_fired, cfg.dead_window)
         sparsity_scale = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast):
             out = sae.training_forward(x, dead, sparse=cfg.sparse, aux_k=cfg.aux_k,
@@ -376,9 +401,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self.opt.step()
         sae.normalize_decoder_()
-        if self.sae_cfg.arch == "jumprelu":
-            with torch.no_grad():
-                sae.threshold.clamp_(min=0.0)
+        sae.arch.after_step(sae)
         self.steps_since_fired += 1
         self.steps_since_fired[fire_counts > 0] = 0
         self.fire_total += fire_counts
@@ -526,25 +549,93 @@ def _ended(source, g: int, per_epoch: int, batch_rows: int) -> ValueError:
                       f"promises {per_epoch} batches of {batch_rows} per epoch)")
 
 
-def train(sae_cfg: SAEConfig, cfg: TrainConfig, source, out: str | Path | None,
+def train(sae_cfg: SAEConfig, cfg: TrainConfig, source, run: str | Path | RunLayout | None,
           stop_at: int | None = None) -> TrainResult:
-    """Train (or resume) an SAE into `out`; see the module docstring."""
-    return Trainer(sae_cfg, cfg, source, out).fit(stop_at=stop_at)
+    """Train (or resume) an SAE into run directory `run` (None: write nothing); see the module docstring."""
+    return Trainer(sae_cfg, cfg, source, run).fit(stop_at=stop_at)
 
 
-def _describe_diff(old: Any, new: Any, prefix: str = "") -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        parts = []
-        for k in sorted(set(old) | set(new)):
-            if old.get(k) != new.get(k):
-                parts.append(_describe_diff(old.get(k), new.get(k), f"{prefix}{k}."))
-        return "; ".join(parts)
-    return f"{prefix.rstrip('.')}: checkpoint {old!r}, now {new!r}"
+# ---------------------------------------------------------------- `interp train`
 
 
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+@dataclass
+class TrainRunConfig:
+    """`interp train`: train an SAE on a run directory's activations (resumable; data-parallel under torchrun)."""
+
+    run: str | None = field(default=None, metadata=positional())
+    """run directory: reads RUN/activations.h5 (or a [rows, d] tensor in RUN/activations.safetensors), writes
+    RUN/sae/ and RUN/train/"""
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def open_source(run: str | Path | RunLayout):
+    """The run's activations as a BatchSource: the cache (ActivationReader), else an in-memory tensor
+    from RUN/activations.safetensors (key `activations`, or its only tensor)."""
+    layout = RunLayout.of(run)
+    if layout.cache.exists():
+        from interp.cache.reader import ActivationReader
+
+        return ActivationReader(layout.cache)
+    if layout.cache_tensor.exists():
+        from safetensors.torch import load_file
+
+        from saes.data import TensorSource
+
+        tensors = load_file(layout.cache_tensor)
+        if "activations" in tensors:
+            return TensorSource(tensors["activations"])
+        if len(tensors) != 1:
+            raise ValueError(f"{layout.cache_tensor}: expected a tensor named 'activations' or a single tensor, "
+                             f"got {sorted(tensors)}")
+        return TensorSource(next(iter(tensors.values())))
+    raise FileNotFoundError(f"no activation cache at {layout.cache}: make one with `interp cache {layout.root}`, "
+                            "or link one there")
+
+
+def cache_metadata(source) -> dict:
+    """Model / hook / layer of a cache, from the reader's HDF5 attributes (`meta`), when it has them."""
+    import re
+
+    meta = getattr(source, "meta", None) or {}
+    out = {}
+    if meta.get("model"):
+        out["model_name"] = str(meta["model"])
+    if meta.get("module_path") or meta.get("layer"):
+        out["hook_name"] = str(meta.get("module_path") or meta.get("layer"))
+    m = re.search(r"(\d+)$", str(meta.get("layer", "")))
+    if m:
+        out["hook_layer"] = int(m.group(1))
+    for k in ("layer", "site", "roles", "dtype"):
+        if meta.get(k) is not None:
+            out[f"cache_{k}"] = meta[k] if isinstance(meta[k], (str, int, float, list)) else str(meta[k])
+    return out
+
+
+def run_train(cfg: TrainRunConfig) -> TrainResult:
+    """Train the SAE `cfg.sae` (its width, model and hook taken from the run's cache) into the run."""
+    layout = RunLayout.of(cfg.run)
+    source = open_source(layout)
+    found = cache_metadata(source)
+    sae_cfg = replace(cfg.sae, d_in=source.d, model_name=cfg.sae.model_name or found.pop("model_name", None),
+                      hook_name=cfg.sae.hook_name or found.pop("hook_name", None),
+                      hook_layer=cfg.sae.hook_layer if cfg.sae.hook_layer is not None else found.pop("hook_layer", None),
+                      metadata={**found, **cfg.sae.metadata})
+    try:
+        return train(sae_cfg, cfg.train, source, layout)
+    finally:
+        close = getattr(source, "close", None)
+        if close:
+            close()
+
+
+def _report(result: TrainResult, cfg: TrainRunConfig) -> None:
+    if result.path is not None:
+        last, nan = result.last, float("nan")
+        print(f"saved SAE: {result.path} (FVU {last.get('fvu', nan):.4f}, L0 {last.get('l0', nan):.1f}, "
+              f"dead {last.get('dead_frac', nan):.1%}); loads with sae_lens.SAE.load_from_disk")
+
+
+COMMANDS = [Command("train", TrainRunConfig, run_train, "train a sparse autoencoder on a run's activations (resumable)",
+                    "Re-running the same command resumes from RUN/train/checkpoint. Under "
+                    "`torchrun --nproc_per_node N -m interp.cli train RUN ...` it trains data-parallel.", _report)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from saes.recovery import average_ranks
+from interp.shapes.concepts import average_ranks
 from steering.interventions import InterventionError
 from steering.steer import PromptBatch, SteerSetup
 

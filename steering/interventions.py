@@ -106,7 +106,8 @@ def check_interventions(interventions: Sequence[Intervention], d_sae: int, have_
         check_feature(iv.feature, d_sae)
         if iv.unit == "max" and iv.mode != "ablate" and not have_max:
             raise InterventionError(f"intervention {iv.describe()} gives its strength in multiples of the feature's "
-                                    "max activation: pass the SAE's features.h5 (--features), or use unit absolute")
+                                    "max activation, which needs the SAE's features.h5 in the run (`interp features "
+                                    "RUN`), or use unit absolute")
 
 
 def resolve(interventions: Sequence[Intervention], d_sae: int,

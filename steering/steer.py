@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from interp.infra.layout import RunLayout
 from steering.interventions import (FeatureEdit, Intervention, InterventionError, check_interventions, resolve,
                                     sae_hook)
 
@@ -41,49 +42,51 @@ class SteerSetup:
     lm: LoadedModel
     sae: SAE
     hook: HookPoint
-    sae_dir: str
+    run: RunLayout  # the run directory the SAE (and its features.h5) come from
     max_acts: np.ndarray | None = None  # [d_sae] max activation per feature, from features.h5
 
     def resolve(self, interventions: Sequence[Intervention]) -> list[Intervention]:
         return resolve(interventions, self.sae.cfg.d_sae, self.max_acts)
 
 
-def load_setup(sae_dir: str | Path, model: str | None = None, features: str | Path | None = None,
-               layer: int | str | None = None, device: str = "cpu",
-               interventions: Sequence[Intervention] = ()) -> SteerSetup:
-    """Load the SAE, its model (default: the one it was trained on) and the max activations.
+def load_setup(run: str | Path | RunLayout, model: str | None = None, layer: int | str | None = None,
+               device: str = "auto", interventions: Sequence[Intervention] = ()) -> SteerSetup:
+    """Load the run's SAE, its model (default: the one it was trained on) and, when the run has
+    features.h5, the max activations.
 
     `interventions` are checked against the SAE before the model loads, so bad ones fail fast."""
-    from interp.model.models import load_model
+    from interp.model.models import load_model, resolve_device
     from saes.sae import SAE
 
-    sae = SAE.load(sae_dir, device=device).eval()
-    check_interventions(interventions, sae.cfg.d_sae, features is not None)
+    layout = RunLayout.of(run)
+    device = str(resolve_device(device))
+    sae = SAE.load(layout.sae, device=device).eval()
+    check_interventions(interventions, sae.cfg.d_sae, layout.features.exists())
     name = model or sae.cfg.model_name
     if not name:
-        raise InterventionError(f"the SAE at {sae_dir} does not record its model (no model_name in cfg.json): "
+        raise InterventionError(f"the SAE at {layout.sae} does not record its model (no model_name in cfg.json): "
                                 "pass --model")
     lm = load_model(name, device=device)
-    return setup_for(lm, sae, str(sae_dir), features, layer)
+    return setup_for(lm, sae, layout, layer)
 
 
-def setup_for(lm: LoadedModel, sae: SAE, sae_dir: str, features: str | Path | None = None,
-              layer: int | str | None = None) -> SteerSetup:
-    """A SteerSetup from an already loaded model and SAE (checks as in `load_setup`)."""
+def setup_for(lm: LoadedModel, sae: SAE, run: str | Path | RunLayout, layer: int | str | None = None) -> SteerSetup:
+    """A SteerSetup from an already loaded model and the run's SAE (checks as in `load_setup`)."""
     if lm.kind == "hooked-transformer":
         raise InterventionError("steering runs transformers models (their generate); TransformerLens models are not "
                                 "supported")
     for p in sae.parameters():
         p.requires_grad_(False)
     hook = sae_hook(lm, sae, layer)
+    layout = RunLayout.of(run)
     max_acts = None
-    if features is not None:
-        from explain.feature_reader import FeatureStats
+    if layout.features.exists():
+        from explain.feature_reader import FeatureReader
 
-        with FeatureStats(features) as stats:
-            stats.check_matches(sae_dir)
+        with FeatureReader(layout.features) as stats:
+            stats.check_matches(layout.sae)
             max_acts = stats.summary_table()["max"].astype(np.float64)
-    return SteerSetup(lm, sae, hook, sae_dir, max_acts)
+    return SteerSetup(lm, sae, hook, layout, max_acts)
 
 
 # ---------------------------------------------------------------- prompts
@@ -124,7 +127,7 @@ class PromptBatch:
     queries: list[Query]
     inputs: dict
     masks: dict[str, torch.Tensor]
-    table: np.ndarray = field(repr=False)  # interp.model.token_map token table, sample-major
+    table: np.ndarray = field(repr=False)  # token table (interp.cache.format.TOKEN_DTYPE), sample-major
 
     @property
     def length(self) -> int:
@@ -139,7 +142,8 @@ def prepare(lm: LoadedModel, queries: Sequence[Query]) -> PromptBatch:
     """Tokenise queries the way every stage does (interp.model.inputs) and mark their image/text tokens."""
     from interp.cache.data import Sample
     from interp.model.inputs import model_inputs, prompts
-    from interp.model.token_map import ROLE, token_table
+    from interp.cache.format import is_image_patch, is_pad, is_user_text
+    from interp.model.token_map import token_table
 
     queries = list(queries)
     has_image = [q.image is not None for q in queries]
@@ -154,7 +158,7 @@ def prepare(lm: LoadedModel, queries: Sequence[Query]) -> PromptBatch:
     table = token_table(lm, inputs, [[s.image] for s in samples] if lm.is_multimodal else None, users)
     shape = tuple(inputs["input_ids"].shape)
     roles = torch.from_numpy(table["role"].reshape(shape).astype(np.int64))
-    masks = {"image": roles == ROLE["image_patch"], "text": roles == ROLE["text"], "all": roles != ROLE["pad"]}
+    masks = {"image": is_image_patch(roles), "text": is_user_text(roles), "all": ~is_pad(roles)}
     return PromptBatch(queries, inputs, masks, table)
 
 

@@ -1,7 +1,7 @@
 """`interp steer sweep`: features × strengths × prompts × images, every generation recorded.
 
 The spec (YAML or JSON) names the SAE, the features (by index, or by concept through
-saes.recovery's matches), strengths, how and where to steer, and the inputs: explicit
+the run's recovery report), strengths, how and where to steer, and the inputs: explicit
 `prompts` × `images`, or `world` questions of the shapes world (whose ground truth makes
 the target rate exact). Each generation is one line of `generations.jsonl`, keyed by
 (feature, strength, prompt, image) and appended batch by batch (flushed and fsynced), so a
@@ -18,10 +18,10 @@ Metrics per (feature, strength):
 The best strength of a feature is the one with the highest target rate among those whose
 coherence is at least `coherence_floor` (ties: the smaller strength).
 
-A spec (paths relative to the working directory; every key but sae and features optional):
+The sweep runs on a run directory's SAE (RUN/sae/, with RUN/features.h5 for unit max and
+RUN/recovery.json for features named by concept) and writes RUN/steering/NAME/. A spec (every key
+but features optional):
 
-    sae: runs/dev/sae/sae
-    feature_stats: runs/dev/features.h5      # for unit: max
     features: [142, {concept: green}, {feature: 155, concept: blue, strengths: [1, 2]}]
     strengths: [0.5, 1, 2, 4]
     mode: clamp                              # clamp | add | ablate
@@ -37,7 +37,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -45,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
+from interp.infra.layout import RunLayout, SweepDir
 from steering.interventions import MODES, POSITIONS, UNITS, Intervention, InterventionError, check_strength
 from steering.steer import ENGINES, Query, SteerSetup
 
-RECORDS = "generations.jsonl"
 WORLD_TASKS = ("caption", "color", "shape", "where", "count", "exists", "region")
 METRICS = ("target_rate", "kl", "changed", "coherence", "perplexity")
 # what must match for records of an earlier run to count as this sweep's generations
@@ -101,16 +100,13 @@ class FeatureEntry:
 
 @dataclass
 class SweepSpec:
-    sae: str
     features: list[FeatureEntry]
     strengths: list[float] = field(default_factory=lambda: [1.0])
     mode: str = "clamp"
     unit: str = "max"
     positions: str = "image"
-    feature_stats: str | None = None  # features.h5 of the SAE: needed for unit "max"
     model: str | None = None  # default: the SAE's model
     layer: str | None = None  # default: the SAE's layer
-    cache: str | None = None  # activation cache for saes.recovery when the SAE has no recovery.json
     prompts: list[str] | None = None
     images: list[str] | None = None
     world: WorldItems | None = None
@@ -124,9 +120,8 @@ class SweepSpec:
     @classmethod
     def from_dict(cls, raw: dict) -> SweepSpec:
         d = dict(_check_keys(raw, cls, "the sweep spec"))
-        for key in ("sae", "features"):
-            if key not in d:
-                raise SpecError(f"the sweep spec needs {key!r}")
+        if "features" not in d:
+            raise SpecError("the sweep spec needs 'features'")
         entries = d["features"] if isinstance(d["features"], list) else [d["features"]]
         d["features"] = [_entry(e, i) for i, e in enumerate(entries)]
         if not d["features"]:
@@ -169,8 +164,6 @@ class SweepSpec:
                             "(and `images` for multimodal models), not both or neither")
         if self.images is not None and not self.prompts:
             raise SpecError("`images` need `prompts` to ask about them")
-        if self.unit == "max" and self.mode != "ablate" and not self.feature_stats:
-            raise SpecError("unit 'max' needs `feature_stats`: the SAE's features.h5 (or use unit 'absolute')")
         for key in ("max_new_tokens", "batch_size"):
             v = getattr(self, key)
             if isinstance(v, bool) or int(v) != v or v < 1:
@@ -248,22 +241,22 @@ def items_for(spec: SweepSpec) -> list[Item]:
 
 
 def conditions_for(spec: SweepSpec, setup: SteerSetup) -> list[Condition]:
-    from steering.concepts import concept_matches, concept_of, latent_of
+    from saes.recovery import recovery_of
     from steering.interventions import check_feature
 
-    matches = None
+    report = None
     out = []
     for e in spec.features:
         if e.feature is None or e.concept is None:
             try:
-                matches = matches if matches is not None else concept_matches(setup.sae_dir, spec.cache)
-            except FileNotFoundError:
+                report = report if report is not None else recovery_of(setup.run, setup.sae)
+            except (FileNotFoundError, ValueError) as err:
                 if e.feature is None:
-                    raise
-                matches = []
-        feature = e.feature if e.feature is not None else latent_of(matches, e.concept).latent
+                    raise SpecError(f"features[{spec.features.index(e)}] names concept {e.concept!r}, but the run has "
+                                    f"no ground-truth recovery ({err}); give the feature's index") from None
+        feature = e.feature if e.feature is not None else report.match(e.concept).feature
         check_feature(feature, setup.sae.cfg.d_sae)
-        concept = e.concept if e.concept is not None else concept_of(matches, feature)
+        concept = e.concept if e.concept is not None else (report.concept_of(feature) if report else None)
         strengths = [0.0] if spec.mode == "ablate" else list(e.strengths or spec.strengths)
         for s in strengths:
             out.append(Condition(feature, concept, s, Intervention(feature, spec.mode, s, spec.unit, spec.positions)))
@@ -302,49 +295,23 @@ def record_key(feature: int | None, strength: float | None, prompt: str, image: 
     return json.dumps([feature, strength, prompt, image])
 
 
-class RecordFile:
-    """Append-only JSONL of generations; re-opening keeps every complete line and drops a torn last one."""
+class Generations:
+    """The sweep's generations (RUN/steering/NAME/generations.jsonl), a record log keyed by `key`."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.records: dict[str, dict] = {}
-        if path.exists():
-            self._load()
+        from interp.infra.records import RecordError, RecordLog
 
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        good = 0
-        for n, line in enumerate(data.split(b"\n")):
-            end = good + len(line) + 1
-            if not line.strip():
-                good = min(end, len(data))
-                continue
-            complete = end <= len(data)  # the line has its newline
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = None
-            if rec is None or not complete:
-                if end >= len(data):  # a torn last line: the kill came mid-write
-                    break
-                raise SpecError(f"{self.path} line {n + 1} is not valid JSON: the file was edited or corrupted; "
-                                "fix or delete that line")
-            self.records[rec["key"]] = rec
-            good = end
-        if good < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
+        try:
+            self.log = RecordLog(path)
+        except RecordError as e:
+            raise SpecError(str(e)) from None
+        self.records: dict[str, dict] = {r["key"]: r for r in self.log}
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
 
     def append(self, records: list[dict]) -> None:
-        if not records:
-            return
-        with open(self.path, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
-            f.flush()
-            os.fsync(f.fileno())
+        self.log.append(records)
         for r in records:
             self.records[r["key"]] = r
 
@@ -361,58 +328,52 @@ class SweepResult:
 
 
 def sweep_identity(spec: SweepSpec, setup: SteerSetup) -> dict:
-    from explain.feature_reader import sae_fingerprint
+    from saes.sae import sae_fingerprint
 
-    return {"sae_sha256": sae_fingerprint(setup.sae_dir), "model": setup.lm.name, "hook": setup.hook.module_path,
+    return {"sae_sha256": sae_fingerprint(setup.run.sae), "model": setup.lm.name, "hook": setup.hook.module_path,
             "mode": spec.mode, "unit": spec.unit, "positions": spec.positions,
             "max_new_tokens": spec.max_new_tokens, "keep_error": spec.keep_error}
 
 
-def run_sweep(spec: SweepSpec, out: str | Path, setup: SteerSetup | None = None, progress: bool = True) -> SweepResult:
-    """Run (or finish) the sweep into `out`; returns the per-(feature, strength) metrics and best strengths."""
+def run_sweep(spec: SweepSpec, run: str | Path | RunLayout, name: str, setup: SteerSetup | None = None,
+              progress: bool = True) -> SweepResult:
+    """Run (or finish) the sweep on the run's SAE into RUN/steering/NAME/; returns the per-(feature,
+    strength) metrics and best strengths. `setup`: the run's model and SAE when already loaded."""
     from tqdm import tqdm
 
+    from interp.infra.identity import ensure_identity
     from interp.infra.runinfo import write_run_info
     from steering.steer import load_setup
 
-    out = Path(out)
-    setup = setup or load_setup(spec.sae, spec.model, spec.feature_stats, spec.layer)
-    if spec.unit == "max" and setup.max_acts is None:
-        raise SpecError("unit 'max' needs the SAE's features.h5 (`feature_stats` in the spec)")
+    layout = RunLayout.of(run)
+    sweep = layout.sweep(name)
+    setup = setup or load_setup(layout, spec.model, spec.layer)
+    if spec.unit == "max" and spec.mode != "ablate" and setup.max_acts is None:
+        raise SpecError(f"unit 'max' needs the SAE's feature statistics ({layout.features}: `interp features "
+                        f"{layout.root}`), or use unit 'absolute'")
     identity = sweep_identity(spec, setup)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_identity(out / "identity.json", identity)
-    (out / "spec.json").write_text(json.dumps(spec.to_json(), indent=1, default=str))
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    ensure_identity(sweep.identity, identity, f"the sweep in {sweep.root}",
+                    "its generations would not be comparable; use another sweep name")
+    sweep.spec.write_text(json.dumps(spec.to_json(), indent=1, default=str))
     items, conditions = items_for(spec), conditions_for(spec, setup)
     resolved = {c: setup.resolve([c.intervention])[0] for c in conditions}
-    records = RecordFile(out / RECORDS)
+    records = Generations(sweep.generations)
     answers, task = answer_set(spec), spec.world.task if spec.world else None
     keys = [record_key(None, None, *it.key) for it in items] + [
         record_key(c.feature, c.strength, *it.key) for c in conditions for it in items]
     done = sum(k in records for k in keys)
-    bar = tqdm(total=len(keys), initial=done, desc=f"sweep {out.name}", disable=not progress, mininterval=1)
+    bar = tqdm(total=len(keys), initial=done, desc=f"sweep {name}", disable=not progress, mininterval=1)
     generated = 0
     for batch in _chunks(items, spec.batch_size):
         generated += _run_batch(spec, setup, batch, conditions, resolved, records, answers, task, bar)
     bar.close()
     rows = summarize(records.records.values(), conditions, items)
     best = best_strengths(rows, spec.coherence_floor)
-    _write_outputs(out, spec, rows, best)
-    write_run_info(out, {"command": "steer sweep", "identity": identity, "n_items": len(items),
-                         "n_conditions": len(conditions)})
-    return SweepResult(out, rows, best, generated)
-
-
-def _check_identity(path: Path, identity: dict) -> None:
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = [k for k in IDENTITY if old.get(k) != identity.get(k)]
-        if diff:
-            changes = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in diff)
-            raise SpecError(f"{path.parent} holds a sweep with other settings ({changes}): its generations would "
-                            "not be comparable; use a new --out")
-    else:
-        path.write_text(json.dumps(identity, indent=1))
+    _write_outputs(sweep, spec, rows, best)
+    write_run_info(sweep.run_info, {"command": "sweep", "identity": identity, "n_items": len(items),
+                                    "n_conditions": len(conditions)})
+    return SweepResult(sweep.root, rows, best, generated)
 
 
 def _chunks(seq: list, n: int) -> Iterator[list]:
@@ -420,7 +381,7 @@ def _chunks(seq: list, n: int) -> Iterator[list]:
         yield seq[s: s + n]
 
 
-def _run_batch(spec, setup, batch: list[Item], conditions, resolved, records: RecordFile, answers, task, bar) -> int:
+def _run_batch(spec, setup, batch: list[Item], conditions, resolved, records: Generations, answers, task, bar) -> int:
     from steering.steer import continuation_nll, generate, kl_divergence, next_token_logits, prepare
 
     base_keys = [record_key(None, None, *it.key) for it in batch]
@@ -512,17 +473,16 @@ def best_strengths(rows: list[dict], floor: float) -> list[dict]:
     return out
 
 
-def _write_outputs(out: Path, spec: SweepSpec, rows: list[dict], best: list[dict]) -> None:
-    with open(out / "summary.csv", "w", newline="") as f:
+def _write_outputs(sweep: SweepDir, spec: SweepSpec, rows: list[dict], best: list[dict]) -> None:
+    with open(sweep.summary_csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "best": best, "spec": spec.to_json()}, indent=1,
-                                                 default=str))
-    plot(rows, best, out)
+    sweep.summary.write_text(json.dumps({"rows": rows, "best": best, "spec": spec.to_json()}, indent=1, default=str))
+    plot(rows, best, sweep)
 
 
-def plot(rows: list[dict], best: list[dict], out: Path) -> None:
+def plot(rows: list[dict], best: list[dict], sweep: SweepDir) -> None:
     """Each metric against strength, one line per feature (the best strength marked): HTML and JSON."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -548,6 +508,6 @@ def plot(rows: list[dict], best: list[dict], out: Path) -> None:
                               row=i + 1, col=1)
     fig.update_xaxes(title_text="strength (★ = chosen)", row=len(METRICS), col=1)
     fig.update_layout(height=260 * len(METRICS), template="plotly_white", title="Steering sweep")
-    fig.write_html(out / "sweep.html", include_plotlyjs="cdn")
-    fig.write_json(out / "sweep.json")
+    fig.write_html(sweep.figure("html"), include_plotlyjs="cdn")
+    fig.write_json(sweep.figure("json"))
 

@@ -1,12 +1,12 @@
 """`interp steer targets`: steering and attribution measured against the shapes world's ground truth.
 
-1. Strength selection: a sweep clamping each colour's recovered latent on held-out
+1. Strength selection: a sweep clamping each colour's recovered feature on held-out
    validation questions "what color is the <shape> ?"; the sweep picks each feature's strength.
 2. Flip rate at those strengths on test questions (other scenes) whose object has another
    colour: the answer should become the feature's colour.
 3. Attribution on test questions (answer = the true colour, baseline = the most likely other
-   colour): how often the true colour's latent is in the top 5, and the rank correlation of
-   the attribution with the measured effect of ablating each active latent.
+   colour): how often the true colour's feature is in the top 5, and the rank correlation of
+   the attribution with the measured effect of ablating each active feature.
 4. Reach: how often answers change when the layer's image-token activations are swapped with
    another image's. Near zero means the model has already read the image before this layer,
    so no image-token feature here can steer the answer or carry attribution.
@@ -21,50 +21,50 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from interp.infra.layout import RunLayout
 from steering.sweep import FeatureEntry, SweepSpec, WorldItems, run_sweep
 
 DEFAULT_STRENGTHS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
-def shapes_targets(sae_dir: str, features: str, out: str | Path, *, work: str | Path | None = None,
-                   n_select: int = 100, n_eval: int = 200, n_attr: int = 200,
+def shapes_targets(run: str | Path | RunLayout, *, n_select: int = 100, n_eval: int = 200, n_attr: int = 200,
                    strengths: tuple[float, ...] = DEFAULT_STRENGTHS, positions: str = "image", ig_steps: int = 4,
-                   engine: str = "nnsight", batch_size: int = 50, progress: bool = True) -> dict:
-    from steering.concepts import concept_matches
+                   engine: str = "nnsight", batch_size: int = 50, device: str = "auto", progress: bool = True) -> dict:
+    """Steering and attribution of the run's colour features, into RUN/steering_summary.json (the sweeps
+    into RUN/steering/select/ and RUN/steering/test/)."""
+    from interp.shapes.world import WorldConfig
+    from saes.recovery import recovery_of
     from steering.steer import load_setup
 
-    out = Path(out)
-    work = Path(work) if work else out.parent / "steering"
-    setup = load_setup(sae_dir, features=features)
-    from interp.shapes.world import WorldConfig
-
-    colours = [m for m in concept_matches(sae_dir) if m.concept in WorldConfig().colors]
-    base = SweepSpec(sae=str(sae_dir), feature_stats=str(features), mode="clamp", unit="max", positions=positions,
-                     features=[FeatureEntry(m.latent, m.concept) for m in colours], strengths=list(strengths),
+    layout = RunLayout.of(run)
+    setup = load_setup(layout, device=device)
+    colours = [m for m in recovery_of(layout, setup.sae).concepts if m.concept in WorldConfig().colors]
+    base = SweepSpec(mode="clamp", unit="max", positions=positions,
+                     features=[FeatureEntry(m.feature, m.concept) for m in colours], strengths=list(strengths),
                      world=WorldItems("color", n_select, "val"), max_new_tokens=4, batch_size=batch_size,
                      engine=engine)
-    select = run_sweep(base, work / "select", setup, progress)
+    select = run_sweep(base, layout, "select", setup, progress)
     chosen = {b["feature"]: b for b in select.best}
-    picked = [FeatureEntry(m.latent, m.concept, (chosen[m.latent]["strength"],)) for m in colours
-              if chosen[m.latent]["strength"] is not None]
+    picked = [FeatureEntry(m.feature, m.concept, (chosen[m.feature]["strength"],)) for m in colours
+              if chosen[m.feature]["strength"] is not None]
     flip = {}
     if picked:
-        test = run_sweep(replace(base, features=picked, world=WorldItems("color", n_eval, "test")), work / "test",
+        test = run_sweep(replace(base, features=picked, world=WorldItems("color", n_eval, "test")), layout, "test",
                          setup, progress)
         for r in test.rows:
             flip[r["concept"]] = {"feature": r["feature"], "strength_x_max": r["strength"], "value": r["value"],
                                   "flip_rate": r["target_rate"], "n": r["n_target"], "coherence": r["coherence"],
-                                  "kl": r["kl"], "f1": next(m.f1 for m in colours if m.latent == r["feature"])}
+                                  "kl": r["kl"], "f1": next(m.f1 for m in colours if m.feature == r["feature"])}
     hits = sum(round(v["flip_rate"] * v["n"]) for v in flip.values() if v["flip_rate"] is not None)
     total = sum(v["n"] for v in flip.values())
     result = {
-        "sae": str(sae_dir), "features": str(features), "model": setup.lm.name, "layer": setup.hook.name,
+        "sae": str(layout.sae), "features": str(layout.features), "model": setup.lm.name, "layer": setup.hook.name,
         "module_path": setup.hook.module_path, "positions": positions, "mode": "clamp", "unit": "max",
         "selection": {"split": "val", "n": n_select, "strengths": list(strengths),
-                      "best": {b["concept"]: b for b in select.best}, "sweep": str(work / "select")},
+                      "best": {b["concept"]: b for b in select.best}, "sweep": str(select.out)},
         "flip": {"split": "test", "n_questions": n_eval, "per_colour": flip,
                  "overall": hits / total if total else None, "n": total,
-                 "colours_without_a_coherent_strength": [m.concept for m in colours if chosen[m.latent]["strength"]
+                 "colours_without_a_coherent_strength": [m.concept for m in colours if chosen[m.feature]["strength"]
                                                          is None]},
         "attribution": attribution_targets(setup, colours, n_attr, ig_steps, batch_size, progress),
         "reach": image_token_reach(setup, n_attr, batch_size),
@@ -74,8 +74,7 @@ def shapes_targets(sae_dir: str, features: str, out: str | Path, *, work: str | 
     for name, v in result["attribution"].items():
         if isinstance(v, dict) and "top5_rate" in v:
             result["targets"][f"attribution_top5>=0.8 ({name})"] = v["top5_rate"] >= 0.8
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+    layout.steering_summary.write_text(json.dumps(result, indent=1, default=str))
     return result
 
 
@@ -91,7 +90,7 @@ def _colour_batches(setup, n: int, batch_size: int, split: str = "test"):
 
 
 def attribution_targets(setup, colours, n: int, ig_steps: int, batch_size: int, progress: bool = True) -> dict:
-    """Top-5 rate of the true colour's latent and rank correlation with real ablations, for attribution
+    """Top-5 rate of the true colour's feature and rank correlation with real ablations, for attribution
     patching (one step) and, when ig_steps > 1, integrated gradients."""
     from tqdm import tqdm
 
@@ -99,7 +98,7 @@ def attribution_targets(setup, colours, n: int, ig_steps: int, batch_size: int, 
     from steering.steer import next_token_logits
 
     tok = setup.lm.tokenizer
-    latent = {m.concept: m.latent for m in colours}
+    latent = {m.concept: m.feature for m in colours}
     colour_ids = torch.tensor([tok.convert_tokens_to_ids(c) for c in latent])
     methods = {"patching": 1, **({f"integrated_gradients_{ig_steps}": ig_steps} if ig_steps > 1 else {})}
     stats = {k: {"ranks": [], "rho": [], "rho_position": [], "pred": [], "true": []} for k in methods}

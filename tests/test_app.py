@@ -3,10 +3,7 @@ through streamlit's AppTest on a small shapes-world run (and on an empty directo
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import io
-import json
 import shutil
 import time
 from pathlib import Path
@@ -19,50 +16,13 @@ from app import analysis, tables
 from app.run_dir import STAGES, RunDir
 
 MAIN = Path(__file__).resolve().parents[1] / "app" / "main.py"
-PAGES = ("views/overview.py", "views/feature_list.py", "views/feature.py", "views/images.py", "views/steering.py")
-
-
-def make_run(base: Path) -> Path:
-    """A small shapes-world run laid out as `interp demo` lays it out (cache, SAE with its training
-    metrics, eval, features, recovery, explanations and scores), made once per session from the
-    stages' own functions."""
-    run = base / "app-run"
-    if (run / "done").exists():
-        return run
-    from explain.cli import register as register_explain
-    from explain.features import FeaturesConfig, compute_features
-    from interp.cache.writer import CacheConfig, build_cache
-    from interp.cache.reader import ActivationReader
-    from saes.evaluate import evaluate_sae
-    from saes.recovery import recover_concepts, summarize
-    from saes.sae import SAE, SAEConfig
-    from saes.train import TrainConfig, train
-
-    quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        cache = build_cache(CacheConfig(model="shapes-subject", layer="2", n=120, batch_size=40),
-                            run / "activations.h5")
-        sae_dir = run / "sae" / "sae"
-        with ActivationReader(cache) as reader:
-            train(SAEConfig(arch="topk", d_in=reader.d, d_sae=32, k=4, model_name="shapes-subject",
-                            hook_name=reader.meta["module_path"]),
-                  TrainConfig(steps=150, batch_size=1024, progress=False), reader, run / "sae")
-            report = summarize(recover_concepts(SAE.load(sae_dir), reader))
-            (sae_dir / "recovery.json").write_text(json.dumps(report))
-        evaluate_sae(sae_dir, cache, run / "eval", n_samples=8, vqa_n=4)
-        compute_features(cache, sae_dir, run / "features.h5", FeaturesConfig(progress=False))
-        parser = argparse.ArgumentParser()
-        register_explain(parser.add_subparsers(dest="command"))
-        for stage in ("explain", "score"):
-            args = parser.parse_args([stage, str(run), "--no-progress", "--device", "cpu"])
-            assert args.func(args) == 0, quiet.getvalue()[-2000:]
-    (run / "done").touch()
-    return run
+PAGES = ("views/overview.py", "views/feature_list.py", "views/feature.py", "views/samples.py", "views/steering.py")
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.getbasetemp())
+def demo_run(shapes_run) -> Path:
+    """The shared small shapes run (conftest), laid out as `interp demo` lays it out."""
+    return shapes_run
 
 
 def app_test(monkeypatch, run_dir: Path, page: str | None = None, query: dict | None = None):
@@ -83,32 +43,36 @@ def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
-def concepts(run: Path) -> list[dict]:
-    """recovery.json's concepts (best latent per concept), in the world's order."""
-    return json.loads((run / "sae" / "sae" / "recovery.json").read_text())["concepts"]
+def concepts(run: Path):
+    """The recovery report's concepts (best feature per concept), in the world's order."""
+    from interp.shapes.concepts import load_recovery
+
+    return load_recovery(run / "recovery.json").concepts
 
 
-def recovered_latent(run: Path) -> tuple[int, str]:
-    best = max(concepts(run), key=lambda c: c["f1"])
-    return best["latent"], best["concept"]
+def recovered_feature(run: Path) -> tuple[int, str]:
+    best = max(concepts(run), key=lambda c: c.f1)
+    return best.feature, best.concept
 
 
 # ---------------------------------------------------------------- run directory
 
 
-def test_run_dir_finds_every_stage_and_survives_a_move(demo_run, tmp_path):
+def test_run_dir_finds_every_stage_and_survives_a_move_or_a_link(demo_run, tmp_path):
     run = RunDir(demo_run)
     assert all(s.path is not None for s in run.status()), run.missing()
     assert run.model_name == "shapes-subject" and run.layer == "layers.2" and run.is_shapes
-    assert run.sae == (demo_run / "sae" / "sae").resolve() and run.eval.name == "eval.json"
+    assert run.sae == demo_run / "sae" and run.eval.name == "eval.json" and run.metrics.parent.name == "train"
     moved = tmp_path / "moved"
     shutil.copytree(demo_run, moved)
     other = RunDir(moved)
-    assert other.cache == (moved / "activations.h5").resolve() and other.sae == (moved / "sae" / "sae").resolve()
-    # a path recorded elsewhere is found by its tail inside the run directory, never outside it
-    assert other.resolve(str(demo_run / "sae" / "sae")) == (moved / "sae" / "sae").resolve()
-    assert other.resolve("/somewhere/else/activations.h5") == (moved / "activations.h5").resolve()
-    assert other.resolve(str(tmp_path)) is None
+    assert other.cache == moved / "activations.h5" and other.sae == moved / "sae" and other.features is not None
+    linked = tmp_path / "linked"  # a cache and an SAE from elsewhere, linked into a new run directory
+    linked.mkdir()
+    for name in ("activations.h5", "sae", "features.h5"):
+        (linked / name).symlink_to(demo_run / name)
+    assert RunDir(linked).cache == linked / "activations.h5" and RunDir(linked).sae == linked / "sae"
+    assert [s.stage for s in RunDir(linked).missing()] == ["metrics", "eval", "recovery", "explanations", "scores"]
     nested = moved / "steering-layer0"  # the demo's layer-0 run inside the main one
     nested.mkdir()
     shutil.copy(demo_run / "features.h5", nested / "features.h5")
@@ -118,15 +82,17 @@ def test_run_dir_finds_every_stage_and_survives_a_move(demo_run, tmp_path):
 def test_missing_stages_name_their_commands(demo_run, tmp_path):
     empty = RunDir(tmp_path)
     assert [s.stage for s in empty.missing()] == list(STAGES)
-    assert empty.command("features").startswith("interp features --cache ")
+    assert empty.command("features") == f"interp features {tmp_path}"
     assert empty.command("explanations") == f"interp explain {tmp_path}"
-    assert "interp score" in empty.message("scores")
+    assert empty.message("scores") == (f"No explanation scores (scores.jsonl) in this run yet. Make it with "
+                                       f"`interp score {tmp_path}`.")
     assert "is not a directory" in RunDir(tmp_path / "nope").message("features")
-    # features.h5 alone: its recorded cache and SAE lie outside the run directory
     (tmp_path / "features.h5").write_bytes((demo_run / "features.h5").read_bytes())
     lone = RunDir(tmp_path)
     assert lone.features is not None and lone.cache is None and lone.sae is None
-    assert "not inside" in lone.message("cache") and "interp cache" in lone.message("cache")
+    assert lone.message("cache") == (f"No activation cache (activations.h5) in this run yet. Make it with `interp cache "
+                                     f"{tmp_path} --model MODEL --layer LAYER --data shapes`, or link an "
+                                     f"existing one to {tmp_path / 'activations.h5'}.")
 
 
 # ---------------------------------------------------------------- feature table
@@ -196,27 +162,28 @@ def test_logit_effects_rank_tokens_as_the_final_norm_and_unembedding_do(tiny_pat
 
 def test_nearest_features_concept_scores_and_patches(demo_run):
     from interp.cache.data import load_image
-    from interp.shapes.ground_truth import token_concepts
-    from interp.model.models import load_model
     from interp.cache.reader import ActivationReader
+    from interp.model.models import load_model
+    from interp.shapes.concepts import concept_scores
+    from interp.shapes.ground_truth import token_concepts
     from saes.sae import SAE
 
-    sae = SAE.load(demo_run / "sae" / "sae")
+    sae = SAE.load(demo_run / "sae")
     unit = analysis.unit_rows(sae.W_dec)
     near = analysis.nearest_features(unit, 3, k=4)
     cos = (unit @ unit[3]).numpy()
     cos[3] = -2
     assert [g for g, _ in near] == list(np.argsort(-cos)[:4]) and 3 not in [g for g, _ in near]
-    latent, concept = recovered_latent(demo_run)
+    feature, concept = recovered_feature(demo_run)
     with ActivationReader(demo_run / "activations.h5") as reader:
         gt = token_concepts(reader, with_object=False)
-        col = analysis.latent_column(sae, reader, latent, gt.rows, chunk_rows=100)
+        col = analysis.feature_column(sae, reader, feature, gt.rows, chunk_rows=100)
         with torch.no_grad():
-            dense = sae.encode(reader.read(0, reader.n_rows))[:, latent].numpy()
+            dense = sae.encode(reader.read(0, reader.n_rows))[:, feature].numpy()
         np.testing.assert_allclose(col, dense[gt.rows], rtol=1e-5, atol=1e-4)
-        best = analysis.concept_scores(col, gt.labels(), gt.concepts)[0]
-        recorded = next(c for c in concepts(demo_run) if c["concept"] == concept)
-        assert best["concept"] == concept and best["f1"] == pytest.approx(recorded["f1"], abs=1e-6)
+        best = concept_scores(col, gt.labels(), gt.concepts)[0]
+        recorded = next(c for c in concepts(demo_run) if c.concept == concept)
+        assert best["concept"] == concept and best["f1"] == pytest.approx(recorded.f1, abs=1e-6)
         assert 0 < best["iou"] <= 1
         rows, tokens = analysis.cached_rows(reader, 7)
         pf = analysis.patch_features(sae, rows, tokens, k=3)
@@ -229,9 +196,8 @@ def test_nearest_features_concept_scores_and_patches(demo_run):
             np.testing.assert_allclose(pf.column(g)[on], acts[on, g], rtol=1e-6)
         # a new run of the model on the same image and prompt gives the cached rows (float16 in the cache)
         lm = load_model("shapes-subject", device="cpu")
-        ref = reader.samples[7]["image_ref"]
-        new_rows, new_tokens = analysis.model_rows(lm, reader.meta, load_image(ref.decode() if isinstance(ref, bytes)
-                                                                                else ref), "describe the image .")
+        new_rows, new_tokens = analysis.model_rows(lm, reader.meta, load_image(reader.sample(7).image_ref),
+                                                   "describe the image .")
         assert (new_tokens["row"] == tokens["row"]).all() and (new_tokens["col"] == tokens["col"]).all()
         torch.testing.assert_close(new_rows, rows, rtol=2e-3, atol=0.1)
 
@@ -243,7 +209,7 @@ def test_overview_page(demo_run, monkeypatch):
     at = app_test(monkeypatch, demo_run)
     assert at.title[0].value == "Overview" and not at.error
     body = texts(at.markdown)
-    assert "shapes-subject" in body and "layers.2" in body and "topk, 32 latents, k=4" in body
+    assert "shapes-subject" in body and "layers.2" in body and "topk, 32 features, k=4" in body
     assert {m.label for m in at.metric} >= {"FVU", "L0", "CE loss recovered", "Concepts recovered"}
     assert len(at.get("plotly_chart")) == 4  # training curves, density, scores, recovery
     recovery = at.dataframe[-1].value
@@ -256,7 +222,7 @@ def test_feature_list_page(demo_run, monkeypatch):
     df = at.dataframe[0].value
     assert len(df) > 0 and (df["status"] != "dead").all()
     assert list(df["density"]) == sorted(df["density"], reverse=True)
-    _, concept = recovered_latent(demo_run)
+    _, concept = recovered_feature(demo_run)
     at.text_input(key="search").set_value(concept).run()
     hit = at.dataframe[0].value
     assert len(hit) >= 1 and hit["explanation"].str.contains(concept).all()
@@ -269,31 +235,31 @@ def test_feature_list_page(demo_run, monkeypatch):
 
 
 def test_feature_page(demo_run, monkeypatch):
-    latent, concept = recovered_latent(demo_run)
-    at = app_test(monkeypatch, demo_run, "views/feature.py", {"feature": str(latent)})
-    assert at.title[0].value.startswith(f"Feature {latent}") and not at.error
-    assert f"Best latent for **{concept}**" in texts(at.markdown)
-    assert len(at.get("image")) >= 3  # top images and quantile samples, as heatmap overlays
+    feature, concept = recovered_feature(demo_run)
+    at = app_test(monkeypatch, demo_run, "views/feature.py", {"feature": str(feature)})
+    assert at.title[0].value.startswith(f"Feature {feature}") and not at.error
+    assert f"Best feature for **{concept}**" in texts(at.markdown)
+    assert len(at.get("image")) >= 3  # top samples and quantile samples, as heatmap overlays
     assert len(at.get("plotly_chart")) == 2  # activation histogram, logit effects
     assert len(at.get("page_link")) == 8  # nearest features
-    assert at.dataframe[0].value["concept"].iloc[0] == concept  # this latent's concept scores, best first
+    assert at.dataframe[0].value["concept"].iloc[0] == concept  # this feature's concept scores, best first
     assert {m.label for m in at.metric} >= {"Density", "Image share", "balanced accuracy"}
     at.button_group(key="view").set_value("crop").run()
     assert not at.exception and len(at.get("image")) >= 3
-    at.number_input(key="feature").set_value((latent + 1) % 32).run()
-    assert at.title[0].value.startswith(f"Feature {(latent + 1) % 32}")
+    at.number_input(key="feature").set_value((feature + 1) % 32).run()
+    assert at.title[0].value.startswith(f"Feature {(feature + 1) % 32}")
 
 
-def test_explain_and_score_now_calls_the_explain_stage(demo_run, monkeypatch):
-    latent, _ = recovered_latent(demo_run)
-    at = app_test(monkeypatch, demo_run, "views/feature.py", {"feature": str(latent)})
+def test_explain_and_score_now_calls_the_explain_stage(shapes_run_copy, monkeypatch):
+    feature, _ = recovered_feature(shapes_run_copy)
+    at = app_test(monkeypatch, shapes_run_copy, "views/feature.py", {"feature": str(feature)})
     at.button(key="explain_now").click().run()
     assert not at.exception and not at.error, texts(at.code)
     assert "finished with status 0" in texts(at.success) and "to do" in texts(at.code)
 
 
-def test_image_explorer_page(demo_run, monkeypatch):
-    at = app_test(monkeypatch, demo_run, "views/images.py", {"image": "3"})
+def test_sample_explorer_page(demo_run, monkeypatch):
+    at = app_test(monkeypatch, demo_run, "views/samples.py", {"sample": "3"})
     assert "shapes:train:3:0" in texts(at.caption)
     patches = [b for b in at.button if str(b.key).startswith("patch_")]
     assert len(patches) == 9
@@ -314,15 +280,15 @@ def test_image_explorer_page(demo_run, monkeypatch):
 
 def test_steering_page(demo_run, monkeypatch):
     at = app_test(monkeypatch, demo_run, "views/steering.py")
-    latent = concepts(demo_run)[0]["latent"]  # the default pick: the first concept's latent
-    assert at.multiselect(key="steer_features").value == [latent]
+    feature = concepts(demo_run)[0].feature  # the default pick: the first concept's feature
+    assert at.multiselect(key="steer_features").value == [feature]
     at.text_input(key="steer_prompt").set_value("what color is the circle ?").run()
-    at.selectbox(key=f"unit_{latent}").set_value("max").run()
-    at.number_input(key=f"value_{latent}").set_value(3.0).run()
+    at.selectbox(key=f"unit_{feature}").set_value("max").run()
+    at.number_input(key=f"value_{feature}").set_value(3.0).run()
     at.button(key="steer_go").click().run()
     assert not at.exception and not at.error
     assert [s.value for s in at.subheader] == ["Baseline", "Steered"] and len(at.main.code) == 2
-    assert f"{latent} clamp 3×max @image" in texts(at.caption)
+    assert f"{feature} clamp 3×max @image" in texts(at.caption)
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -341,23 +307,20 @@ def test_missing_run_directory(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- interp app
 
 
-def test_app_command_registers_and_runs_streamlit(tmp_path, monkeypatch):
+def test_app_command_runs_streamlit(tmp_path, monkeypatch):
     import subprocess
 
-    from app import cli
+    from app.commands import AppConfig, run_app
 
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["app", str(tmp_path), "--port", "9123"])
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
-    assert args.func(args) == 0
+    assert run_app(AppConfig(run=str(tmp_path), port=9123)) == 0
     cmd = calls[0]
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("app/main.py")
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "9123"
     assert cmd[cmd.index("--server.headless") + 1] == "true" and cmd[-2:] == ["--", str(tmp_path.resolve())]
-    with pytest.raises(FileNotFoundError, match="interp demo"):
-        args.func(parser.parse_args(["app", str(tmp_path / "absent")]))
+    with pytest.raises(FileNotFoundError, match=r"no run directory at .*absent: make one with `interp demo "):
+        run_app(AppConfig(run=str(tmp_path / "absent")))
 
 
 # ---------------------------------------------------------------- another model family, fewer stages
@@ -371,22 +334,22 @@ def qwen_run(tmp_path_factory, tiny_path) -> Path:
     from saes.sae import SAE, SAEConfig
 
     run = tmp_path_factory.mktemp("qwen-run")
-    cache = build_cache(CacheConfig(model=str(tiny_path("qwen2_vl")), layer="1", n=12, batch_size=6, dtype="float32",
-                                    roles=("image_patch", "text")), run / "activations.h5")
+    build_cache(CacheConfig(run=str(run), model=str(tiny_path("qwen2_vl")), layer="1", samples=12, batch_size=6,
+                            dtype="float32", roles=("image_patch", "text")))
     torch.manual_seed(0)
     sae = SAE(SAEConfig(arch="topk", d_in=32, d_sae=48, k=6))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.02)
-    sae_dir = sae.save(run / "sae" / "sae")
-    compute_features(cache, sae_dir, run / "features.h5", FeaturesConfig(k=5, negatives=4, progress=False))
+    sae.save(run / "sae")
+    compute_features(FeaturesConfig(run=str(run), top_samples=5, negatives=4, progress=False))
     return run
 
 
 @pytest.mark.parametrize("page", PAGES)
 def test_pages_on_another_family_without_eval_or_explanations(qwen_run, monkeypatch, page):
-    from explain.feature_reader import FeatureStats
+    from explain.feature_reader import FeatureReader
 
-    with FeatureStats(qwen_run / "features.h5") as fs:
+    with FeatureReader(qwen_run / "features.h5") as fs:
         live = int(np.flatnonzero(fs.summary_table()["n_active"])[0])
     at = app_test(monkeypatch, qwen_run, page, {"feature": str(live)} if page.endswith("feature.py") else None)
     assert not at.error, texts(at.error)
@@ -397,19 +360,14 @@ def test_pages_on_another_family_without_eval_or_explanations(qwen_run, monkeypa
     if page.endswith("feature.py"):
         assert "interp explain" in shown and len(at.get("plotly_chart")) == 2
         assert len(at.get("image")) >= 1 or at.warning
-    if page.endswith("images.py"):
+    if page.endswith("samples.py"):
         assert len(at.dataframe) == 2
     if page.endswith("steering.py"):
         at.button(key="steer_go").click().run()
         assert not at.exception and not at.error and len(at.main.code) == 2
 
 
-def test_interp_app_is_a_stage_of_the_one_entry_point(tmp_path, monkeypatch, capsys):
-    import interp.cli
-
-    sub = next(a for a in interp.cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    app = sub.choices["app"]
-    assert all(a.help for a in app._actions if a.option_strings and a.dest != "help")
-    assert interp.cli.main(["app", str(tmp_path / "absent")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "no run directory" in err and "interp demo" in err
+def test_interp_app_on_a_missing_directory_is_one_line(tmp_path, cli):
+    r = cli("app", tmp_path / "absent")
+    assert r.code == 2 and r.err.strip().count("\n") == 0
+    assert f"interp app: error: no run directory at {tmp_path / 'absent'}: make one with `interp demo" in r.err

@@ -6,22 +6,18 @@ from __future__ import annotations
 import pytest
 
 from app.browser import IMAGES, PLOTLY, browser, chromium_missing, open_page, serve
-from test_app import make_run, recovered_latent
 
 MISSING = chromium_missing()  # checked before the run is built: a missing browser costs nothing
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    return make_run(tmp_path_factory.getbasetemp())
+def test_feature_page_renders_heatmaps_and_charts_in_a_browser(shapes_run, tmp_path):
+    from interp.shapes.concepts import load_recovery
 
-
-def test_feature_page_renders_heatmaps_and_charts_in_a_browser(demo_run, tmp_path):
-    latent, _ = recovered_latent(demo_run)
-    with serve(demo_run) as url, browser(height=1600) as page:
-        open_page(page, f"{url}/feature?feature={latent}", (IMAGES, PLOTLY))
-        assert page.locator("h1").first.inner_text().startswith(f"Feature {latent}")
+    feature = max(load_recovery(shapes_run / "recovery.json").concepts, key=lambda c: c.f1).feature
+    with serve(shapes_run) as url, browser(height=1600) as page:
+        open_page(page, f"{url}/feature?feature={feature}", (IMAGES, PLOTLY))
+        assert page.locator("h1").first.inner_text().startswith(f"Feature {feature}")
         images = page.locator(IMAGES)
         assert images.count() >= 3
         sizes = images.evaluate_all("els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])")

@@ -5,17 +5,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
+from explain.commands import ExplainConfig, FeatureSelection, ScoreConfig, run_explain, run_score, select_features
 from explain.examples import MarkedExample, SelectionConfig, explain_examples, heldout_examples, negative_examples
-from explain.feature_reader import FeatureStats
+from explain.feature_reader import FeatureReader
 from explain.prompts import (CANNOT_TELL, GarbageAnswer, WorldTerms, aggregate_regions, judge_questions, one_line,
                              world_terms, yes_no)
 from explain.scoring import MaskFolder, detection_metrics, iou_score
 from explain.store import FeatureStore, StoreError
+from interp.infra.records import RecordError
+from interp.shapes.concepts import auroc
 from interp.shapes.world import WorldConfig, sample_scene
-from saes.recovery import auroc
-from test_render import grid_tokens
 
 CONCEPTS = ("red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "cross")
 
@@ -81,14 +81,14 @@ def test_detection_metrics_against_brute_force():
     assert (d.n_pos, d.n_neg, d.n_unreadable, d.recall, d.specificity) == (3, 1, 1, pytest.approx(2 / 3, abs=1e-4), 1.0)
 
 
-def test_iou_with_world_and_user_masks(tmp_path):
+def test_iou_with_world_and_user_masks(tmp_path, grid_tokens):
     world = WorldConfig()
     scene = sample_scene(world, 3, "test", 0)
     obj = scene.objects[0]
     acts = np.zeros(9, np.float32)
     acts[obj.row * 3 + obj.col] = 5.0
-    ex = MarkedExample(0, "shapes:test:3:0", "top", scene.render(), grid_tokens(), acts, 5.0)
-    iou = iou_score([ex], {0: 3}, obj.color)
+    ex = MarkedExample(0, 3, "shapes:test:3:0", "top", scene.render(), grid_tokens(), acts, 5.0)
+    iou = iou_score([ex], obj.color)
     truth = np.zeros((48, 48), bool)
     for o in scene.objects:
         truth |= o.mask if o.color == obj.color else False
@@ -97,17 +97,18 @@ def test_iou_with_world_and_user_masks(tmp_path):
     assert iou.pixels == pytest.approx((cell & truth).sum() / (cell | truth).sum(), abs=1e-4)
     same_colour = sum(o.color == obj.color for o in scene.objects)
     assert iou.tokens == pytest.approx(1 / same_colour, abs=1e-4)  # the feature marks one of them
-    assert iou_score([ex], {0: 3}, CANNOT_TELL) is None  # nothing to compare with
-    # user masks: DIR/{sample}.png
+    assert iou_score([ex], CANNOT_TELL) is None  # nothing to compare with
+    # user masks: DIR/{source_index}.png
     from PIL import Image
 
     Image.fromarray(cell.astype(np.uint8) * 255).save(tmp_path / "3.png")
-    user = iou_score([ex], {0: 3}, None, masks=MaskFolder(tmp_path))
-    assert (user.pixels, user.tokens, user.n_images) == (1.0, None, 1)
+    user = iou_score([ex], None, masks=MaskFolder(tmp_path))
+    assert (user.pixels, user.tokens, user.n_samples) == (1.0, None, 1)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "3.png")
-    with pytest.raises(ValueError, match="masks must have their image's size"):
-        iou_score([ex], {0: 3}, None, masks=MaskFolder(tmp_path))
-    with pytest.raises(FileNotFoundError, match="mask folder"):
+    with pytest.raises(ValueError, match=r"mask .*3.png is 10x10 but its image is 48x48: masks must have their "
+                                         r"image's size"):
+        iou_score([ex], None, masks=MaskFolder(tmp_path))
+    with pytest.raises(FileNotFoundError, match="mask folder .*nope does not exist"):
         MaskFolder(tmp_path / "nope")
 
 
@@ -128,85 +129,41 @@ def test_store_keeps_the_latest_record_survives_a_torn_line_and_refuses_another_
     lines = path.read_text().splitlines()
     assert all(json.loads(line) for line in lines) and len(lines) == 5  # header + 4 whole records
     assert FeatureStore(path, {"sae_sha256": "abc"}).done(3, explanation="blue")
-    with pytest.raises(StoreError, match="another SAE"):
+    with pytest.raises(StoreError, match=r"holds records for another SAE \(weights sha256 abc, this one xyz\)"):
         FeatureStore(path, {"sae_sha256": "xyz"})
     (tmp_path / "junk.jsonl").write_text('{"feature": 1}\n')
-    with pytest.raises(StoreError, match="not an lmmscope feature store"):
+    with pytest.raises(StoreError, match="is not an lmmscope feature store \\(no header line\\)"):
         FeatureStore(tmp_path / "junk.jsonl", {"sae_sha256": "abc"})
+    with open(path, "a") as f:  # a complete line that is not a record: the file was edited, say where
+        f.write("not json\n")
+    with pytest.raises(RecordError, match=r"line 6 is not a JSON object: the file was edited or corrupted"):
+        FeatureStore(path, {"sae_sha256": "abc"})
 
 
-# ---------------------------------------------------------------- a shapes run with planted concept latents
+# ---------------------------------------------------------------- a shapes run with planted concept features
 
 
-def make_planted_run(root, n: int = 160):
-    """A shapes-subject cache and an SAE whose latents 0..8 are least-squares probes of the world's nine
-    concepts (ReLU at 0.5), 9 and 10 random directions, 11 dead; then its features.h5."""
-    from explain.features import FeaturesConfig, compute_features
-    from interp.cache.writer import CacheConfig, build_cache
-    from interp.shapes.ground_truth import token_concepts
-    from interp.cache.reader import ActivationReader
-    from saes.sae import SAE, SAEConfig
-
-    cache = build_cache(CacheConfig(model="shapes-subject", layer="2", n=n, batch_size=32, dtype="float32"),
-                        root / "acts.h5")
-    with ActivationReader(cache) as r:
-        gt = token_concepts(r, with_object=False)
-        x = r.read(0, r.n_rows).numpy().astype(np.float64)[gt.rows]
-    assert gt.concepts == CONCEPTS
-    mu = x.mean(0)
-    w, *_ = np.linalg.lstsq(np.c_[x - mu, np.ones(len(x))], gt.labels().astype(np.float64), rcond=None)
-    sae = SAE(SAEConfig(arch="relu", d_in=x.shape[1], d_sae=12, normalize=False))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        sae.W_enc.zero_()
-        sae.b_enc.fill_(-1e4)
-        sae.W_enc[:, :9] = torch.tensor(w[:-1], dtype=torch.float32)
-        sae.b_enc[:9] = torch.tensor(w[-1] - mu @ w[:-1] - 0.5, dtype=torch.float32)
-        sae.W_enc[:, 9:11] = torch.randn(x.shape[1], 2, generator=g) / x.shape[1] ** 0.5
-        sae.b_enc[9:11] = 0.0
-        sae.W_dec.copy_(sae.W_enc.t())
-    sae_dir = sae.save(root / "sae")
-    run = root / "run"
-    run.mkdir()
-    compute_features(cache, sae_dir, run / "features.h5",
-                     FeaturesConfig(k=10, reservoir=24, negatives=12, progress=False))
-    return run, sae_dir
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("planted")
-    return make_planted_run(root)
-
-
-def interp_main(argv, monkeypatch=None):
-    import interp.cli
-
-    return interp.cli.main([str(a) for a in argv])
-
-
-def test_example_selection_holds_out_what_the_explainer_saw(planted):
-    run, _ = planted
-    cfg = SelectionConfig(n_top=3, n_quantile=8, n_pos_top=4, n_pos_quantile=8, n_neg=6)
-    with FeatureStats(run / "features.h5") as fs:
+def test_example_selection_holds_out_what_the_explainer_saw(planted_run):
+    cfg = SelectionConfig(explain_top=3, explain_quantile=8, score_top=4, score_quantile=8, score_negatives=6)
+    with FeatureReader(planted_run / "features.h5") as fs:
         for f in (0, 5, 9):
             shown = explain_examples(fs, f, cfg)
-            used = {p.example.image for p in shown}
+            used = {p.example.sample for p in shown}
             held = heldout_examples(fs, f, used, cfg)
             neg = negative_examples(fs, f, cfg)
-            assert len(shown) == len(used) == 11 and not used & {p.example.image for p in held}
+            assert len(shown) == len(used) == 11 and not used & {p.example.sample for p in held}
             assert [p.source for p in shown[:3]] == ["top"] * 3
             assert {p.source for p in shown[3:]} == {"q0", "q1", "q2", "q3"}  # every band is shown
             assert {p.source for p in held} >= {"top", "q0", "q3"} and len(held) == 12
-            assert len(neg) == 6 and not {p.example.image for p in neg} & (used | {p.example.image for p in held})
+            assert len(neg) == 6 and not {p.example.sample for p in neg} & (used | {p.example.sample for p in held})
 
 
-def test_explain_and_score_commands_name_the_planted_concepts(planted, monkeypatch, capsys):
-    run, sae_dir = planted
-    assert interp_main(["explain", run, "--no-progress", "--device", "cpu"], monkeypatch) == 0
+def test_explain_and_score_name_the_planted_concepts(planted_run_copy, capsys):
+    run = planted_run_copy
+    assert not run_explain(ExplainConfig(run=str(run), progress=False)).failed
     out = capsys.readouterr().out
     assert "skipping 1 dead features" in out and "11 to do" in out
-    store = FeatureStore(run / "explanations.jsonl", {"sae_sha256": FeatureStats(run / "features.h5").meta["sae_sha256"]})
+    store = FeatureStore(run / "explanations.jsonl", {"sae_sha256": FeatureReader(run / "features.h5").meta["sae_sha256"]})
     ok = store.ok()
     assert set(ok) == set(range(11))
     for f in ok.values():
@@ -215,13 +172,14 @@ def test_explain_and_score_commands_name_the_planted_concepts(planted, monkeypat
     assert sum(named) >= 8, {i: ok[i]["explanation"] for i in range(9)}
     # re-run: nothing is asked again
     n_lines = len((run / "explanations.jsonl").read_text().splitlines())
-    assert interp_main(["explain", run, "--no-progress", "--device", "cpu"], monkeypatch) == 0
+    assert run_explain(ExplainConfig(run=str(run), progress=False)).explained == 0
     assert "0 to do" in capsys.readouterr().out
     assert len((run / "explanations.jsonl").read_text().splitlines()) == n_lines
     assert json.loads((run / "explain_run.json").read_text())["command"] == "explain"
 
-    assert interp_main(["score", run, "--no-progress", "--device", "cpu", "--features", "0,5,7,9"], monkeypatch) == 0
-    summary = json.loads((run / "score_summary.json").read_text())
+    selection = FeatureSelection(features=(0, 5, 7, 9))
+    summary = run_score(ScoreConfig(run=str(run), selection=selection, progress=False))
+    assert summary == {**json.loads((run / "score_summary.json").read_text()), "failed": []}
     m = summary["matched"]
     assert m["n"] == 3 and m["concept_accuracy"] >= 2 / 3 and m["balanced_accuracy"] >= 0.8, m
     assert summary["all"]["n"] == 4 and summary["judge"] == "world:shapes-explainer"
@@ -230,45 +188,41 @@ def test_explain_and_score_commands_name_the_planted_concepts(planted, monkeypat
     scores = FeatureStore(run / "scores.jsonl", {"sae_sha256": store.header["sae_sha256"]}).ok()
     rec = scores[0]
     assert rec["detection"]["n_pos"] > 0 and rec["detection"]["n_neg"] > 0 and rec["tokens_in"] > 0
-    assert not set(rec["images"]) & set(ok[0]["examples"])  # scored on held-out images only
-    assert interp_main(["score", run, "--no-progress", "--device", "cpu", "--features", "0,5,7,9"], monkeypatch) == 0
+    assert not set(rec["samples"]) & set(ok[0]["examples"])  # scored on held-out samples only
+    run_score(ScoreConfig(run=str(run), selection=selection, progress=False))
     assert "0 to do" in capsys.readouterr().out
 
 
-def test_bad_input_is_named_and_nothing_is_written(planted, monkeypatch, capsys, tmp_path):
-    run, sae_dir = planted
+def test_bad_input_is_named_and_nothing_is_written(planted_run, random_sae, tmp_path, cli):
+    run = planted_run
     before = sorted(p.name for p in run.iterdir())
-    assert interp_main(["explain", run, "--features", "3,99", "--no-progress"], monkeypatch) == 2
-    assert "feature index out of range: [99]" in capsys.readouterr().err
-    assert interp_main(["explain", run, "--features", "3,x"], monkeypatch) == 2
-    assert "'x' is not a feature index" in capsys.readouterr().err
-    assert interp_main(["explain", run, "--filter", tmp_path / "none.txt"], monkeypatch) == 2
-    assert "--filter file" in capsys.readouterr().err
-    from saes.sae import SAE, SAEConfig
-
-    other = SAE(SAEConfig(arch="relu", d_in=128, d_sae=12)).save(tmp_path / "other")
-    assert interp_main(["explain", run, "--sae", other, "--features", "3"], monkeypatch) == 2
-    assert "features file from another SAE" in capsys.readouterr().err
-    assert interp_main(["score", tmp_path, "--features", "3"], monkeypatch) == 2
-    assert "no features file" in capsys.readouterr().err
+    r = cli("explain", run, "--features", "3,99", "--no-progress")
+    assert r.code == 2 and "feature index out of range: [99]; this SAE has 12 features (valid indices 0..11)" in r.err
+    r = cli("explain", run, "--filter", tmp_path / "none.txt")
+    assert r.code == 2 and "--filter file" in r.err and "does not exist (one feature index per line)" in r.err
+    other = tmp_path / "other"  # the run's features.h5 beside another SAE
+    random_sae(128, 12, arch="relu", where=other / "sae")
+    for name in ("activations.h5", "features.h5"):
+        (other / name).symlink_to(run / name)
+    r = cli("explain", other, "--features", "3")
+    assert r.code == 2 and "features file from another SAE" in r.err
+    r = cli("score", tmp_path, "--features", "3")
+    assert r.code == 2 and "no features file at" in r.err
     assert sorted(p.name for p in run.iterdir()) == before
 
 
-def test_filter_file_top_and_dead_features(planted):
-    run, _ = planted
-    from explain.cli import select_features
-
-    with FeatureStats(run / "features.h5") as fs:
+def test_filter_file_densest_and_dead_features(planted_run, tmp_path):
+    with FeatureReader(planted_run / "features.h5") as fs:
         assert select_features(fs) == (list(range(11)), [11])
         dens = fs.summary_table()["density"]
-        assert select_features(fs, top=2)[0] == [int(i) for i in np.argsort(-dens[:11], kind="stable")[:2]]
-        path = run.parent / "filter.txt"
+        assert select_features(fs, densest=2)[0] == [int(i) for i in np.argsort(-dens[:11], kind="stable")[:2]]
+        path = tmp_path / "filter.txt"
         path.write_text("# mine\n4\n11\n\n2  # two\n")
         assert select_features(fs, filter_file=str(path)) == ([4, 2], [11])
         assert select_features(fs, features="1,1,0") == ([1, 0], [])
 
 
-def test_generic_explainer_on_tiny_models(tiny_path):
+def test_generic_explainer_on_tiny_models(tiny_path, grid_tokens):
     """Mechanics only (random weights): the generic prompt with several marked images reaches any family."""
     from explain.backends import HFBackend
     from explain.explainers import Explanation, GenericExplainer
@@ -276,7 +230,7 @@ def test_generic_explainer_on_tiny_models(tiny_path):
     scene_images = [sample_scene(WorldConfig(), i, "test", 0).render() for i in range(3)]
     acts = np.zeros(9, np.float32)
     acts[4] = 2.0
-    examples = [MarkedExample(i, f"shapes:test:{i}:0", "top", im, grid_tokens(), acts, 2.0)
+    examples = [MarkedExample(i, i, f"shapes:test:{i}:0", "top", im, grid_tokens(), acts, 2.0)
                 for i, im in enumerate(scene_images)]
     for family in ("llava", "qwen2_5_vl"):
         explainer = GenericExplainer(HFBackend(str(tiny_path(family)), device="cpu"), with_originals=True,
@@ -291,18 +245,3 @@ def test_generic_explainer_on_tiny_models(tiny_path):
         verdicts = explainer.judge("red circles", scene_images)
         assert len(verdicts) == 3 and all(v is None or 0 <= float(v) <= 1 for v in verdicts)
         assert explainer.judge(CANNOT_TELL, scene_images) == [0.0] * 3
-
-
-def test_commands_register_with_their_options():
-    import argparse
-
-    from explain.cli import register
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["explain", "runs/x", "--top", "5", "--explainer", "http://h:1/v1", "--concurrency", "8"])
-    assert (args.top, args.explainer, args.concurrency, args.func.__name__) == (5, "http://h:1/v1", 8, "run_explain")
-    args = parser.parse_args(["score", "runs/x", "--masks", "m", "--judge", "shapes-subject"])
-    assert (args.masks, args.judge, args.func.__name__) == ("m", "shapes-subject", "run_score")
-    args = parser.parse_args(["serve-explainer", "--port", "0"])
-    assert (args.model, args.port) == ("shapes-explainer", 0)

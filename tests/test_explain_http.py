@@ -22,8 +22,6 @@ from explain.explainers import WorldExplainer
 from explain.server import ExplainerServer
 from explain.store import FeatureStore
 from interp.shapes.world import WorldConfig, sample_scene
-from test_explain import interp_main, make_planted_run
-from test_render import grid_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,8 +52,13 @@ def local():
     return HFBackend("shapes-explainer", device="cpu")
 
 
-def red_examples(n: int = 6) -> list[MarkedExample]:
-    """Shapes scenes with the 'feature' on the cell of a red object: what a red latent's examples look like."""
+@pytest.fixture
+def red_examples(grid_tokens):
+    """red_examples(n=6): shapes scenes with the 'feature' on the cell of a red object, as a red feature's look."""
+    return lambda n=6: _red_examples(grid_tokens, n)
+
+
+def _red_examples(grid_tokens, n: int) -> list[MarkedExample]:
     out, i = [], 0
     while len(out) < n:
         scene = sample_scene(WorldConfig(), i, "test", 0)
@@ -63,7 +66,7 @@ def red_examples(n: int = 6) -> list[MarkedExample]:
         if red:
             acts = np.zeros(9, np.float32)
             acts[red[0].row * 3 + red[0].col] = 3.0
-            out.append(MarkedExample(i, f"shapes:test:{i}:0", "top", scene.render(), grid_tokens(), acts, 3.0))
+            out.append(MarkedExample(i, i, f"shapes:test:{i}:0", "top", scene.render(), grid_tokens(), acts, 3.0))
         i += 1
     return out
 
@@ -170,20 +173,20 @@ def test_transient_errors_are_retried_and_client_errors_are_not():
 # ---------------------------------------------------------------- the command against servers
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return make_planted_run(tmp_path_factory.mktemp("planted_http"))
+def test_explain_records_down_and_garbage_then_finishes(planted_run_copy, local, capsys):
+    from dataclasses import replace
 
+    from explain.commands import ExplainConfig, FeatureSelection, run_explain
+    from explain.explainers import ExplainerOptions
 
-def test_explain_command_records_down_and_garbage_then_finishes(planted, local, monkeypatch, capsys, tmp_path):
-    run, _ = planted
+    run = planted_run_copy
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    out = tmp_path / "explanations.jsonl"
-    args = ["explain", run, "--features", "0,5,8", "--explainer", url, "--api-model", "shapes-explainer",
-            "--retries", "0", "--max-failures", "0", "--no-progress", "--out", out,
-            "--response-cache", tmp_path / "cache.jsonl"]
-    assert interp_main(args, monkeypatch) == 1  # down
+    out = run / "explanations.jsonl"
+    cfg = ExplainConfig(run=str(run), selection=FeatureSelection(features=(0, 5, 8)), explainer=url,
+                        options=ExplainerOptions(api_model="shapes-explainer", retries=0), max_failures=0,
+                        progress=False)
+    assert run_explain(cfg).failed == [0, 5, 8]  # down
     assert "cannot reach the explainer server" in capsys.readouterr().out
     store = FeatureStore(out)
     assert sorted(store.failed()) == [0, 5, 8] and not store.ok()
@@ -191,15 +194,14 @@ def test_explain_command_records_down_and_garbage_then_finishes(planted, local, 
 
     garbage = FaultServer(lambda n: (200, json.dumps({"choices": []}).encode()))
     try:
-        garbage_args = [a if a != url else garbage.url for a in args]
-        assert interp_main(garbage_args, monkeypatch) == 1
+        assert run_explain(replace(cfg, explainer=garbage.url)).failed
         assert "garbage answer" in capsys.readouterr().out
     finally:
         garbage.close()
 
     srv = ExplainerServer(local, "shapes-explainer", port=port).start()  # the server comes up
     try:
-        assert interp_main(args, monkeypatch) == 0
+        assert not run_explain(cfg).failed
     finally:
         srv.close()
     store = FeatureStore(out)
@@ -208,13 +210,13 @@ def test_explain_command_records_down_and_garbage_then_finishes(planted, local, 
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_asks_nothing_twice(planted, local, tmp_path):
-    run, _ = planted
+def test_kill_9_then_resume_asks_nothing_twice(planted_run_copy, local):
+    run = planted_run_copy
     counting = Counting(local, delay=0.04)
     srv = ExplainerServer(counting, "shapes-explainer", port=0).start()
-    out = tmp_path / "explanations.jsonl"
-    cmd = [sys.executable, "-m", "interp.cli", "explain", str(run), "--explainer", srv.url, "--api-model", "shapes-explainer", "--concurrency", "1",
-           "--no-progress", "--out", str(out), "--response-cache", str(tmp_path / "cache.jsonl")]
+    out = run / "explanations.jsonl"
+    cmd = [sys.executable, "-m", "interp.cli", "explain", str(run), "--explainer", srv.url, "--api-model",
+           "shapes-explainer", "--concurrency", "1", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -241,7 +243,7 @@ def test_kill_9_then_resume_asks_nothing_twice(planted, local, tmp_path):
 
 
 @pytest.mark.slow
-def test_transformers_serve_is_a_real_openai_server(local, tmp_path):
+def test_transformers_serve_is_a_real_openai_server(local, tmp_path, red_examples):
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():

@@ -8,7 +8,6 @@ put first on JUPYTER_PATH), and it runs in notebooks/ as Jupyter would.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -41,11 +40,11 @@ def test_notebook_is_stored_clean(name):
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> Path:
     """`interp demo` with small settings: cache, SAE, features, recovery, explanations, layer-0 steering (~30 s)."""
-    from interp.pipeline.demo import run
+    from interp.pipeline.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("notebooks") / "run"
-    assert run(argparse.Namespace(out=str(out), samples=600, layer="2", d_sae=128, k=4, steps=600, n=20, seed=0)) == 0
-    for need in ("activations.h5", "features.h5", "sae/sae/recovery.json", "steering-layer0/sae/sae/recovery.json",
+    run_demo(DemoConfig(run=str(out), samples=600, layer="2", d_sae=128, k=4, steps=600, questions=20, seed=0))
+    for need in ("activations.h5", "features.h5", "recovery.json", "steering-layer0/recovery.json",
                  "steering-layer0/features.h5"):
         assert (out / need).exists(), need
     return out

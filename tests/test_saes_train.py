@@ -54,9 +54,9 @@ def test_each_arch_learns_and_saves_in_sae_lens_format(arch, data, tmp_path):
     assert torch.equal(theirs.encode(held_out), result.sae.encode(held_out))
     assert torch.equal(theirs(held_out), result.sae(held_out))
     assert torch.equal(SAE.load(result.path)(held_out), result.sae(held_out))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 300 and {"fvu", "l0", "dead_frac", "loss", "lr"} <= set(records[-1])
-    run = json.loads((tmp_path / "run.json").read_text())
+    run = json.loads((tmp_path / "train_run.json").read_text())
     assert run["run"]["sae"]["arch"] == arch and "versions" in run
     assert (tmp_path / "sae" / "sparsity.safetensors").exists()
 
@@ -90,16 +90,17 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(arch, data, tmp_p
         assert torch.equal(a[k], b[k]), k
     strip = lambda p: [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "step_s")}  # noqa: E731
                        for line in p.read_text().splitlines()]
-    assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+    assert strip(tmp_path / "a" / "train" / "metrics.jsonl") == strip(tmp_path / "b" / "train" / "metrics.jsonl")
 
 
 def test_resume_with_another_config_is_refused(data, tmp_path):
     src = TensorSource(data[:4000])
     sae_cfg = SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=8)
     train(sae_cfg, quick_cfg(steps=6), src, tmp_path, stop_at=3)
-    with pytest.raises(ValueError, match=r"different configuration.*lr: checkpoint 0\.003, now 0\.001"):
+    with pytest.raises(ValueError, match=r"checkpoint .* was made with other settings \(train.lr: recorded 0\.003, "
+                                         r"now 0\.001\): use another run directory or delete the checkpoint"):
         Trainer(sae_cfg, quick_cfg(steps=6, lr=1e-3), src, tmp_path)
-    with pytest.raises(ValueError, match=r"different configuration.*sae\.k"):
+    with pytest.raises(ValueError, match=r"other settings \(sae\.k: recorded 8, now 4\)"):
         Trainer(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=4), quick_cfg(steps=6), src, tmp_path)
     Trainer(sae_cfg, quick_cfg(steps=6, checkpoint_every=2, log_every=1), src, tmp_path)  # bookkeeping may change
 
@@ -125,9 +126,9 @@ def test_errors_name_the_problem(data, tmp_path):
     cfg = quick_cfg(steps=20, batch_size=64, stats_rows=64)
     with pytest.raises(ValueError, match=r"width d=32, but the SAE expects d_in=48"):
         Trainer(SAEConfig(arch="topk", d_in=48, d_sae=D_SAE, k=8), cfg, TensorSource(data[:1000]), None)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"the activation source is empty \(n_rows=0\): nothing to train on"):
         Trainer(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=8), cfg, TensorSource(torch.empty(0, D_IN)), None)
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(ValueError, match="the activation source has 10 rows, fewer than one batch of 64"):
         Trainer(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=8), cfg, TensorSource(data[:10]), None)
     trainer = Trainer(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=8), cfg, _Batches(bad_batch=7), None)
     with pytest.raises(ValueError, match=r"batch 7 \(step 7\): NaN or Inf in rows 5, 9"):
@@ -192,54 +193,54 @@ def test_train_steps_per_second(data):
     assert 0 < rate < 1e6
 
 
-def test_cli_trains_from_a_safetensors_cache(data, tmp_path, capsys):
+def test_train_stage_reads_a_safetensors_tensor_in_the_run(data, tmp_path):
     from safetensors.torch import save_file
 
-    from interp.cli import main
+    from saes.train import TrainRunConfig, run_train
 
-    save_file({"activations": data[:5000]}, tmp_path / "acts.safetensors")
-    rc = main(["train", "--cache", str(tmp_path / "acts.safetensors"), "--arch", "batchtopk", "--d-sae", "128",
-               "--k", "4", "--steps", "60", "--batch-size", "256", "--lr", "3e-3", "--warmup-steps", "5",
-               "--out", str(tmp_path / "run"), "--no-progress", "--hook-name", "blocks.2.hook_resid_post",
-               "--device", "cpu"])
-    assert rc == 0 and "saved SAE" in capsys.readouterr().out
-    cfg = json.loads((tmp_path / "run" / "sae" / "cfg.json").read_text())
+    save_file({"activations": data[:5000]}, tmp_path / "activations.safetensors")
+    result = run_train(TrainRunConfig(run=str(tmp_path), sae=SAEConfig(arch="batchtopk", d_sae=128, k=4,
+                                                                       hook_name="blocks.2.hook_resid_post"),
+                                      train=quick_cfg(steps=60, warmup_steps=5)))
+    assert result.path == tmp_path / "sae"
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
-    assert cfg["metadata"]["training_architecture"] == "batchtopk"
-    assert main(["train", "--cache", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "x")]) == 2
+    assert cfg["metadata"]["training_architecture"] == "batchtopk" and cfg["d_in"] == D_IN
+    with pytest.raises(FileNotFoundError, match=r"no activation cache at .*x/activations.h5: make one with "
+                                                r"`interp cache"):
+        run_train(TrainRunConfig(run=str(tmp_path / "x")))
 
 
-def test_cli_trains_from_an_activation_cache(tiny_path, tmp_path, capsys):
-    """The real path: `interp cache` output read by interp.cache.reader.ActivationReader."""
+def test_train_stage_on_an_activation_cache_linked_into_the_run(tiny_path, tmp_path):
+    """The real path: `interp cache` output read by interp.cache.reader.ActivationReader, here a cache made in
+    another run and symlinked into this one."""
+    from interp.cache.reader import ActivationReader
     from interp.cache.writer import CacheConfig, build_cache
-    from interp.cli import main
+    from interp.infra.layout import RunLayout
+    from saes.train import TrainRunConfig, run_train
 
-    cache = build_cache(CacheConfig(model=str(tiny_path("llava")), layer="0", n=40, batch_size=8, dtype="float32"),
-                        tmp_path / "c.h5")
-    rc = main(["train", "--cache", str(cache), "--d-sae", "64", "--k", "4", "--steps", "40", "--batch-size", "64",
-               "--lr", "3e-3", "--warmup-steps", "5", "--out", str(tmp_path / "run"), "--no-progress",
-               "--device", "cpu"])
-    assert rc == 0
+    cache = build_cache(CacheConfig(run=str(tmp_path / "made"), model=str(tiny_path("llava")), layer="0", samples=40,
+                                    batch_size=8, dtype="float32"))
+    RunLayout(tmp_path / "run").link("cache", cache)
+    run_train(TrainRunConfig(run=str(tmp_path / "run"), sae=SAEConfig(d_sae=64, k=4),
+                             train=quick_cfg(steps=40, batch_size=64, warmup_steps=5)))
     cfg = json.loads((tmp_path / "run" / "sae" / "cfg.json").read_text())
     assert cfg["d_in"] == 32 and cfg["metadata"]["hook_layer"] == 0
     assert cfg["metadata"]["model_name"].endswith("llava") and cfg["metadata"]["cache_site"] == "resid"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from sae_lens import SAE as SaeLensSAE
-    from interp.cache.reader import ActivationReader
 
     x = ActivationReader(cache).read(0, 200)
     theirs, ours = SaeLensSAE.load_from_disk(tmp_path / "run" / "sae"), SAE.load(tmp_path / "run" / "sae")
     assert torch.equal(theirs.encode(x), ours.encode(x)) and fvu(ours, x) < 1.0
 
 
-def test_bench_reports_all_three_and_the_ratios(capsys):
-    from interp.cli import main
+def test_bench_reports_all_three_and_the_ratios():
+    from saes.bench import BenchTrainConfig, bench_train
 
-    rc = main(["bench", "train", "--d-in", "32", "--d-sae", "256", "--k", "8", "--batch", "256", "--steps", "6",
-               "--features", "64", "--active", "4", "--eval-rows", "512", "--json"])
-    assert rc == 0
-    report = json.loads(capsys.readouterr().out)
+    report = bench_train(BenchTrainConfig(d_in=32, d_sae=256, k=8, batch_size=256, steps=6, true_features=64, active=4,
+                                          eval_rows=512, json=True))
     assert set(report["results"]) == {"ours", "dense", "sae_lens"}
     for r in report["results"].values():
         assert r["acts_per_s"] > 0 and 0 <= r["fvu"] < 2
@@ -261,16 +262,17 @@ def _env():
 def test_torchrun_two_processes_train_a_valid_sae(data, tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"activations": data[:20_000]}, tmp_path / "acts.safetensors")
     out = tmp_path / "ddp"
+    out.mkdir()
+    save_file({"activations": data[:20_000]}, out / "activations.safetensors")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "interp.cli", "train",
-           "--cache", str(tmp_path / "acts.safetensors"), "--arch", "topk", "--d-sae", str(D_SAE), "--k", "8",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "interp.cli", "train", str(out),
+           "--arch", "topk", "--d-sae", str(D_SAE), "--k", "8",
            "--steps", "300", "--batch-size", "256", "--lr", "3e-3", "--warmup-steps", "20", "--dead-window", "50",
-           "--out", str(out), "--threads", "1", "--device", "cpu", "--no-progress", "--checkpoint-every", "100"]
+           "--threads", "1", "--device", "cpu", "--no-progress", "--checkpoint-every", "100"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "train_run.json").read_text())
     assert run["run"]["world_size"] == 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -285,17 +287,19 @@ def test_torchrun_two_processes_train_a_valid_sae(data, tmp_path):
 def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    save_file({"activations": data[:20_000]}, tmp_path / "acts.safetensors")
+    for run in ("straight", "killed"):
+        (tmp_path / run).mkdir()
+        save_file({"activations": data[:20_000]}, tmp_path / run / "activations.safetensors")
 
-    def cmd(out):
-        return [sys.executable, "-m", "interp.cli", "train", "--cache", str(tmp_path / "acts.safetensors"),
+    def cmd(run):
+        return [sys.executable, "-m", "interp.cli", "train", str(run),
                 "--d-sae", "1024", "--k", "8", "--steps", "400", "--batch-size", "512", "--lr", "3e-3",
-                "--dead-window", "20", "--out", str(out), "--threads", "1", "--no-progress",
+                "--dead-window", "20", "--threads", "1", "--no-progress",
                 "--checkpoint-every", "25", "--log-every", "5", "--device", "cpu"]
 
     subprocess.run(cmd(tmp_path / "straight"), env=_env(), check=True, capture_output=True, timeout=600)
     proc = subprocess.Popen(cmd(tmp_path / "killed"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
+    metrics = tmp_path / "killed" / "train" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:  # kill it somewhere between checkpoints, after the first one
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:
@@ -309,15 +313,3 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
     b = load_file(tmp_path / "killed" / "sae" / "sae_weights.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-def test_interp_cli_picks_up_the_stage():
-    import interp.cli
-
-    parser = interp.cli.build_parser()
-    args = parser.parse_args(["train", "--cache", "acts.h5", "--arch", "jumprelu"])
-    assert args.arch == "jumprelu" and args.d_sae is None and args.func.__name__ == "run_train"
-    assert parser.parse_args(["bench", "train", "--json"]).func.__name__ == "run_bench"
-    train_parser = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
-    for action in train_parser._actions:
-        assert action.help, f"{action.option_strings} has no help text"

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from interp.infra.identity import IdentityError
+from interp.infra.layout import RunLayout
 from saes.sae import SAE, SAEConfig
 from steering.attribution import ablation_effects, attribute, spearman
 from steering.interventions import FeatureEdit, Intervention, InterventionError, resolve, sae_hook
 from steering.steer import Query, generate, next_token_logits, prepare, setup_for, steer_one
-from steering.sweep import RECORDS, SpecError, SweepSpec, run_sweep
+from steering.sweep import SpecError, SweepSpec, run_sweep
 
 LAYER0 = "model.language_model.layers.0"
 
@@ -33,15 +35,16 @@ def lm():
 
 
 @pytest.fixture(scope="module")
-def sae_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sae") / "sae"
-    random_sae().save(d)
-    return d
+def run(tmp_path_factory):
+    """A run directory holding only an SAE (random, at layer 0): no features.h5, no recovery.json."""
+    run = tmp_path_factory.mktemp("steer-run")
+    random_sae().save(RunLayout(run).sae)
+    return run
 
 
 @pytest.fixture(scope="module")
-def setup(lm, sae_dir):
-    return setup_for(lm, SAE.load(sae_dir).eval(), str(sae_dir))
+def setup(lm, run):
+    return setup_for(lm, SAE.load(RunLayout(run).sae).eval(), run)
 
 
 @pytest.fixture(scope="module")
@@ -242,43 +245,43 @@ def test_spearman():
 
 
 def test_spec_errors_name_the_valid_keys(tmp_path):
-    with pytest.raises(SpecError, match=r"unknown key 'strenghts' in the sweep spec; valid keys: sae, features, "):
-        SweepSpec.from_dict({"sae": "x", "features": [1], "strenghts": [1], "prompts": ["a"]})
-    with pytest.raises(SpecError, match=r"unknown key 'splt' in the spec's world; valid keys: task, n, split, seed"):
-        SweepSpec.from_dict({"sae": "x", "features": [1], "world": {"splt": "test"}, "unit": "absolute"})
-    with pytest.raises(SpecError, match=r"unknown key 'latent' in features\[1\]; valid keys: feature, concept"):
-        SweepSpec.from_dict({"sae": "x", "features": [1, {"latent": 2}], "prompts": ["a"], "unit": "absolute"})
-    with pytest.raises(SpecError, match="finite"):
-        SweepSpec.from_dict({"sae": "x", "features": [1], "strengths": [1, float("nan")], "prompts": ["a"],
-                             "unit": "absolute"})
-    with pytest.raises(SpecError, match="feature_stats"):
+    with pytest.raises(SpecError, match=r"unknown key 'strenghts' in the sweep spec; valid keys: features, strengths"):
+        SweepSpec.from_dict({"features": [1], "strenghts": [1], "prompts": ["a"]})
+    with pytest.raises(SpecError, match=r"unknown key 'sae' in the sweep spec"):  # the run directory names the SAE
         SweepSpec.from_dict({"sae": "x", "features": [1], "prompts": ["a"]})
-    with pytest.raises(SpecError, match="either as `world`"):
-        SweepSpec.from_dict({"sae": "x", "features": [1], "unit": "absolute"})
+    with pytest.raises(SpecError, match=r"unknown key 'splt' in the spec's world; valid keys: task, n, split, seed"):
+        SweepSpec.from_dict({"features": [1], "world": {"splt": "test"}, "unit": "absolute"})
+    with pytest.raises(SpecError, match=r"unknown key 'latent' in features\[1\]; valid keys: feature, concept"):
+        SweepSpec.from_dict({"features": [1, {"latent": 2}], "prompts": ["a"], "unit": "absolute"})
+    with pytest.raises(SpecError, match="strengths value must be finite, got nan"):
+        SweepSpec.from_dict({"features": [1], "strengths": [1, float("nan")], "prompts": ["a"], "unit": "absolute"})
+    with pytest.raises(SpecError, match="give the sweep's inputs either as `world`"):
+        SweepSpec.from_dict({"features": [1], "unit": "absolute"})
     path = tmp_path / "s.yaml"
-    path.write_text("sae: x\nfeatures: [1, {concept: red, strengths: [2]}]\nunit: absolute\n"
+    path.write_text("features: [1, {concept: red, strengths: [2]}]\nunit: absolute\n"
                     "world: {task: color, n: 3}\nstrengths: [0.5, .inf]\n")
-    with pytest.raises(SpecError, match="finite"):
+    with pytest.raises(SpecError, match="strengths value must be finite, got inf"):
         SweepSpec.load(path)
     path.write_text(path.read_text().replace(".inf", "1"))
     spec = SweepSpec.load(path)
     assert spec.features[1].strengths == (2.0,) and spec.world.n == 3
-    (tmp_path / "s.json").write_text(json.dumps({"sae": "x", "features": [1], "prompts": "hi", "unit": "absolute",
-                                                 "colour": 1}))
-    with pytest.raises(SpecError, match="'colour'"):
+    (tmp_path / "s.json").write_text(json.dumps({"features": [1], "prompts": "hi", "unit": "absolute", "colour": 1}))
+    with pytest.raises(SpecError, match="unknown key 'colour' in the sweep spec"):
         SweepSpec.load(tmp_path / "s.json")
 
 
-def _spec(sae_dir, **kw) -> SweepSpec:
-    d = {"sae": str(sae_dir), "features": [3, {"feature": 5, "concept": "red"}], "strengths": [0.0, 600.0],
+def _spec(**kw) -> SweepSpec:
+    d = {"features": [3, {"feature": 5, "concept": "red"}], "strengths": [0.0, 600.0],
          "mode": "add", "unit": "absolute", "positions": "image", "world": {"task": "color", "n": 6, "split": "val"},
          "max_new_tokens": 3, "batch_size": 4, "engine": "torch", **kw}
     return SweepSpec.from_dict(d)
 
 
-def test_sweep_records_metrics_and_plots(setup, sae_dir, tmp_path):
-    r = run_sweep(_spec(sae_dir), tmp_path / "sw", setup, progress=False)
-    lines = (tmp_path / "sw" / RECORDS).read_text().splitlines()
+def test_sweep_records_metrics_and_plots(setup, run):
+    r = run_sweep(_spec(), run, "records", setup, progress=False)
+    sweep = RunLayout(run).sweep("records")
+    assert r.out == sweep.root == run / "steering" / "records"
+    lines = sweep.generations.read_text().splitlines()
     assert len(lines) == r.n_generated == 6 + 2 * 2 * 6
     rows = {(row["feature"], row["strength"]): row for row in r.rows}
     assert rows[(3, 0.0)]["changed"] == 0 and rows[(3, 0.0)]["kl"] < 1e-6  # adding 0 changes nothing
@@ -286,19 +289,19 @@ def test_sweep_records_metrics_and_plots(setup, sae_dir, tmp_path):
     assert rows[(3, 0.0)]["target_rate"] is None  # no concept for feature 3 (the random SAE has no recovery.json)
     assert all(row["coherence"] is not None and row["n"] == 6 for row in r.rows)
     assert {b["feature"] for b in r.best} == {3, 5}
-    assert (tmp_path / "sw" / "summary.csv").read_text().count("\n") == 5
-    for name in ("sweep.html", "sweep.json", "summary.json", "spec.json", "identity.json", "run.json"):
-        assert (tmp_path / "sw" / name).exists(), name
-    again = run_sweep(_spec(sae_dir), tmp_path / "sw", setup, progress=False)
+    assert sweep.summary_csv.read_text().count("\n") == 5
+    for path in (sweep.figure("html"), sweep.figure("json"), sweep.summary, sweep.spec, sweep.identity, sweep.run_info):
+        assert path.exists(), path
+    again = run_sweep(_spec(), run, "records", setup, progress=False)
     assert again.n_generated == 0 and again.rows == r.rows
-    with pytest.raises(SpecError, match="other settings.*mode"):
-        run_sweep(_spec(sae_dir, mode="clamp"), tmp_path / "sw", setup, progress=False)
+    with pytest.raises(IdentityError, match=r"the sweep in .*records was made with other settings \(mode: recorded "
+                                            r"'add', now 'clamp'\): its generations would not be comparable"):
+        run_sweep(_spec(mode="clamp"), run, "records", setup, progress=False)
 
 
-def test_sweep_killed_and_rerun_loses_and_redoes_nothing(setup, sae_dir, tmp_path, monkeypatch):
+def test_sweep_killed_and_rerun_loses_and_redoes_nothing(setup, run, monkeypatch):
     import steering.steer as steer_mod
 
-    out = tmp_path / "sw"
     calls = {"n": 0, "rows": 0}
     real = steer_mod.generate
 
@@ -312,8 +315,8 @@ def test_sweep_killed_and_rerun_loses_and_redoes_nothing(setup, sae_dir, tmp_pat
 
     monkeypatch.setattr(steer_mod, "generate", dying)
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(_spec(sae_dir), out, setup, progress=False)
-    path = out / RECORDS
+        run_sweep(_spec(), run, "killed", setup, progress=False)
+    path = RunLayout(run).sweep("killed").generations
     before = {json.loads(line)["key"]: line for line in path.read_text().splitlines()}
     assert 0 < len(before) == calls["rows"] < 30
     with open(path, "a") as f:  # and a torn last line, as a kill during a write leaves
@@ -327,7 +330,7 @@ def test_sweep_killed_and_rerun_loses_and_redoes_nothing(setup, sae_dir, tmp_pat
         return g
 
     monkeypatch.setattr(steer_mod, "generate", counting)
-    r = run_sweep(_spec(sae_dir), out, setup, progress=False)
+    r = run_sweep(_spec(), run, "killed", setup, progress=False)
     lines = path.read_text().splitlines()
     keys = [json.loads(line)["key"] for line in lines]
     assert len(keys) == len(set(keys)) == 30
@@ -338,58 +341,35 @@ def test_sweep_killed_and_rerun_loses_and_redoes_nothing(setup, sae_dir, tmp_pat
 # ---------------------------------------------------------------- the commands
 
 
-def _main(argv):
-    import interp.cli
-
-    return interp.cli.main(argv)
-
-
-def test_commands_and_their_errors(sae_dir, tmp_path, capsys):
-    common = ["--sae", str(sae_dir), "--image", "shapes:test:0:0", "--prompt", "what color is the circle ?"]
-    assert _main(["steer", *common, "--feature", "3", "--mode", "add", "--value", "0"]) == 0
-    out = capsys.readouterr().out
-    assert "baseline" in out and "Δp" in out and "red" in out
-    assert _main(["attribute", *common, "--top", "3", "--validate"]) == 0
-    assert "Spearman" in capsys.readouterr().out
-    for argv, words in ((["steer", *common, "--feature", "64"], "valid indices 0..63"),
-                        (["steer", *common, "--feature", "3", "--value", "nan"], "finite"),
-                        (["steer", *common, "-i", "3:clamp:inf"], "finite"),
-                        (["steer", *common, "--feature", "3", "--unit", "max"], "features.h5"),
-                        (["steer", *common], "nothing to steer"),
-                        (["steer", *common, "--feature", "3", "--layer", "1"], "not on layers.1")):
-        assert _main(argv) == 2, argv
-        err = capsys.readouterr().err.strip().splitlines()
+def test_commands_and_their_errors(run, tmp_path, cli):
+    common = ["--image", "shapes:test:0:0", "--prompt", "what color is the circle ?"]
+    r = cli("steer", run, *common, "--features", "3", "--mode", "add", "--value", "0")
+    assert r.code == 0 and "baseline" in r.out and "Δp" in r.out and "red" in r.out
+    r = cli("attribute", run, *common, "--show", "3", "--validate")
+    assert r.code == 0 and "Spearman" in r.out
+    for argv, words in ((["--features", "64"], "feature 64 is out of range: this SAE has 64 features (valid indices "
+                                               "0..63)"),
+                        (["--features", "3", "--value", "nan"], "value of the intervention on feature 3 must be "
+                                                                "finite, got nan"),
+                        (["-i", "3:clamp:inf"], "must be finite, got inf"),
+                        (["--features", "3", "--unit", "max"], "needs the SAE's features.h5"),
+                        ([], "nothing to steer: give --features F"),
+                        (["--features", "3", "--layer", "1"], "not on layers.1")):
+        r = cli("steer", run, *common, *argv)
+        assert r.code == 2, argv
+        err = r.err.strip().splitlines()
         assert err[-1].startswith("interp steer: error:") and words in err[-1], (argv, err)
         if "--layer" not in argv:  # only the layer check needs the model
             assert not any(line.startswith("Loading") for line in err), "bad interventions fail before loading"
     bad = tmp_path / "bad"
-    random_sae(d_in=96).save(bad)
-    assert _main(["steer", "--sae", str(bad), "--image", "shapes:test:0:0", "--prompt", "x", "--feature", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "d_in=96" in err and "d_model=128" in err
+    random_sae(d_in=96).save(RunLayout(bad).sae)
+    r = cli("steer", bad, "--image", "shapes:test:0:0", "--prompt", "x", "--features", "1")
+    assert r.code == 2 and "d_in=96" in r.err and "d_model=128" in r.err
     spec = tmp_path / "s.yaml"
-    spec.write_text(f"sae: {sae_dir}\nfeatures: [3]\nstrengths: [0, 300]\nmode: add\nunit: absolute\n"
+    spec.write_text("features: [3]\nstrengths: [0, 300]\nmode: add\nunit: absolute\n"
                     "world: {task: color, n: 4}\nmax_new_tokens: 3\n")
-    assert _main(["steer", "sweep", "--spec", str(spec), "--out", str(tmp_path / "sw"), "--no-progress"]) == 0
-    assert "best strength" in capsys.readouterr().out
+    r = cli("sweep", run, "--spec", spec, "--no-progress")
+    assert r.code == 0 and "best strength" in r.out and (run / "steering" / "s" / "generations.jsonl").exists()
     spec.write_text(spec.read_text() + "positons: image\n")
-    assert _main(["steer", "sweep", "--spec", str(spec), "--out", str(tmp_path / "sw2")]) == 2
-    assert "valid keys" in capsys.readouterr().err
-
-
-def test_every_steering_option_has_help():
-    import argparse
-
-    from steering.cli import register
-
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    register(sub)
-    todo = [parser]
-    while todo:
-        p = todo.pop()
-        for action in p._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                todo += list(action.choices.values())
-            elif action.option_strings and action.dest != "help":
-                assert action.help, action.option_strings
+    r = cli("sweep", run, "--spec", spec, "--name", "other")
+    assert r.code == 2 and "unknown key 'positons' in the sweep spec; valid keys: features" in r.err

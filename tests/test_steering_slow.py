@@ -1,4 +1,4 @@
-"""End to end on the shapes world: a layer-0 SAE of shapes-subject trained here, then `interp steer targets`.
+"""End to end on the shapes world: a layer-0 SAE of shapes-subject trained here, then `interp steer-targets`.
 
 Layer 0 is where the organism still reads the image tokens (by layer 2 the colour has moved to
 the text positions, and swapping image tokens there changes no answer), so its colour latents
@@ -11,37 +11,36 @@ import json
 
 import pytest
 import torch
-from test_steering import _main
 
 
 @pytest.mark.slow
-def test_colour_latents_steer_and_attribute(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert _main(["cache", "--model", "shapes-subject", "--layer", "0", "--data", "shapes", "--samples", "1500",
-                  "--out", str(run / "activations.h5")]) == 0
-    assert _main(["train", "--cache", str(run / "activations.h5"), "--arch", "topk", "--d-sae", "256", "--k", "4",
-                  "--steps", "1500", "--batch-size", "1024", "--out", str(run / "sae"), "--no-progress"]) == 0
-    sae = str(run / "sae" / "sae")
-    assert _main(["features", "--cache", str(run / "activations.h5"), "--sae", sae, "--out",
-                  str(run / "features.h5"), "--no-progress"]) == 0
-    assert _main(["recovery", "--sae", sae, "--cache", str(run / "activations.h5")]) == 0
-    capsys.readouterr()
-    out = run / "steering_summary.json"
-    assert _main(["steer", "targets", "--sae", sae, "--features", str(run / "features.h5"), "--out", str(out),
-                  "--n-select", "40", "--n-eval", "60", "--n-attr", "40", "--strengths", "0.5,1,2,3",
-                  "--no-progress"]) == 0
-    r = json.loads(out.read_text())
+def test_colour_features_steer_and_attribute(tmp_path):
+    from explain.features import FeaturesConfig, compute_features
+    from interp.cache.writer import CacheConfig, build_cache
+    from saes.recovery import RecoveryConfig, run_recovery
+    from saes.sae import SAEConfig
+    from saes.train import TrainConfig, TrainRunConfig, run_train
+    from steering.commands import TargetsConfig, run_targets
+
+    run = str(tmp_path / "run")
+    build_cache(CacheConfig(run=run, layer="0", samples=1500))
+    run_train(TrainRunConfig(run=run, sae=SAEConfig(d_sae=256, k=4),
+                             train=TrainConfig(steps=1500, batch_size=1024, progress=False)))
+    compute_features(FeaturesConfig(run=run, progress=False))
+    run_recovery(RecoveryConfig(run=run))
+    r = run_targets(TargetsConfig(run=run, select_questions=40, eval_questions=60, attribution_questions=40,
+                                  strengths=(0.5, 1, 2, 3), progress=False))
+    assert r == json.loads((tmp_path / "run" / "steering_summary.json").read_text())
     assert r["reach"]["answers_changed"] > 0.5
     assert r["flip"]["overall"] >= 0.8, r["flip"]
     assert r["attribution"]["integrated_gradients_4"]["top5_rate"] >= 0.8, r["attribution"]
     assert r["attribution"]["patching"]["spearman_per_image_mean"] > 0.3, r["attribution"]
-    assert (run / "steering" / "select" / "sweep.html").exists()
-    assert "overall flip rate" in capsys.readouterr().out
+    assert (tmp_path / "run" / "steering" / "select" / "sweep.html").exists()
 
 
 @pytest.mark.slow
 def test_sweep_kill_9_at_a_random_point_then_resume_equals_uninterrupted(tmp_path):
-    """A real SIGKILL of `interp steer sweep` part-way, then the same command: every generation
+    """A real SIGKILL of `interp sweep` part-way, then the same command: every generation
     is recorded exactly once and the summary equals an uninterrupted run's."""
     import json
     import os
@@ -56,17 +55,19 @@ def test_sweep_kill_9_at_a_random_point_then_resume_equals_uninterrupted(tmp_pat
     from saes.sae import SAE, SAEConfig
 
     torch.manual_seed(0)
-    SAE(SAEConfig(arch="topk", d_in=128, d_sae=32, k=4, model_name="shapes-subject",
-                  hook_name="model.language_model.layers.0")).save(tmp_path / "sae")
-    spec = {"sae": str(tmp_path / "sae"), "features": [1, 2, 3], "strengths": [0.0, 200.0, 600.0], "mode": "add",
+    sae = SAE(SAEConfig(arch="topk", d_in=128, d_sae=32, k=4, model_name="shapes-subject",
+                        hook_name="model.language_model.layers.0"))
+    for run in ("straight", "killed"):
+        sae.save(tmp_path / run / "sae")
+    spec = {"features": [1, 2, 3], "strengths": [0.0, 200.0, 600.0], "mode": "add",
             "unit": "absolute", "positions": "image", "world": {"task": "color", "n": 24, "split": "val"},
             "max_new_tokens": 3, "batch_size": 4, "engine": "torch"}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = lambda out: [sys.executable, "-m", "interp.cli", "steer", "sweep", "--spec", str(tmp_path / "spec.yaml"),  # noqa: E731
-                       "--out", str(out), "--no-progress"]
+    cmd = lambda run: [sys.executable, "-m", "interp.cli", "sweep", str(run), "--spec",  # noqa: E731
+                       str(tmp_path / "spec.yaml"), "--no-progress"]
     subprocess.run(cmd(tmp_path / "straight"), check=True, env=env, capture_output=True)
-    records = tmp_path / "killed" / "generations.jsonl"
+    records = tmp_path / "killed" / "steering" / "spec" / "generations.jsonl"
     proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after = random.randint(5, 150)  # of 24 baseline + 3 x 3 x 24 generations
     deadline = time.time() + 120
@@ -74,7 +75,7 @@ def test_sweep_kill_9_at_a_random_point_then_resume_equals_uninterrupted(tmp_pat
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "killed" / "summary.json").exists(), "the kill came too late to test anything"
+    assert not (tmp_path / "killed" / "steering" / "spec" / "summary.json").exists(), "the kill came too late"
     subprocess.run(cmd(tmp_path / "killed"), check=True, env=env, capture_output=True)
 
     def keyed(path):
@@ -82,8 +83,8 @@ def test_sweep_kill_9_at_a_random_point_then_resume_equals_uninterrupted(tmp_pat
         return {json.dumps({k: v for k, v in r.items() if k in ("feature", "strength", "prompt", "image", "key")},
                            sort_keys=True): r.get("answer", r.get("output")) for r in rows if "header" not in r}
 
-    a, b = keyed(tmp_path / "straight" / "generations.jsonl"), keyed(records)
+    a, b = keyed(tmp_path / "straight" / "steering" / "spec" / "generations.jsonl"), keyed(records)
     assert a == b and len(b) == records.read_text().count("\n") - (1 if '"header"' in records.read_text() else 0)
-    sa = json.loads((tmp_path / "straight" / "summary.json").read_text())
-    sb = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    sa = json.loads((tmp_path / "straight" / "steering" / "spec" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "killed" / "steering" / "spec" / "summary.json").read_text())
     assert sa == sb

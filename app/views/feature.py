@@ -1,4 +1,4 @@
-"""Feature page: explanation and scores, top images and quantile samples with heatmaps, activation
+"""Feature page: explanation and scores, top samples and quantile samples with heatmaps, activation
 histogram, logit effects, nearest features by decoder cosine, and the shapes world's ground truth."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ if not need(run, "features"):
     st.stop()
 table = state.feature_table(run)
 d_sae = len(table)
-recovered = [g for g in state.recovery_by_latent(run) if 0 <= g < d_sae]
+recovered = [g for g in state.recovery_by_feature(run) if 0 <= g < d_sae]
 default = recovered[0] if recovered else int(table["density"].to_numpy().argmax())
 pick, _ = st.columns([1, 3])
 f = int(pick.number_input(f"Feature (0 .. {d_sae - 1})", min_value=0, max_value=d_sae - 1, value=default, step=1,
@@ -76,16 +76,15 @@ with left:
         st.code(actions.shell_commands(run, f), language="bash")
 with right:
     st.subheader("Ground truth (shapes world)")
-    matched = state.recovery_by_latent(run).get(f, [])
+    matched = state.recovery_by_feature(run).get(f, [])
     if run.recovery is None and run.cache and not run.is_shapes:
         st.caption("No ground truth: this cache does not hold shapes-world images.")
     elif run.recovery is None:
         st.info(run.message("recovery"))
     elif matched:
         for c in matched:
-            st.markdown(f"Best latent for **{c['concept']}**: F1 {c['f1']:.3f} (best raw neuron "
-                        f"{c.get('neuron_f1', math.nan):.3f}), precision {c.get('precision', math.nan):.3f}, "
-                        f"recall {c.get('recall', math.nan):.3f}")
+            st.markdown(f"Best feature for **{c.concept}**: F1 {c.f1:.3f} (best raw neuron {c.neuron_f1:.3f}), "
+                        f"precision {c.precision:.3f}, recall {c.recall:.3f}")
     else:
         st.caption("recovery.json matches no concept to this feature.")
     rows = state.reader(run).n_rows if run.cache and run.is_shapes else 0
@@ -142,16 +141,16 @@ with nb:
 
 # ---------------------------------------------------------------- images
 srcs = open_sources(run)
-st.header("Top images")
+st.header("Top samples")
 c1, c2 = st.columns([3, 1])
 view = c1.segmented_control("View", list(VIEW_NAMES), format_func=VIEW_NAMES.get, default="overlay", key="view",
                             required=True) or "overlay"
-by = c2.segmented_control("Rank images by", ["max", "mean"], default=stats.rank_by, key="rank_by",
+by = c2.segmented_control("Rank samples by", ["max", "mean"], default=stats.rank_by, key="rank_by",
                           required=True) or stats.rank_by
 if srcs is not None:
-    image_row(run, srcs, f, stats.top_images(f, by)[:12], view)
+    image_row(run, srcs, f, stats.top(f, by)[:12], view)
     st.header("Quantile samples")
-    st.caption("Activating images from the bands of the per-image value, lowest band first")
+    st.caption("Activating samples from the bands of the per-sample value, lowest band first")
     for band in stats.quantile_samples(f, n_bands=4, per_band=6, by=by):
         st.markdown(f"**{band.q_lo:.0%} – {band.q_hi:.0%}**")
         image_row(run, srcs, f, band.examples, view)

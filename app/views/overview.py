@@ -24,17 +24,17 @@ cfg = run.sae_cfg
 ours = ((cfg.get("metadata") or {}).get("lmmscope") or {}).get("config") or {}
 meta = run.cache_meta
 data = meta.get("data")
-sae_text = (f"{ours.get('arch', cfg.get('architecture', '?'))}, {cfg.get('d_sae', '?')} latents"
+sae_text = (f"{ours.get('arch', cfg.get('architecture', '?'))}, {cfg.get('d_sae', '?')} features"
             + (f", k={ours['k']}" if ours.get("k") else "") + f", d_in {cfg.get('d_in', '?')}")
 facts({"Model": run.model_name or "unknown",
        "Layer": f"{run.layer or '?'}" + (f" ({meta['site']})" if meta.get("site") else ""),
        "SAE": sae_text if cfg else "missing",
-       "Cache": f"{meta.get('n_rows', 0):,} rows of {meta.get('n_samples', 0):,} inputs" if meta else "missing",
+       "Cache": f"{meta.get('n_rows', 0):,} rows of {meta.get('n_samples', 0):,} samples" if meta else "missing",
        "Data": data.get("kind", "?") if isinstance(data, dict) else str(data or "?")})
 with st.expander("Run details"):
     details = {"SAE config": ours or cfg, "cache": {k: meta.get(k) for k in
                ("model", "layer", "site", "module_path", "roles", "dtype", "data", "prompt_template", "created")},
-               "run.json": run.run_info}
+               "stage runs": run.run_info}
     st.json(details, expanded=False)
 need(run, "cache", "sae")
 
@@ -53,7 +53,7 @@ if need(run, "eval"):
     if isinstance(vqa, dict) and vqa:
         st.caption("Organism VQA accuracy, clean and with the SAE spliced in")
         st.dataframe(pd.DataFrame(vqa).T, width="content")
-    with st.expander("eval.json"):
+    with st.expander(run.layout.eval.name):
         st.json({k: v for k, v in ev.items() if k != "density_histogram"}, expanded=False)
 
 # ---------------------------------------------------------------- training, density, scores
@@ -85,27 +85,26 @@ with right:
             st.info(f"scores.jsonl holds no usable scores yet; run `{run.command('scores')}`.")
         summary = state.json_file(run.score_summary)
         if summary:
-            with st.expander("score_summary.json"):
+            with st.expander(run.layout.score_summary.name):
                 st.json(summary, expanded=False)
 
 # ---------------------------------------------------------------- ground truth
 st.header("Ground-truth recovery (shapes world)")
-rec = state.json_file(run.recovery)
+rec = state.recovery(run)
 if run.recovery is None and run.cache and not run.is_shapes:
     st.caption("No ground truth: this cache does not hold shapes-world images.")
-elif need(run, "recovery"):
-    concepts = [c for c in rec.get("concepts", []) if isinstance(c, dict)]
+elif need(run, "recovery") and rec is not None:
+    concepts = rec.to_json()["concepts"]
     cols = st.columns(3)
-    cols[0].metric("Concepts recovered", f"{len(rec.get('recovered', []))}/{len(concepts)}",
-                   help=f"F1 >= {rec.get('f1_min', 0.9)}")
-    cols[1].metric("Mean F1 (SAE)", f"{rec.get('mean_f1', float('nan')):.3f}")
-    cols[2].metric("Mean F1 (best raw neuron)", f"{rec.get('mean_neuron_f1', float('nan')):.3f}")
+    cols[0].metric("Concepts recovered", f"{len(rec.recovered)}/{len(concepts)}", help=f"F1 >= {rec.f1_min}")
+    cols[1].metric("Mean F1 (SAE)", f"{rec.mean_f1:.3f}")
+    cols[2].metric("Mean F1 (best raw neuron)", f"{rec.mean_neuron_f1:.3f}")
     if concepts:
         st.plotly_chart(charts.recovery_bars(concepts), key="recovery")
         frame = pd.DataFrame(concepts)
-        frame["feature"] = [f"feature?feature={c['latent']}" for c in concepts]
+        frame["open"] = [f"feature?feature={c['feature']}" for c in concepts]
         st.dataframe(frame, hide_index=True, column_config={
-            "feature": st.column_config.LinkColumn("open", display_text=r"feature\?feature=(\d+)"),
+            "open": st.column_config.LinkColumn("open", display_text=r"feature\?feature=(\d+)"),
             "threshold": st.column_config.NumberColumn(format="%.4g")}
             | {c: st.column_config.NumberColumn(format="%.3f")
                for c in ("f1", "precision", "recall", "auroc", "neuron_f1")})

@@ -33,13 +33,12 @@ if not run.model_name:
 
 
 @st.cache_resource(show_spinner="Loading the model and checking the SAE against it …", max_entries=2)
-def setup(model: str, sae_dir: str, features: str | None, layer: str | None, _mtime: int):
-    return setup_for(state.model(model), state.sae(run), sae_dir, features, layer)
+def setup(model: str, run_dir: str, layer: str | None, _mtime: int):
+    return setup_for(state.model(model), state.sae(run), run.layout, layer)
 
 
 try:  # the layer: the cache's (the SAE need not record it); it must match the SAE's own where it does
-    steer = setup(run.model_name, str(run.sae), str(run.features) if run.features else None,
-                  run.cache_meta.get("layer"), state.mtime(run.features))
+    steer = setup(run.model_name, str(run.root), run.cache_meta.get("layer"), state.mtime(run.features))
 except Exception as e:  # the SAE does not fit the model, or the model cannot load here
     st.error(f"Cannot steer {run.model_name} with this SAE: {e}")
     st.stop()
@@ -49,18 +48,17 @@ reader = state.reader(run)
 multimodal = steer.lm.is_multimodal
 image, ref, default_prompt = None, "", "describe the image ."
 if multimodal:
-    source = st.radio("Image", ["cached image", "upload"], horizontal=True, key="steer_source")
-    if source == "cached image" and reader is not None and len(reader.samples):
+    source = st.radio("Image", ["cached sample", "upload"], horizontal=True, key="steer_source")
+    if source == "cached sample" and reader is not None and reader.n_samples:
         from interp.cache.data import load_image
 
-        i = int(st.number_input(f"Cached image (0 .. {len(reader.samples) - 1})", 0, len(reader.samples) - 1, 0,
-                                key="steer_image"))
-        row = reader.samples[i]
-        ref = row["image_ref"].decode() if isinstance(row["image_ref"], bytes) else str(row["image_ref"])
+        i = int(st.number_input(f"Cached sample (0 .. {reader.n_samples - 1})", 0, reader.n_samples - 1, 0,
+                                key="steer_sample"))
+        sample = reader.sample(i)
+        ref, default_prompt = sample.image_ref, sample.prompt
         image = load_image(ref)
-        default_prompt = row["prompt"].decode() if isinstance(row["prompt"], bytes) else str(row["prompt"])
     else:
-        if source == "cached image":
+        if source == "cached sample":
             need(run, "cache")
         upload = st.file_uploader("Upload an image", type=["png", "jpg", "jpeg", "webp", "bmp"], key="steer_upload")
         if upload is not None:
@@ -84,7 +82,7 @@ if table is not None:  # live features, densest first; a long list is cut (type 
 else:
     live = list(range(d_sae))
 is_live = set(live)
-recovered = [f for f in state.recovery_by_latent(run) if f in is_live]
+recovered = [f for f in state.recovery_by_feature(run) if f in is_live]
 options = list(dict.fromkeys(recovered + live[:MAX_OPTIONS]))
 
 

@@ -16,7 +16,6 @@ from typing import Protocol
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-DEFAULT_TEMPLATE = "{image} describe the image ."
 
 
 class DataError(ValueError):
@@ -210,35 +209,3 @@ def load_image(ref: str) -> Image.Image:
         path, split, row = rest.rsplit(":", 2)
         return HFDatasetSource(path, split=split)[int(row)].image
     raise DataError(f"unknown image reference {ref!r}")
-
-
-# ---------------------------------------------------------------- prompts
-
-
-def check_template(template: str, multimodal: bool) -> None:
-    if multimodal and "{image}" not in template:
-        raise DataError(f"prompt template {template!r} has no image slot: put {{image}} where the image goes, "
-                        f"e.g. {DEFAULT_TEMPLATE!r}")
-    if not multimodal and "{image}" in template:
-        raise DataError(f"prompt template {template!r} has an image slot but the model reads text only")
-    try:
-        template.format(image="", text="")
-    except (KeyError, IndexError, ValueError) as e:
-        raise DataError(f"prompt template {template!r} is malformed ({e}); its slots are {{image}} and {{text}}") from None
-
-
-def user_text(template: str, sample: Sample) -> str:
-    """The template's text with the dataset text filled in and the image slot removed."""
-    return " ".join(template.replace("{image}", " ").format(text=sample.text).split())
-
-
-def chat_messages(template: str, sample: Sample) -> list[dict]:
-    """One user turn, the image placed where the template puts it."""
-    before, _, after = template.partition("{image}")
-    content = []
-    for piece, is_image in ((before, False), (None, True), (after, False)):
-        if is_image:
-            content.append({"type": "image"})
-        elif piece and piece.strip():
-            content.append({"type": "text", "text": " ".join(piece.format(text=sample.text).split())})
-    return [{"role": "user", "content": content}]

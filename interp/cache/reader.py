@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -17,11 +18,49 @@ import h5py
 import numpy as np
 import torch
 
-from interp.cache.format import FORMAT, IDENTITY_ATTRS
+from interp.cache.format import FORMAT, IDENTITY_ATTRS, RoleError, role_codes, text
 
 
 class CacheError(ValueError):
     pass
+
+
+@dataclass(frozen=True, eq=False)
+class CachedSample:
+    """One sample of a cache: where its rows are, what its tokens are, and what it showed the model."""
+
+    index: int
+    """row of the samples table"""
+    source_index: int
+    """the sample's number in its data source"""
+    image_ref: str
+    """`interp.cache.data.load_image(image_ref)` gives the image back ("" for a text-only sample)"""
+    image_hash: str
+    prompt: str
+    """the user's text of the prompt"""
+    width: int
+    """of the original image (0 without one)"""
+    height: int
+    n_tokens: int
+    """non-padding tokens of the model input"""
+    start: int
+    """its rows are [start, stop) of the reader (role-filtered readers count only their rows)"""
+    stop: int
+    tokens: np.ndarray = field(repr=False)
+    """its token-table rows (format.TOKEN_DTYPE: position, role, image patch, pixel box)"""
+
+    @property
+    def n_rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def has_image(self) -> bool:
+        return self.width > 0
+
+    @property
+    def positions(self) -> np.ndarray:
+        """The token positions of its rows in the model input."""
+        return self.tokens["position"]
 
 
 class ActivationReader:
@@ -30,7 +69,8 @@ class ActivationReader:
         """`roles` keeps only rows of those token roles (None: every cached row)."""
         self.path = Path(path)
         if not self.path.exists():
-            raise CacheError(f"no activation cache at {self.path}: make one with `interp cache --out {self.path}`")
+            raise CacheError(f"no activation cache at {self.path}: make one with `interp cache RUN` "
+                             "(it writes RUN/activations.h5)")
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
@@ -47,12 +87,10 @@ class ActivationReader:
             self._rows = None
             self.n_rows = int(self._acts.shape[0])
         else:
-            from interp.model.token_map import ROLES
-
-            unknown = set(roles) - set(ROLES)
-            if unknown:
-                raise CacheError(f"unknown roles {sorted(unknown)}; known: {list(ROLES)}")
-            codes = [ROLES.index(r) for r in roles]
+            try:
+                codes = role_codes(roles)
+            except RoleError as e:
+                raise CacheError(str(e)) from None
             self._rows = np.flatnonzero(np.isin(self._f["tokens"]["role"], codes))
             self.n_rows = len(self._rows)
 
@@ -73,13 +111,61 @@ class ActivationReader:
 
     @cached_property
     def tokens(self) -> np.ndarray:
-        """The token table of the selected rows (structured array, see interp.model.token_map.TOKEN_DTYPE)."""
+        """The token table of the selected rows (structured array, see interp.cache.format.TOKEN_DTYPE)."""
         t = self._f["tokens"][:]
         return t if self._rows is None else t[self._rows]
 
     @cached_property
-    def samples(self) -> np.ndarray:
+    def samples_table(self) -> np.ndarray:
+        """The raw samples table (format.SAMPLE_DTYPE), for bulk use; `sample(i)` for one sample."""
         return self._f["samples"][:]
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.samples_table)
+
+    @cached_property
+    def image_refs(self) -> list[str]:
+        """Every sample's image reference, decoded once."""
+        return [text(v) for v in self.samples_table["image_ref"]]
+
+    @cached_property
+    def prompts(self) -> list[str]:
+        return [text(v) for v in self.samples_table["prompt"]]
+
+    @cached_property
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every sample's [start, stop) in this reader's row numbering."""
+        s = self.samples_table
+        start, stop = s["row_start"].astype(np.int64), (s["row_start"] + s["n_rows"]).astype(np.int64)
+        if self._rows is not None:
+            start, stop = np.searchsorted(self._rows, start), np.searchsorted(self._rows, stop)
+        return start, stop
+
+    def sample(self, index: int) -> CachedSample:
+        """One sample: its rows, tokens, image reference and prompt."""
+        if not 0 <= int(index) < self.n_samples:
+            raise CacheError(f"sample {index} is out of range: the cache has {self.n_samples} samples "
+                             f"(valid indices 0..{self.n_samples - 1})")
+        i = int(index)
+        s = self.samples_table[i]
+        start, stop = (int(b[i]) for b in self._bounds)
+        return CachedSample(i, int(s["source_index"]), self.image_refs[i], text(s["image_hash"]), self.prompts[i],
+                            int(s["width"]), int(s["height"]), int(s["n_tokens"]), start, stop,
+                            self.tokens[start:stop])
+
+    def iter_samples(self) -> Iterator[CachedSample]:
+        for i in range(self.n_samples):
+            yield self.sample(i)
+
+    def sample_activations(self, index: int | CachedSample) -> torch.Tensor:
+        """The float32 rows of one sample."""
+        s = index if isinstance(index, CachedSample) else self.sample(index)
+        return self.read(s.start, s.stop)
+
+    def sample_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The samples-table row of each of the reader's `rows`."""
+        return np.searchsorted(self._bounds[1], rows, side="right")
 
     def __len__(self) -> int:
         return self.n_rows

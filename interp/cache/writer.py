@@ -23,34 +23,59 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from interp.cache.format import FORMAT, IDENTITY_ATTRS, SAMPLE_DTYPE
-from interp.cache.data import DEFAULT_TEMPLATE, DataError, Sample, check_template, fingerprint, open_source, user_text
-from interp.model.inputs import model_inputs, prompts
-
-
-class CacheMismatchError(ValueError):
-    pass
+from interp.cache.data import DataError, Sample, fingerprint, open_source
+from interp.cache.format import FORMAT, IDENTITY_ATTRS, SAMPLE_DTYPE, TOKEN_DTYPE, is_pad, role_codes
+from interp.infra.cli_config import Command, choices, positional
+from interp.infra.identity import IdentityError, check_identity
+from interp.infra.layout import RunLayout
+from interp.model.inputs import DEFAULT_TEMPLATE, check_template, model_inputs, prompts, user_text
 
 
 @dataclass
 class CacheConfig:
+    """What `interp cache` caches, and where: one layer's activations of one model over one data source."""
+
+    run: str | None = field(default=None, metadata=positional())
+    """run directory; the cache is written to RUN/activations.h5"""
     model: str = "shapes-subject"
-    layer: str = "2"  # index or name; see `interp layers MODEL`
-    site: str = "resid"
+    """organism name, HF hub id, local path, or tl:NAME for TransformerLens"""
+    layer: str = "2"
+    """layer index (negative counts from the end) or name; see `interp layers`"""
+    site: str = field(default="resid", metadata=choices(["resid", "attn", "mlp"]))
+    """residual output, attention output or MLP output of the layer"""
     data: str = "shapes"
-    n: int | None = None  # samples to cache (None: the whole source; shapes: 2000)
+    """data source: shapes[:SPLIT], folder:PATH, hf:PATH[:IMAGE_COLUMN]"""
+    samples: int | None = None
+    """number of samples to cache (none: the whole source; the shapes world: 2000)"""
     prompt_template: str = DEFAULT_TEMPLATE
+    """prompt template with an {image} slot (and an optional {text} slot for the dataset's text)"""
     roles: tuple[str, ...] = ("image_patch",)
-    dtype: str = "float16"  # storage dtype of the activations
-    model_dtype: str = "float32"
+    """token roles to keep: image_patch, image_special, text, template, special"""
+    dtype: str = field(default="float16", metadata=choices(["float16", "float32"]))
+    """storage dtype of the activations"""
+    model_dtype: str = field(default="float32", metadata=choices(["float32", "float16", "bfloat16"]))
+    """dtype the model runs in"""
     device: str = "auto"
+    """auto (cuda when present), cpu, cuda, cuda:N"""
     revision: str | None = None
+    """hub revision of the model"""
     batch_size: int = 16
+    """samples per forward pass"""
     part_samples: int = 256
-    engine: str = "nnsight"
-    strict: bool = False  # a bad image stops the run instead of being skipped
+    """samples per crash-safe part file"""
+    engine: str = field(default="nnsight", metadata=choices(["nnsight", "torch"]))
+    """hooking engine"""
+    strict: bool = False
+    """stop at the first unreadable image instead of skipping it"""
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    """seed recorded with the cache (and of the shapes source)"""
+
+    def __post_init__(self) -> None:
+        self.roles = tuple(self.roles)
+
+    def same_cache(self, other: CacheConfig) -> bool:
+        """Whether two configs make the same cache (wherever it is written)."""
+        return {**asdict(self), "run": None} == {**asdict(other), "run": None}
 
 
 def _dist() -> tuple[int, int]:
@@ -81,29 +106,24 @@ class CacheWriter:
         from interp.model.models import load_model
 
         self.cfg = cfg
+        self.role_codes = role_codes(cfg.roles)
         self.lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype, revision=cfg.revision)
         layer = int(cfg.layer) if str(cfg.layer).lstrip("-").isdigit() else cfg.layer
         self.hook = resolve_layer(self.lm, layer, cfg.site)
         check_template(cfg.prompt_template, self.lm.is_multimodal)
-        from interp.model.token_map import ROLES
-
-        unknown = set(cfg.roles) - set(ROLES)
-        if unknown:
-            raise ValueError(f"unknown roles {sorted(unknown)}; known: {list(ROLES)}")
-        self.role_codes = [ROLES.index(r) for r in cfg.roles]
 
     def run_batch(self, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Activations [rows, d] and token table [rows] of the kept roles (sample-major, batch-local
-        sample numbers), and each sample's number of non-padding tokens."""
+        """Activations [rows, d] and token table [rows] of the kept roles (sample-major, `sample` the
+        batch-local index), and each sample's number of non-padding tokens."""
         from interp.model.hooks import capture
-        from interp.model.token_map import ROLES, token_table
+        from interp.model.token_map import token_table
 
         texts, users = prompts(self.lm, samples, self.cfg.prompt_template)
         inputs = model_inputs(self.lm, samples, texts)
         acts = capture(self.lm.model, inputs, self.hook.module_path, self.cfg.engine)
         enc = inputs if self.lm.kind != "hooked-transformer" else {"input_ids": inputs["input"]}
         table = token_table(self.lm, enc, [[s.image] for s in samples] if self.lm.is_multimodal else None, users)
-        n_tokens = np.bincount(table["sample"][table["role"] != ROLES.index("pad")], minlength=len(samples))
+        n_tokens = np.bincount(table["sample"][~is_pad(table["role"])], minlength=len(samples))
         table = table[np.isin(table["role"], self.role_codes)]
         flat = acts.float().cpu().reshape(-1, acts.shape[-1]).numpy()
         rows = flat[table["sample"].astype(np.int64) * acts.shape[1] + table["position"]]
@@ -118,34 +138,33 @@ class CacheWriter:
         }
 
 
-def build_cache(cfg: CacheConfig, out: str | Path, writer: CacheWriter | None = None) -> Path:
-    """Write (or finish writing) the cache at `out`; returns its path. Pass a `writer` built from
-    the same config to reuse its loaded model."""
+def build_cache(cfg: CacheConfig, writer: CacheWriter | None = None) -> Path:
+    """Write (or finish writing) the cache of `cfg.run`; returns its path. Pass a `writer` built from
+    the same config (any run) to reuse its loaded model."""
     from interp.infra.runinfo import versions
 
-    out = Path(out)
+    layout = RunLayout.of(cfg.run)
+    out = layout.cache
     rank, world = _dist()
     torch.manual_seed(cfg.seed)
-    if writer is not None and writer.cfg != cfg:
+    if writer is not None and not writer.cfg.same_cache(cfg):
         raise ValueError("the writer was built from another cache config")
     writer = writer or CacheWriter(cfg)
-    source = open_source(cfg.data, cfg.n, cfg.seed)
+    source = open_source(cfg.data, cfg.samples, cfg.seed)
     identity = writer.identity(source)
     identity_json = {k: json.dumps(identity[k], sort_keys=True) for k in IDENTITY_ATTRS}
     if out.exists():
-        _check_identity(out, identity_json)
+        _check_finished(out, identity_json)
         print(f"{out} is already complete")
         return out
-    parts_dir = out.with_name(out.name + ".parts")
+    parts_dir = layout.cache_parts
     parts_dir.mkdir(parents=True, exist_ok=True)
     manifest = parts_dir / "manifest.json"
     if rank == 0 and not manifest.exists():
         manifest.write_text(json.dumps(identity_json, sort_keys=True))
-    elif manifest.exists() and json.loads(manifest.read_text()) != identity_json:
-        theirs = json.loads(manifest.read_text())
-        diff = {k: (theirs.get(k), v) for k, v in identity_json.items() if theirs.get(k) != v}
-        raise CacheMismatchError(f"{parts_dir} holds a partial cache made with other settings {diff} (then, now): "
-                                 f"use another --out or delete {parts_dir}")
+    elif manifest.exists():
+        check_identity(json.loads(manifest.read_text()), identity_json, f"the partial cache in {parts_dir}",
+                       f"use another run directory or delete {parts_dir}")
     n_parts = -(-len(source) // cfg.part_samples)
     if n_parts == 0:
         raise DataError(f"data source {cfg.data} is empty")
@@ -162,7 +181,7 @@ def build_cache(cfg: CacheConfig, out: str | Path, writer: CacheWriter | None = 
         attrs = {**identity_json, "format": FORMAT, "family": writer.lm.family, "kind": writer.lm.kind,
                  "d": 0, "data_fingerprint": fingerprint(source), "engine": cfg.engine,
                  "processor": json.dumps(_processor_settings(writer.lm), sort_keys=True, default=str),
-                 "versions": json.dumps(versions()), "config": json.dumps(asdict(cfg), default=str),
+                 "versions": json.dumps(versions()), "config": json.dumps({**asdict(cfg), "run": None}, default=str),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _merge(parts_dir, n_parts, out, attrs)
     if world > 1:
@@ -187,28 +206,30 @@ def _write_part(writer: CacheWriter, source, p: int, parts_dir: Path, bar) -> No
         if good:
             rows, table, n_tokens = writer.run_batch(good)
             n_rows = np.bincount(table["sample"], minlength=len(good))
-            table["sample"] = np.asarray([g.index for g in good])[table["sample"]]
+            table["sample"] += len(samples)  # the part's samples-table row (the merge adds the part's offset)
             acts.append(rows)
             tokens.append(table)
             for g, nt, nr in zip(good, n_tokens, n_rows):
                 samples.append((g.index, g.image_ref, g.image_hash, user_text(cfg.prompt_template, g),
                                 g.image.width if g.image else 0, g.image.height if g.image else 0, int(nt), 0, int(nr)))
         bar.update(len(batch))
-    from interp.model.token_map import TOKEN_DTYPE
-
     tmp = parts_dir / f"part-{p:06d}.h5.tmp"
     with h5py.File(tmp, "w") as f:
         f.create_dataset("activations", data=np.concatenate(acts).astype(cfg.dtype) if acts else np.zeros((0, 0), cfg.dtype))
         f.create_dataset("tokens", data=np.concatenate(tokens) if tokens else np.zeros(0, TOKEN_DTYPE))
         f.create_dataset("samples", data=np.array(samples, dtype=SAMPLE_DTYPE))
         f.attrs["skipped"] = json.dumps(skipped)
+    _fsync(tmp)
     os.replace(tmp, _part_path(parts_dir, p))
 
 
-def _merge(parts_dir: Path, n_parts: int, out: Path, attrs: dict) -> None:
-    """Concatenate the parts in order into `out` (written to a temp name, then renamed)."""
-    from interp.model.token_map import TOKEN_DTYPE
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
+
+def _merge(parts_dir: Path, n_parts: int, out: Path, attrs: dict) -> None:
+    """Concatenate the parts in order into `out` (written to a temp name, fsynced, then renamed)."""
     paths = [_part_path(parts_dir, p) for p in range(n_parts)]
     n_rows, n_samples, d, skipped = 0, 0, 0, []
     for path in paths:
@@ -228,6 +249,7 @@ def _merge(parts_dir: Path, n_parts: int, out: Path, attrs: dict) -> None:
             with h5py.File(path, "r") as f:
                 a, t, sm = f["activations"][:], f["tokens"][:], f["samples"][:]
             if len(a):
+                t["sample"] += s
                 acts[r: r + len(a)] = a
                 toks[r: r + len(t)] = t
             sm["row_start"] = r + np.cumsum(sm["n_rows"]) - sm["n_rows"]  # rows are sample-major within a part
@@ -240,22 +262,21 @@ def _merge(parts_dir: Path, n_parts: int, out: Path, attrs: dict) -> None:
         g.attrs["n_rows"] = n_rows
         g.attrs["n_samples"] = n_samples
         g.attrs["skipped"] = json.dumps(skipped)
+    _fsync(tmp)
     os.replace(tmp, out)
     shutil.rmtree(parts_dir)
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['image_ref']}: {skipped[0]['error']}")
 
 
-def _check_identity(out: Path, identity_json: dict) -> None:
+def _check_finished(out: Path, identity_json: dict) -> None:
     try:
         with h5py.File(out, "r") as f:
             theirs = {k: f.attrs.get(k) for k in IDENTITY_ATTRS}
     except OSError as e:
-        raise CacheMismatchError(f"{out} exists but is not a readable HDF5 file ({e}): delete it to rebuild") from None
+        raise IdentityError(f"{out} exists but is not a readable HDF5 file ({e}): delete it to rebuild") from None
     theirs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in theirs.items()}
-    diff = {k: (theirs.get(k), v) for k, v in identity_json.items() if theirs.get(k) != v}
-    if diff:
-        raise CacheMismatchError(f"{out} was made with other settings {diff} (file, now): use another --out")
+    check_identity(theirs, identity_json, f"the cache {out}", "use another run directory")
 
 
 def _processor_settings(lm) -> dict:
@@ -267,46 +288,14 @@ def _processor_settings(lm) -> dict:
             "padding_side": getattr(lm.tokenizer, "padding_side", None)}
 
 
-def register(sub) -> None:
-    import argparse
-
-    d = CacheConfig()
-    p = sub.add_parser("cache", help="cache one layer's activations over a data source to HDF5",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Resumable: re-run with the same arguments after a crash or kill to finish. "
-                                   "Under `torchrun --nproc_per_node N` the data is split across ranks.")
-    p.add_argument("--model", default=d.model, help="organism name, HF hub id, local path, or tl:NAME for TransformerLens")
-    p.add_argument("--layer", default=d.layer, help="layer index (negative counts from the end) or name; see `interp layers`")
-    p.add_argument("--site", default=d.site, choices=["resid", "attn", "mlp"], help="residual output, attention or MLP output")
-    p.add_argument("--data", default=d.data, help="shapes[:SPLIT], folder:PATH, hf:PATH[:IMAGE_COLUMN]")
-    # not --n: under torchrun, argparse would read it as an abbreviation of torchrun's --nnodes
-    p.add_argument("--samples", type=int, default=None, help="number of samples (default: all; 2000 for shapes)")
-    p.add_argument("--prompt", default=d.prompt_template, help="prompt template with an {image} slot (and optional {text})")
-    p.add_argument("--roles", default=",".join(d.roles),
-                   help="token roles to keep: image_patch,image_special,text,template,special (comma separated)")
-    p.add_argument("--dtype", default=d.dtype, choices=["float16", "float32"], help="storage dtype")
-    p.add_argument("--model-dtype", default=d.model_dtype, choices=["float32", "float16", "bfloat16"], help="model dtype")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--revision", default=None, help="hub revision of the model")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per forward pass")
-    p.add_argument("--part-samples", type=int, default=d.part_samples, help="samples per crash-safe part file")
-    p.add_argument("--engine", default=d.engine, choices=["nnsight", "torch"], help="hooking engine")
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed recorded with the cache (and of the shapes source)")
-    p.add_argument("--out", required=True, help="output .h5 file")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    cfg = CacheConfig(model=args.model, layer=args.layer, site=args.site, data=args.data, n=args.samples,
-                      prompt_template=args.prompt, roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()),
-                      dtype=args.dtype, model_dtype=args.model_dtype, device=args.device, revision=args.revision,
-                      batch_size=args.batch_size, part_samples=args.part_samples, engine=args.engine,
-                      strict=args.strict, seed=args.seed)
-    out = build_cache(cfg, args.out)
+def _report(out: Path, cfg: CacheConfig) -> None:
     if _dist()[0] == 0:
         from interp.cache.reader import ActivationReader
 
         with ActivationReader(out) as r:
-            print(f"{out}: {r.n_rows} rows x {r.d} from {len(r.samples)} samples")
-    return 0
+            print(f"{out}: {r.n_rows} rows x {r.d} from {r.n_samples} samples")
+
+
+COMMANDS = [Command("cache", CacheConfig, build_cache, "cache one layer's activations over a data source to HDF5",
+                    "Resumable: re-run with the same arguments after a crash or kill to finish. Under "
+                    "`torchrun --nproc_per_node N -m interp.cli cache ...` the data is split across ranks.", _report)]

@@ -1,4 +1,5 @@
-"""Run directories record how they were made: command, config, versions, seed."""
+"""Run records: how each stage that wrote into a run directory was run (command, config, versions,
+seed, argv, time), at RunLayout.run_info(stage); the package versions that caches and SAEs record."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_run_info(run_dir: str | Path, info: dict, name: str = "run.json") -> Path:
-    """Write `info` plus versions and a timestamp to run_dir/name."""
-    path = Path(run_dir) / name
+def write_run_info(path: str | Path, info: dict) -> Path:
+    """Write `info` plus versions, argv and a timestamp to `path` (a RunLayout.run_info file)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {**info, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "argv": sys.argv}

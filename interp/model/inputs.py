@@ -1,15 +1,55 @@
 """Model inputs for samples: the prompt template rendered through the model's chat template
 and processor. The cache, the SAE evaluation and steering build their inputs here, so a
-sample gets the same tokens in every stage."""
+sample gets the same tokens in every stage.
+
+A sample is anything with `.image` (a PIL image or None) and `.text` (the dataset's own text,
+which a template's {text} slot takes), such as `interp.cache.data.Sample`.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from interp.cache.data import Sample, chat_messages, user_text
+DEFAULT_TEMPLATE = "{image} describe the image ."
 
 
-def prompts(lm, samples: list[Sample], template: str, answers: list[str] | None = None) -> tuple[list[str], list[str]]:
+class PromptError(ValueError):
+    """A prompt template that does not fit the model or cannot be filled in."""
+
+
+
+def check_template(template: str, multimodal: bool) -> None:
+    if multimodal and "{image}" not in template:
+        raise PromptError(f"prompt template {template!r} has no image slot: put {{image}} where the image goes, "
+                        f"e.g. {DEFAULT_TEMPLATE!r}")
+    if not multimodal and "{image}" in template:
+        raise PromptError(f"prompt template {template!r} has an image slot but the model reads text only")
+    try:
+        template.format(image="", text="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise PromptError(f"prompt template {template!r} is malformed ({e}); its slots are {{image}} and {{text}}") from None
+
+
+def user_text(template: str, sample) -> str:
+    """The template's text with the dataset text filled in and the image slot removed."""
+    return " ".join(template.replace("{image}", " ").format(text=sample.text).split())
+
+
+def chat_messages(template: str, sample) -> list[dict]:
+    """One user turn, the image placed where the template puts it."""
+    before, _, after = template.partition("{image}")
+    content = []
+    for piece, is_image in ((before, False), (None, True), (after, False)):
+        if is_image:
+            content.append({"type": "image"})
+        elif piece and piece.strip():
+            content.append({"type": "text", "text": " ".join(piece.format(text=sample.text).split())})
+    return [{"role": "user", "content": content}]
+
+
+
+
+def prompts(lm, samples: list, template: str, answers: list[str] | None = None) -> tuple[list[str], list[str]]:
     """(full model input strings, the user's own text inside them). `answers` are appended as the
     assistant's reply (for losses on answers)."""
     tok = lm.processor or lm.tokenizer
@@ -26,7 +66,7 @@ def prompts(lm, samples: list[Sample], template: str, answers: list[str] | None 
     return texts, users
 
 
-def model_inputs(lm, samples: list[Sample], texts: list[str]) -> dict:
+def model_inputs(lm, samples: list, texts: list[str]) -> dict:
     """Tokenised, padded inputs on the model's device; floating tensors in the model's dtype."""
     if lm.is_multimodal:
         enc = lm.processor(images=[[s.image] for s in samples], text=texts, return_tensors="pt", padding=True)

@@ -9,10 +9,11 @@ model), not from a per-family table, so new families work when their layout is c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from interp.infra.cli_config import Command, positional
 from interp.model.models import LoadedModel
 
 SITES = ("resid", "attn", "mlp")
@@ -115,21 +116,29 @@ def resolve_layer(lm: LoadedModel, layer: int | str, site: str = "resid") -> Hoo
     return match
 
 
-def register(sub) -> None:
-    import argparse
+@dataclass
+class LayersConfig:
+    """`interp layers`: a model's hookable layers."""
 
-    p = sub.add_parser("layers", help="list a model's hookable layers and their module paths",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", nargs="?", default="shapes-subject", help="organism name, hub id or local path")
-    p.add_argument("--device", default="cpu", help="device to load the model on")
-    p.set_defaults(func=_cli)
+    model: str = field(default="shapes-subject", metadata=positional(required=False))
+    """organism name, hub id, local path, or tl:NAME"""
+    device: str = "auto"
+    """auto (cuda when present), cpu, cuda, cuda:N"""
 
 
-def _cli(args) -> int:
+def layers(cfg: LayersConfig) -> tuple[LoadedModel, list[HookPoint]]:
     from interp.model.models import load_model
 
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(cfg.model, device=cfg.device)
+    return lm, hook_points(lm)
+
+
+def _report(result, cfg: LayersConfig) -> None:
+    lm, points = result
     print(f"{lm.name} ({lm.family}, {lm.kind}): {len(decoder_layers(lm))} decoder layers")
-    for p in hook_points(lm):
+    for p in points:
         print(f"  {p.name:16s} {p.module_path}")
-    return 0
+
+
+COMMANDS = [Command("layers", LayersConfig, layers, "list a model's hookable layers and their module paths",
+                    report=_report)]

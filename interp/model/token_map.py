@@ -21,14 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from interp.cache.format import TOKEN_DTYPE, role_code
 from interp.model.models import LoadedModel
 
-ROLES = ("image_patch", "image_special", "text", "template", "special", "pad")
-ROLE = {name: code for code, name in enumerate(ROLES)}
-TOKEN_DTYPE = np.dtype([
-    ("sample", "i4"), ("position", "i4"), ("role", "u1"), ("image", "i2"), ("tile", "i2"), ("row", "i2"),
-    ("col", "i2"), ("x0", "f4"), ("y0", "f4"), ("x1", "f4"), ("y1", "f4"), ("token_id", "i4"),
-])
 NO_BOX = (-1.0, -1.0, -1.0, -1.0)
 
 
@@ -362,7 +357,7 @@ def token_table(lm: LoadedModel, inputs: Mapping, images: Sequence[Sequence] | N
         table[field] = -1
     tok = lm.tokenizer
     special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    table["role"] = np.where(~mask, ROLE["pad"], np.where(np.isin(ids, list(special)), ROLE["special"], ROLE["text"]))
+    table["role"] = np.where(~mask, role_code("pad"), np.where(np.isin(ids, list(special)), role_code("special"), role_code("text")))
     image_token = image_token_id(lm)
     if image_token is not None and (ids[mask] == image_token).any():
         _place_images(lm, table, ids, mask & (ids == image_token), inputs, images)
@@ -371,7 +366,7 @@ def token_table(lm: LoadedModel, inputs: Mapping, images: Sequence[Sequence] | N
             raise ValueError(f"got {len(prompts)} prompts for a batch of {len(ids)} samples")
         for s, prompt in enumerate(prompts):
             roles = table["role"][s]
-            roles[(roles == ROLE["text"]) & ~_prompt_positions(tok, ids[s], mask[s], prompt)] = ROLE["template"]
+            roles[(roles == role_code("text")) & ~_prompt_positions(tok, ids[s], mask[s], prompt)] = role_code("template")
     return table.reshape(-1)
 
 
@@ -430,10 +425,10 @@ def _write_image(rows: np.ndarray, ids: np.ndarray, run: np.ndarray, slots: list
     tokens), and the start/end markers just outside them."""
     span = np.arange(run[0], run[-1] + 1)
     specials = [*span[~np.isin(span, run)], *_claim(ids, run[0] - 1, -1, before), *_claim(ids, run[-1] + 1, 1, after)]
-    rows["role"][specials] = ROLE["image_special"]
+    rows["role"][specials] = role_code("image_special")
     rows["image"][specials] = image
     rows["image"][run] = image
-    rows["role"][run] = [ROLE[slot.role] for slot in slots]
+    rows["role"][run] = [role_code(slot.role) for slot in slots]
     for field, values in zip(("tile", "row", "col"), zip(*((slot.tile, slot.row, slot.col) for slot in slots))):
         rows[field][run] = values
     for field, values in zip(("x0", "y0", "x1", "y1"), zip(*(slot.box for slot in slots))):

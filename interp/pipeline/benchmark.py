@@ -12,122 +12,142 @@ output directory, with the raw numbers in JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 
-ARCH_DEFAULTS = {"topk": {}, "batchtopk": {}, "jumprelu": {}, "relu": {}}
+from interp.infra.cli_config import Command, choices, positional
+from interp.infra.layout import RunLayout
+from saes import architectures
 
 
-def probe_directions(reader, rows: np.ndarray, labels: np.ndarray, steps: int = 300, seed: int = 0) -> np.ndarray:
-    """[concepts, d] unit directions of logistic-regression probes on the raw activations."""
-    from saes.recovery import contiguous_runs
+@dataclass
+class BenchmarkConfig:
+    """`interp benchmark`: SAE architectures side by side against the shapes world's ground truth."""
 
-    raw = torch.cat([reader.read(int(a), int(b)) for a, b in contiguous_runs(rows)])
-    std = raw.std(0) + 1e-6
-    x = (raw - raw.mean(0)) / std
-    y = torch.from_numpy(labels.astype(np.float32))
-    torch.manual_seed(seed)
-    w = torch.zeros(x.shape[1], y.shape[1], requires_grad=True)
-    b = torch.zeros(y.shape[1], requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=0.05)
-    for _ in range(steps):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    d = (w.detach() / std[:, None]).T  # the probe reads (x - mean) / std: its raw-space direction is w / std
-    return (d / d.norm(dim=1, keepdim=True)).numpy()
+    run: str = field(default="runs/benchmark", metadata=positional(required=False))
+    """run directory: report.md, benchmark.json, figures, and one run per architecture (RUN/ARCH/)"""
+    archs: tuple[str, ...] = field(default_factory=lambda: tuple(architectures.names()),
+                                   metadata=choices(architectures.names))
+    """architectures to train"""
+    d_sae: int = 256
+    """features of every SAE"""
+    k: int = 4
+    """active features per row (topk, batchtopk)"""
+    steps: int = 3000
+    """training steps per SAE"""
+    batch_size: int = 1024
+    """rows per training step"""
+    samples: int = 3000
+    """shapes-world samples to cache (when the run has no cache yet)"""
+    seed: int = 0
+    """seed of the SAEs and of the cached samples"""
+    cache: str | None = None
+    """an existing shapes-world cache to link into RUN/activations.h5 instead of caching"""
+    steer_cache: str | None = None
+    """an existing layer-0 cache for the steering column, linked into RUN/steering-layer0/ (none: cache one;
+    colour has left the subject's image tokens by layer 2)"""
+    explain: bool = True
+    """the explanation and steering columns"""
 
 
-def max_cosines(sae, directions: np.ndarray) -> np.ndarray:
-    """Per direction, the max cosine with any decoder row (the dictionary's best match)."""
-    w_dec = sae.W_dec.detach().float()
-    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (torch.from_numpy(directions).float() @ w_dec.T).max(dim=1).values.numpy()
-
-
-def _explain_and_steer(arch_dir: Path, cache: Path, steer_cache: Path | None, sae_cfg, train_cfg) -> dict:
-    """Explanation accuracy on `cache`'s SAE, and the steering flip rate of a twin SAE on `steer_cache`;
-    a stage that fails leaves its columns out of the report (n/a) instead of stopping the benchmark."""
+def _explain_and_steer(arch_run: RunLayout, steer_run: RunLayout | None, sae_cfg, train_cfg) -> dict:
+    """Explanation accuracy on the architecture's SAE, and the steering flip rate of a twin SAE on the
+    layer-0 cache; a stage that fails leaves its columns out of the report (n/a) instead of stopping."""
     from explain.features import FeaturesConfig, compute_features
     from interp.pipeline.stages import explain_and_score, steering_twin
 
     out: dict = {}
-    compute_features(cache, arch_dir / "sae", arch_dir / "features.h5", FeaturesConfig(progress=False))
+    compute_features(FeaturesConfig(run=str(arch_run.root), progress=False))
     try:
-        matched = explain_and_score(arch_dir)["matched"]
+        matched = explain_and_score(arch_run)["matched"]
         out.update(explanation_accuracy=matched.get("concept_accuracy"),
                    detection_balanced_accuracy=matched.get("balanced_accuracy"))
     except ValueError as e:
         print(e)
-    if steer_cache is not None:
+    if steer_run is not None:
+        twin = arch_run.steering_run(0)
+        twin.link("cache", steer_run.cache)
         try:
-            out["steering_success"] = steering_twin(steer_cache, arch_dir / "steering", sae_cfg, train_cfg,
-                                                    n_attr=50)["flip"]["overall"]
+            out["steering_success"] = steering_twin(twin, sae_cfg, train_cfg, n_attr=50)["flip"]["overall"]
         except ValueError as e:
             print(e)
     return out
 
 
-def run_benchmark(cache: str | Path, out: str | Path, archs: tuple[str, ...] = tuple(ARCH_DEFAULTS),
-                  d_sae: int = 256, k: int = 4, steps: int = 3000, batch_size: int = 1024, seed: int = 0,
-                  steer_cache: str | Path | None = None, explain: bool = True) -> dict:
-    from interp.shapes.ground_truth import token_concepts
+def run_benchmark(cfg: BenchmarkConfig) -> dict:
     from interp.cache.reader import ActivationReader
+    from interp.cache.writer import CacheConfig, build_cache
     from interp.infra.runinfo import write_run_info
+    from interp.shapes.concepts import contiguous_runs, max_cosines, probe_directions, write_recovery
+    from interp.shapes.ground_truth import token_concepts
     from saes.evaluate import reconstruction_metrics
-    from saes.recovery import recover_concepts, summarize
-    from saes.sae import SAEConfig
+    from saes.recovery import recover
+    from saes.sae import SAEConfig, sae_fingerprint
     from saes.train import TrainConfig, train
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_info(out, {"command": "benchmark", "cache": str(cache), "archs": list(archs), "d_sae": d_sae, "k": k,
-                         "steps": steps, "batch_size": batch_size, "seed": seed})
-    reader = ActivationReader(cache)
+    for arch in cfg.archs:  # before any cache is built
+        architectures.get(arch)
+    run = RunLayout.of(cfg.run).mkdir()
+
+    def subject_cache(layout: RunLayout, layer: str, existing: str | None) -> None:
+        if existing:
+            layout.link("cache", existing)
+        else:
+            build_cache(CacheConfig(run=str(layout.root), model="shapes-subject", layer=layer, samples=cfg.samples,
+                                    seed=cfg.seed, batch_size=32))
+
+    subject_cache(run, "2", cfg.cache)
+    steer_run = None
+    if cfg.explain:
+        steer_run = run.steering_run(0)
+        subject_cache(steer_run, "0", cfg.steer_cache)
+    write_run_info(run.run_info("benchmark"), {"command": "benchmark", "config": asdict(cfg)})
+    reader = ActivationReader(run.cache)
     gt = token_concepts(reader, with_object=False)
-    directions = probe_directions(reader, gt.rows, gt.labels(), seed=seed)
+    raw = torch.cat([reader.read(int(a), int(b)) for a, b in contiguous_runs(gt.rows)]).numpy()
+    directions = probe_directions(raw, gt.labels(), seed=cfg.seed)
     results = {}
-    for arch in archs:
+    recovery = None
+    for arch in cfg.archs:
         t = time.time()
-        sae_dir = out / arch / "sae"
-        sae_cfg = SAEConfig(arch=arch, d_in=reader.d, d_sae=d_sae, k=k, model_name=reader.meta["model"],
-                            hook_name=reader.meta["module_path"], **ARCH_DEFAULTS[arch])
-        train_cfg = TrainConfig(steps=steps, batch_size=batch_size, seed=seed, progress=False)
-        res = train(sae_cfg, train_cfg, reader, out / arch)
+        arch_run = run.arch_run(arch)
+        arch_run.link("cache", run.cache)
+        sae_cfg = SAEConfig(arch=arch, d_in=reader.d, d_sae=cfg.d_sae, k=cfg.k, model_name=reader.meta["model"],
+                            hook_name=reader.meta["module_path"])
+        train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
+        res = train(sae_cfg, train_cfg, reader, arch_run)
         rec = reconstruction_metrics(res.sae, reader)
-        recovery = summarize(recover_concepts(res.sae, reader))
-        cos = max_cosines(res.sae, directions)
+        recovery = recover(res.sae, reader)
+        recovery.extra["sae_sha256"] = sae_fingerprint(arch_run.sae)
+        write_recovery(recovery, arch_run.recovery)
+        cos = max_cosines(res.sae.W_dec.detach().float().numpy(), directions)
         results[arch] = {
             "fvu": round(rec["fvu"], 4), "l0": round(rec["l0"], 2), "dead_fraction": round(rec["dead_fraction"], 4),
-            "concept_recovery": recovery["concept_recovery"], "mean_f1": recovery["mean_f1"],
-            "f1": {m["concept"]: round(m["f1"], 4) for m in recovery["concepts"]},
+            "concept_recovery": recovery.concept_recovery, "mean_f1": recovery.mean_f1,
+            "f1": {m.concept: round(m.f1, 4) for m in recovery.concepts},
             "probe_cosine": {c: round(float(v), 4) for c, v in zip(gt.concepts, cos)},
             "mean_probe_cosine": round(float(cos.mean()), 4), "seconds": round(time.time() - t, 1),
-            "sae": str(sae_dir),
+            "sae": str(arch_run.sae),
         }
-        if explain:
-            results[arch].update(_explain_and_steer(out / arch, Path(cache), steer_cache and Path(steer_cache),
-                                                    sae_cfg, train_cfg))
+        if cfg.explain:
+            results[arch].update(_explain_and_steer(arch_run, steer_run, sae_cfg, train_cfg))
             results[arch]["seconds"] = round(time.time() - t, 1)
         print(f"{arch:10s} FVU {results[arch]['fvu']:.4f}  L0 {results[arch]['l0']:5.1f}  recovery "
               f"{results[arch]['concept_recovery']:.2f}  mean F1 {results[arch]['mean_f1']:.3f}  "
               f"probe cos {results[arch]['mean_probe_cosine']:.3f}  explanations "
               f"{results[arch].get('explanation_accuracy')}  steering {results[arch].get('steering_success')}", flush=True)
-    neuron_f1 = summarize(recover_concepts(res.sae, reader))["mean_neuron_f1"]
-    report = {"cache": str(cache), "steer_cache": str(steer_cache) if steer_cache else None,
-              "concepts": list(gt.concepts), "archs": results, "mean_neuron_f1": neuron_f1}
-    (out / "benchmark.json").write_text(json.dumps(report, indent=1))
-    _write_report(report, out)
+    report = {"cache": str(run.cache), "steer_cache": str(steer_run.cache) if steer_run else None,
+              "concepts": list(gt.concepts), "archs": results, "mean_neuron_f1": recovery.mean_neuron_f1}
+    run.benchmark.write_text(json.dumps(report, indent=1))
+    _write_report(report, run)
+    reader.close()
     return report
 
 
-def _write_report(report: dict, out: Path) -> None:
+def _write_report(report: dict, run: RunLayout) -> None:
     import plotly.graph_objects as go
 
     archs, concepts = list(report["archs"]), report["concepts"]
@@ -150,48 +170,15 @@ def _write_report(report: dict, out: Path) -> None:
     for c in concepts:
         lines.append(f"| {c} | " + " | ".join(f"{report['archs'][a]['f1'][c]:.3f}" for a in archs) + " |")
     lines += ["", "Figures: `recovery.html` (F1 per concept), `probe_cosine.html`."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    for key, title, name in (("f1", "Best latent F1 per concept", "recovery"),
+    run.report.write_text("\n".join(lines) + "\n")
+    for key, title, name in (("f1", "Best feature F1 per concept", "recovery"),
                              ("probe_cosine", "Max cosine of a decoder row with the concept's probe", "probe_cosine")):
         fig = go.Figure([go.Bar(name=a, x=concepts, y=[report["archs"][a][key][c] for c in concepts]) for a in archs])
         fig.update_layout(barmode="group", title=title, template="plotly_white", yaxis_range=[0, 1.02])
-        fig.write_html(out / f"{name}.html", include_plotlyjs="cdn")
-        fig.write_json(out / f"{name}.json")
+        fig.write_html(run.figure(name, "html"), include_plotlyjs="cdn")
+        fig.write_json(run.figure(name, "json"))
 
 
-def register(sub) -> None:
-    p = sub.add_parser("benchmark", help="SAE architectures side by side against the shapes world's ground truth",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--cache", default=None, help="activation cache of shapes-world images (default: make one in --out)")
-    p.add_argument("--out", default="runs/benchmark", help="output directory (report.md, benchmark.json, figures)")
-    p.add_argument("--archs", default=",".join(ARCH_DEFAULTS), help="architectures, comma separated")
-    p.add_argument("--d-sae", type=int, default=256, help="latents of every SAE")
-    p.add_argument("--k", type=int, default=4, help="k of topk and batchtopk")
-    p.add_argument("--steps", type=int, default=3000, help="training steps per SAE")
-    p.add_argument("--samples", type=int, default=3000, help="images to cache when no --cache is given")
-    p.add_argument("--seed", type=int, default=0, help="seed of the SAEs and of the cached images")
-    p.add_argument("--steer-cache", default=None,
-                   help="cache for the steering column (default: make a layer-0 one in --out; colour has left "
-                        "the subject's image tokens by layer 2)")
-    p.add_argument("--no-explain", action="store_true", help="skip the explanation and steering columns")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    from interp.cache.writer import CacheConfig, build_cache
-
-    archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
-    unknown = set(archs) - set(ARCH_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown architectures {sorted(unknown)}; known: {', '.join(ARCH_DEFAULTS)}")
-
-    def subject_cache(layer: str, name: str) -> Path:
-        return build_cache(CacheConfig(model="shapes-subject", layer=layer, n=args.samples, seed=args.seed, batch_size=32),
-                           Path(args.out) / name)
-
-    cache = args.cache or subject_cache("2", "activations.h5")
-    steer_cache = None if args.no_explain else (args.steer_cache or subject_cache("0", "activations-layer0.h5"))
-    run_benchmark(cache, args.out, archs, args.d_sae, args.k, args.steps, seed=args.seed, steer_cache=steer_cache,
-                  explain=not args.no_explain)
-    print(f"wrote {Path(args.out) / 'report.md'}")
-    return 0
+COMMANDS = [Command("benchmark", BenchmarkConfig, run_benchmark,
+                    "SAE architectures side by side against the shapes world's ground truth",
+                    report=lambda r, cfg: print(f"wrote {RunLayout.of(cfg.run).report}"))]

@@ -1,31 +1,46 @@
 """`interp demo`: the main job on the embedded default (the shapes world and its organisms).
 
-Every stage on the shapes organisms, each through the same function its own command uses:
-the organisms' held-out accuracy, cache, SAE training, evaluation, feature statistics,
-ground-truth recovery, explanations by shapes-explainer and their scores, steering and
-attribution. Re-running resumes: finished stages are read back, not redone.
+Every stage on the shapes organisms, each through the same function its own command runs: the
+organisms' held-out accuracy, cache, SAE training, evaluation, feature statistics, ground-truth
+recovery, explanations by shapes-explainer and their scores, steering and attribution. Everything
+goes to one run directory (interp.infra.layout); re-running resumes: finished stages are read
+back, not redone.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+
+from interp.infra.cli_config import Command, positional
+from interp.infra.layout import RunLayout
+
+SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concept_recovery", "explanation_accuracy",
+                "detection_balanced_accuracy", "steering_success", "attribution_top5", "attribution_top5_patching",
+                "seconds")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the pipeline on the shapes world and its organisms",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="run directory to write")
-    p.add_argument("--samples", type=int, default=3000, help="shapes-world images to cache")
-    p.add_argument("--layer", default="2", help="subject layer whose residual stream is cached")
-    p.add_argument("--d-sae", type=int, default=256, help="SAE latents")
-    p.add_argument("--k", type=int, default=4, help="TopK active latents per token")
-    p.add_argument("--steps", type=int, default=3000, help="SAE training steps")
-    p.add_argument("-n", type=int, default=100, help="held-out questions per task for the organisms' accuracy")
-    p.add_argument("--seed", type=int, default=0, help="seed of the world samples and of the SAE")
-    p.set_defaults(func=run)
+@dataclass
+class DemoConfig:
+    """`interp demo`: the whole pipeline on the shapes world and its organisms."""
+
+    run: str = field(default="runs/demo", metadata=positional(required=False))
+    """run directory to write"""
+    samples: int = 3000
+    """shapes-world samples to cache"""
+    layer: str = "2"
+    """subject layer whose residual stream is cached"""
+    d_sae: int = 256
+    """features of the SAE"""
+    k: int = 4
+    """TopK active features per row"""
+    steps: int = 3000
+    """SAE training steps"""
+    questions: int = 100
+    """held-out questions per task for the organisms' accuracy and the VQA with the SAE"""
+    seed: int = 0
+    """seed of the world samples and of the SAE"""
 
 
 def _stage(name: str):
@@ -33,75 +48,70 @@ def _stage(name: str):
     return time.time()
 
 
-def run(args) -> int:
+def run_demo(cfg: DemoConfig) -> dict:
+    from explain.features import FeaturesConfig, compute_features
+    from interp.cache.reader import ActivationReader
     from interp.cache.writer import CacheConfig, build_cache
+    from interp.infra.runinfo import write_run_info
+    from interp.pipeline.stages import explain_and_score, steering_twin
     from interp.shapes.organisms import ORGANISMS, load_organism
     from interp.shapes.organisms.build import SPECS
     from interp.shapes.organisms.eval import evaluate
-    from interp.cache.reader import ActivationReader
-    from interp.infra.runinfo import write_run_info
-    from interp.pipeline.stages import explain_and_score, steering_twin
     from interp.shapes.world import WorldConfig, contact_sheet
-    from saes.evaluate import evaluate_sae
-    from saes.recovery import recover_concepts, summarize
-    from saes.sae import SAE, SAEConfig
+    from saes.evaluate import EvalConfig, evaluate_sae
+    from saes.recovery import RecoveryConfig, run_recovery
+    from saes.sae import SAEConfig
     from saes.train import TrainConfig, train
 
     t0 = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_info(out, {"command": "demo", "config": vars(args) | {"func": None}, "world": WorldConfig().to_json()})
-    contact_sheet(WorldConfig(), 6, "test", args.seed).save(out / "world.png")
+    run = RunLayout.of(cfg.run).mkdir()
+    write_run_info(run.run_info("demo"), {"command": "demo", "config": asdict(cfg), "world": WorldConfig().to_json()})
+    contact_sheet(WorldConfig(), 6, "test", cfg.seed).save(run.world_sheet)
     summary: dict = {"stages": {}}
 
     t = _stage("organisms: held-out accuracy")
     for name, which in ORGANISMS.items():
         model, processor = load_organism(name)
-        acc = evaluate(model, processor, SPECS[which].tasks, n=args.n, split="test", seed=args.seed)
+        acc = evaluate(model, processor, SPECS[which].tasks, n=cfg.questions, split="test", seed=cfg.seed)
         summary[name] = acc
         print(f"{name:17s} " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     summary["stages"]["organisms"] = round(time.time() - t, 1)
 
-    t = _stage(f"cache: shapes-subject layer {args.layer}, {args.samples} images")
-    cache = build_cache(CacheConfig(model="shapes-subject", layer=args.layer, n=args.samples, seed=args.seed,
-                                    batch_size=32), out / "activations.h5")
+    t = _stage(f"cache: shapes-subject layer {cfg.layer}, {cfg.samples} samples")
+    build_cache(CacheConfig(run=str(run.root), model="shapes-subject", layer=cfg.layer, samples=cfg.samples,
+                            seed=cfg.seed, batch_size=32))
     summary["stages"]["cache"] = round(time.time() - t, 1)
 
-    t = _stage(f"train: TopK SAE, {args.d_sae} latents, k={args.k}")
-    sae_dir = out / "sae" / "sae"
-    if not (sae_dir / "cfg.json").exists():
-        with ActivationReader(cache) as reader:
-            train(SAEConfig(arch="topk", d_in=reader.d, d_sae=args.d_sae, k=args.k, model_name="shapes-subject",
+    t = _stage(f"train: TopK SAE, {cfg.d_sae} features, k={cfg.k}")
+    sae_cfg = SAEConfig(arch="topk", d_sae=cfg.d_sae, k=cfg.k)
+    if not (run.sae / "cfg.json").exists():
+        with ActivationReader(run.cache) as reader:
+            train(SAEConfig(arch="topk", d_in=reader.d, d_sae=cfg.d_sae, k=cfg.k, model_name="shapes-subject",
                             hook_name=reader.meta["module_path"]),
-                  TrainConfig(steps=args.steps, batch_size=1024, seed=args.seed), reader, out / "sae")
+                  TrainConfig(steps=cfg.steps, batch_size=1024, seed=cfg.seed), reader, run)
     summary["stages"]["train"] = round(time.time() - t, 1)
 
     t = _stage("eval: reconstruction, spliced CE, VQA with the SAE")
-    ev = evaluate_sae(sae_dir, cache, out / "eval", n_samples=64, vqa_n=args.n)
+    ev = evaluate_sae(EvalConfig(run=str(run.root), samples=64, questions=cfg.questions))
     summary.update(fvu=round(ev["fvu"], 4), l0=round(ev["l0"], 2), dead_fraction=round(ev["dead_fraction"], 4),
                    ce_loss_recovered=round(ev["spliced"]["ce_loss_recovered"], 4))
     summary["vqa_with_sae"] = ev.get("vqa", {}).get("spliced")
     summary["stages"]["eval"] = round(time.time() - t, 1)
 
-    t = _stage("features: per-feature statistics and top images")
-    from explain.features import FeaturesConfig, compute_features
-
-    features = out / "features.h5"
-    if not features.exists():
-        compute_features(cache, sae_dir, features, FeaturesConfig(seed=args.seed))
+    t = _stage("features: per-feature statistics and top samples")
+    if not run.features.exists():
+        compute_features(FeaturesConfig(run=str(run.root), seed=cfg.seed))
     summary["stages"]["features"] = round(time.time() - t, 1)
 
-    t = _stage("recovery: a latent for each colour and shape?")
-    with ActivationReader(cache) as reader:
-        rec = summarize(recover_concepts(SAE.load(sae_dir), reader))
-    (sae_dir / "recovery.json").write_text(json.dumps(rec, indent=1))  # where `interp recovery` puts it
-    for m in rec["concepts"]:
-        print(f"  {m['concept']:9s} latent {m['latent']:4d}  F1 {m['f1']:.3f}  (best raw neuron {m['neuron_f1']:.3f})")
-    summary["concept_recovery"] = rec["concept_recovery"]
+    t = _stage("recovery: a feature for each colour and shape?")
+    rec = run_recovery(RecoveryConfig(run=str(run.root)))
+    for m in rec.concepts:
+        print(f"  {m.concept:9s} feature {m.feature:4d}  F1 {m.f1:.3f}  (best raw neuron {m.neuron_f1:.3f})")
+    summary["concept_recovery"] = rec.concept_recovery
     summary["stages"]["recovery"] = round(time.time() - t, 1)
 
-    t = _stage("explain and score: shapes-explainer describes each live feature, then judges held-out images")
-    scores = explain_and_score(out)
+    t = _stage("explain and score: shapes-explainer describes each live feature, then judges held-out samples")
+    scores = explain_and_score(run)
     matched = scores["matched"]
     summary["explanation_accuracy"] = matched.get("concept_accuracy")
     summary["detection_balanced_accuracy"] = matched.get("balanced_accuracy")
@@ -113,11 +123,11 @@ def run(args) -> int:
     # this model's circuit). Steering and attribution run on a layer-0 SAE, where colour still
     # lives in the image tokens.
     t = _stage("steering and attribution: a layer-0 SAE clamps colour features")
-    steer_dir = out / "steering-layer0"
-    steer_cache = build_cache(CacheConfig(model="shapes-subject", layer="0", n=args.samples, seed=args.seed,
-                                          batch_size=32), steer_dir / "activations.h5")
-    steering = steering_twin(steer_cache, steer_dir, SAEConfig(arch="topk", d_in=SAE.load(sae_dir).cfg.d_in, d_sae=args.d_sae, k=args.k),
-                             TrainConfig(steps=args.steps, batch_size=1024, seed=args.seed, progress=False), args.seed)
+    twin = run.steering_run(0)
+    build_cache(CacheConfig(run=str(twin.root), model="shapes-subject", layer="0", samples=cfg.samples, seed=cfg.seed,
+                            batch_size=32))
+    steering = steering_twin(twin, sae_cfg, TrainConfig(steps=cfg.steps, batch_size=1024, seed=cfg.seed, progress=False),
+                             cfg.seed)
     summary["steering_success"] = round(steering["flip"]["overall"], 4)
     attribution = steering["attribution"]
     ig = next((v for k, v in attribution.items() if k.startswith("integrated_gradients")), None)
@@ -127,12 +137,18 @@ def run(args) -> int:
     summary["stages"]["steering"] = round(time.time() - t, 1)
 
     summary["seconds"] = round(time.time() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    run.summary.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _report(summary: dict, cfg: DemoConfig) -> None:
+    run = RunLayout.of(cfg.run)
     print("\n== summary")
-    for key in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concept_recovery", "explanation_accuracy",
-                "detection_balanced_accuracy", "steering_success", "attribution_top5", "attribution_top5_patching",
-                "seconds"):
+    for key in SUMMARY_KEYS:
         print(f"  {key:28s} {summary[key]}")
-    print(f"\nwrote {out / 'summary.json'}")
-    print(f"open the feature browser on this run with:  interp app {out}")
-    return 0
+    print(f"\nwrote {run.summary}")
+    print(f"open the feature browser on this run with:  interp app {run.root}")
+
+
+COMMANDS = [Command("demo", DemoConfig, run_demo, "run the pipeline on the shapes world and its organisms",
+                    report=_report)]

@@ -3,7 +3,8 @@
 Each cached image token knows its pixel box in the original image (the token table), and
 each shapes-world image can be regenerated from its reference, so every token gets the exact
 fraction of its box that each concept (colour, shape, "object") covers, whatever the model's
-patch geometry. Later stages (SAE recovery, explanation scoring, the app) read labels here.
+patch geometry. Later stages (SAE recovery, explanation scoring, the app) read labels here; scoring features
+against them is `interp.shapes.concepts`.
 """
 
 from __future__ import annotations
@@ -66,9 +67,7 @@ def box_coverage(scene, boxes: np.ndarray, concepts: tuple[str, ...]) -> np.ndar
 def token_concepts(reader, world: WorldConfig = WorldConfig(), with_object: bool = True) -> TokenConcepts:
     """Concept coverage of every image token of the cache that comes from a shapes-world image."""
     concepts = tuple(world.concepts) + (("object",) if with_object else ())
-    tokens, samples = reader.tokens, reader.samples
-    refs = {int(s["sample"]): (s["image_ref"].decode() if isinstance(s["image_ref"], bytes) else s["image_ref"])
-            for s in samples}
+    tokens, refs = reader.tokens, reader.image_refs  # tokens["sample"] is a row of the samples table
     has_box = tokens["x1"] > tokens["x0"]
     rows_all = np.flatnonzero(has_box)
     coverage = np.zeros((len(rows_all), len(concepts)))
@@ -80,7 +79,7 @@ def token_concepts(reader, world: WorldConfig = WorldConfig(), with_object: bool
         if not len(group):
             continue
         sample = int(tokens["sample"][sorted_rows[group[0]]])
-        if parse_shapes_ref(refs.get(sample, "")) is None:
+        if parse_shapes_ref(refs[sample]) is None:
             continue
         rows = sorted_rows[group]
         boxes = np.stack([tokens[k][rows] for k in ("x0", "y0", "x1", "y1")], axis=1).astype(float)
@@ -90,3 +89,23 @@ def token_concepts(reader, world: WorldConfig = WorldConfig(), with_object: bool
         raise ValueError("this cache holds no image tokens of shapes-world images, so it has no ground truth; "
                          "cache with --data shapes")
     return TokenConcepts(concepts, coverage[keep], rows_all[keep])
+
+
+def object_mask(image_ref: str, colors=(), shapes=(), world: WorldConfig = WorldConfig()) -> np.ndarray | None:
+    """[H, W] bool: the objects of one of those colours and one of those shapes (empty: any); None for
+    an image that is not from the shapes world."""
+    if parse_shapes_ref(image_ref) is None:
+        return None
+    scene = scene_of(image_ref, world)
+    out = np.zeros((world.image_size, world.image_size), bool)
+    for o in scene.objects:
+        if (not colors or o.color in colors) and (not shapes or o.shape in shapes):
+            out |= o.mask
+    return out
+
+
+def token_labels(image_ref: str, tokens: np.ndarray, concept: str, world: WorldConfig = WorldConfig(),
+                 threshold: float = 0.05) -> np.ndarray:
+    """Per token-table row: the concept covers more than `threshold` of its pixel box (as recovery labels)."""
+    boxes = np.stack([tokens[k] for k in ("x0", "y0", "x1", "y1")], axis=1).astype(float)
+    return box_coverage(scene_of(image_ref, world), boxes, (concept,))[:, 0] > threshold

@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from interp.infra.cli_config import Command, choices
 
 ALL_SHAPES = ("circle", "square", "triangle", "cross", "diamond", "star")
 ALL_COLORS = {
@@ -342,23 +345,29 @@ def contact_sheet(config: WorldConfig = WorldConfig(), n: int = 8, split: str = 
     return sheet
 
 
-def register(sub) -> None:
-    import argparse
+@dataclass
+class WorldSheetConfig:
+    """`interp world`: a contact sheet of scenes with their ground truth."""
 
-    p = sub.add_parser("world", help="render samples of the shapes world with their ground truth",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--n", type=int, default=8, help="number of scenes")
-    p.add_argument("--split", default="test", choices=list(SPLITS), help="world split")
-    p.add_argument("--seed", type=int, default=0, help="world seed")
-    p.add_argument("--out", default="shapes-world.png", help="PNG contact sheet to write")
-    p.add_argument("--json", action="store_true", help="also print each scene's ground truth as JSON lines")
-    p.set_defaults(func=_cli)
+    samples: int = 8
+    """number of samples (scenes) on the sheet"""
+    split: str = field(default="test", metadata=choices(list(SPLITS)))
+    """world split"""
+    seed: int = 0
+    """world seed"""
+    out: str = "shapes-world.png"
+    """PNG contact sheet to write"""
+    json: bool = False
+    """also print each scene's ground truth as JSON lines"""
 
 
-def _cli(args) -> int:
-    contact_sheet(WorldConfig(), args.n, args.split, args.seed).save(args.out)
-    if args.json:
-        for i in range(args.n):
-            print(json.dumps(sample_scene(WorldConfig(), i, args.split, args.seed).to_json()))
-    print(f"wrote {args.out}")
-    return 0
+def world_sheet(cfg: WorldSheetConfig) -> Path:
+    contact_sheet(WorldConfig(), cfg.samples, cfg.split, cfg.seed).save(cfg.out)
+    if cfg.json:
+        for i in range(cfg.samples):
+            print(json.dumps(sample_scene(WorldConfig(), i, cfg.split, cfg.seed).to_json()))
+    return Path(cfg.out)
+
+
+COMMANDS = [Command("world", WorldSheetConfig, world_sheet, "render samples of the shapes world with their ground truth",
+                    report=lambda out, cfg: print(f"wrote {out}"))]

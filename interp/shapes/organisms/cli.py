@@ -2,75 +2,94 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from interp.infra.cli_config import Command, choices
 from interp.shapes.organisms import ORGANISMS
 
 WHICH = sorted(set(ORGANISMS.values()))
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("organism", help="train or evaluate the shapes-world model organisms")
-    osub = p.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+@dataclass
+class OrganismTrainConfig:
+    """`interp organism train`: train an organism from its recipe (resumable: re-run to continue)."""
 
-    t = osub.add_parser("train", help="train an organism (resumable: re-run to continue)", formatter_class=fmt)
-    t.add_argument("--which", choices=WHICH, default="subject", help="which organism")
-    t.add_argument("--out", default=None, help="training directory (default: runs/organism-WHICH)")
-    t.add_argument("--steps", type=int, default=None, help="training steps (default: the recorded recipe's)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the weights and of the data stream")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (use 1 per process when running two)")
-    t.add_argument("--install", action="store_true",
-                   help="copy the final model into the package's shipped weights")
-    t.set_defaults(func=_train)
-
-    e = osub.add_parser("eval", help="held-out accuracy per task", formatter_class=fmt)
-    e.add_argument("--which", choices=WHICH, default="subject", help="which organism")
-    e.add_argument("--model", default=None, help="a trained model directory instead of the shipped one")
-    e.add_argument("-n", type=int, default=200, help="held-out questions per task")
-    e.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.set_defaults(func=_eval)
+    which: str = field(default="subject", metadata=choices(WHICH))
+    """which organism"""
+    out: str | None = None
+    """training directory (none: runs/organism-WHICH)"""
+    steps: int | None = None
+    """training steps (none: the recorded recipe's)"""
+    seed: int = 0
+    """seed of the weights and of the data stream"""
+    threads: int | None = None
+    """torch CPU threads (1 per process when running two)"""
+    install: bool = False
+    """copy the final model into the package's shipped weights"""
 
 
-def _train(args) -> int:
+def organism_train(cfg: OrganismTrainConfig) -> Path:
     import shutil
     from dataclasses import replace
 
     from interp.shapes.organisms import WEIGHTS
     from interp.shapes.organisms.train import RECIPES, train
 
-    cfg = replace(RECIPES[args.which], seed=args.seed)
-    if args.steps:
-        cfg = replace(cfg, steps=args.steps)
-    out = Path(args.out or f"runs/organism-{args.which}")
-    final = train(cfg, out, threads=args.threads)
+    recipe = replace(RECIPES[cfg.which], seed=cfg.seed)
+    if cfg.steps:
+        recipe = replace(recipe, steps=cfg.steps)
+    final = train(recipe, Path(cfg.out or f"runs/organism-{cfg.which}"), threads=cfg.threads)
     print(f"trained model: {final}")
-    if args.install:
-        name = f"shapes-{args.which}"
+    if cfg.install:
+        name = f"shapes-{cfg.which}"
         dest = WEIGHTS / name
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(final, dest)
         print(f"installed as {name}: {dest}")
-    return 0
+    return final
 
 
-def _eval(args) -> int:
+@dataclass
+class OrganismEvalConfig:
+    """`interp organism eval`: held-out accuracy per task."""
+
+    which: str = field(default="subject", metadata=choices(WHICH))
+    """which organism"""
+    model: str | None = None
+    """a trained model directory instead of the shipped one"""
+    questions: int = 200
+    """held-out questions per task"""
+    seed: int = 0
+    """seed of the held-out split"""
+    json: bool = False
+    """print one JSON object"""
+
+
+def organism_eval(cfg: OrganismEvalConfig) -> dict[str, float]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from interp.shapes.organisms import organism_path
     from interp.shapes.organisms.build import SPECS
     from interp.shapes.organisms.eval import evaluate
 
-    path = Path(args.model) if args.model else organism_path(f"shapes-{args.which}")
+    path = Path(cfg.model) if cfg.model else organism_path(f"shapes-{cfg.which}")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="float32").eval()
     processor = AutoProcessor.from_pretrained(path)
-    acc = evaluate(model, processor, SPECS[args.which].tasks, n=args.n, split="test", seed=args.seed)
-    if args.json:
+    return evaluate(model, processor, SPECS[cfg.which].tasks, n=cfg.questions, split="test", seed=cfg.seed)
+
+
+def _report_eval(acc: dict[str, float], cfg: OrganismEvalConfig) -> None:
+    if cfg.json:
         print(json.dumps(acc))
     else:
         for task, a in acc.items():
             print(f"{task:10s} {a:.3f}")
-    return 0
+
+
+GROUPS = {"organism": "train or evaluate the shapes-world model organisms"}
+COMMANDS = [
+    Command("organism train", OrganismTrainConfig, organism_train, "train an organism (resumable: re-run to continue)"),
+    Command("organism eval", OrganismEvalConfig, organism_eval, "held-out accuracy per task", report=_report_eval),
+]

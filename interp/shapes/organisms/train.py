@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from interp.infra.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from interp.infra.identity import check_identity
+from interp.infra.records import RecordLog
 from interp.shapes.organisms.build import SPECS, build_model, build_processor, build_tokenizer
 from interp.shapes.world import WorldConfig, sample_scene, scene_questions
 
@@ -204,9 +206,7 @@ def train(cfg: TrainConfig, out: str | Path, world: WorldConfig = WorldConfig(),
     found = find_checkpoint(ckpt_dir)
     if found:
         state, meta = load_checkpoint(found, opt)
-        if meta["run"] != json.loads(json.dumps(run_meta)):
-            raise ValueError(f"checkpoint {found} was made with a different config; "
-                             f"use another --out or delete it. checkpoint: {meta['run']}, now: {run_meta}")
+        check_identity(meta["run"], run_meta, f"checkpoint {found}", "use another --out or delete it")
         model.load_state_dict(state)
         start = meta["step"]
         print(f"resuming from step {start}")
@@ -214,11 +214,8 @@ def train(cfg: TrainConfig, out: str | Path, world: WorldConfig = WorldConfig(),
         loss = vision_pretrain(model, batcher, cfg)
         print(f"vision pretraining done, presence loss {loss:.4f}")
         save_checkpoint(ckpt_dir, model.state_dict(), opt, {"step": 0, "run": run_meta})
-    log_path = out / "train_log.jsonl"
-    if log_path.exists():  # drop what was logged after the checkpoint we resume from: it is redone
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
-        log_path.write_text("".join(line + "\n" for line in kept))
-    log = open(log_path, "a")
+    log = RecordLog(out / "train_log.jsonl")
+    log.keep(lambda r: r["step"] <= start)  # what was logged after the checkpoint is redone
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.which}", mininterval=2)
     t0 = time.time()
@@ -238,8 +235,7 @@ def train(cfg: TrainConfig, out: str | Path, world: WorldConfig = WorldConfig(),
             rec["eval"] = evaluate(model, processor, SPECS[cfg.which].tasks, n=cfg.eval_n, split="val", seed=cfg.seed)
             model.train()
             tqdm.write(json.dumps(rec))
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        log.append(rec)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(ckpt_dir, model.state_dict(), opt, {"step": step + 1, "run": run_meta})
     model.eval()

@@ -13,7 +13,8 @@ from PIL import Image
 
 from interp.model.layers import decoder_layers
 from interp.model.models import load_model
-from interp.model.token_map import ROLE, ROLES, TOKEN_DTYPE, TokenLayoutError, image_token_id, token_table
+from interp.cache.format import ROLES, TOKEN_DTYPE, role_code
+from interp.model.token_map import TokenLayoutError, image_token_id, token_table
 
 PROMPTS = ["what color is the circle ?", "describe the image ."]
 
@@ -54,13 +55,13 @@ def test_counts_match_processor_in_padded_batches(multimodal_path):
         table = table.reshape(ids.shape)
         assert (table["sample"] == np.arange(len(ids))[:, None]).all()
         assert (table["position"] == np.arange(ids.shape[1])).all()
-        assert (table["token_id"] == ids).all() and ((table["role"] == ROLE["pad"]) == ~mask).all()
-        is_image = np.isin(table["role"], [ROLE["image_patch"], ROLE["image_special"]])
+        assert (table["token_id"] == ids).all() and ((table["role"] == role_code("pad")) == ~mask).all()
+        is_image = np.isin(table["role"], [role_code("image_patch"), role_code("image_special")])
         placeholder = ids == image_token_id(lm)
         assert (is_image | ~placeholder).all(), "every placeholder the processor wrote is an image token"
         for s, sample_images in enumerate(images):
             assert sorted(set(table["image"][s][is_image[s]])) == list(range(len(sample_images)))
-            patches = table[s][table["role"][s] == ROLE["image_patch"]]
+            patches = table[s][table["role"][s] == role_code("image_patch")]
             for k, (w, h) in enumerate(im.size for im in sample_images):
                 box = _boxes(patches[patches["image"] == k])
                 assert len(box) and (box[:, 0] >= 0).all() and (box[:, 2] <= w).all() and (box[:, 3] <= h).all()
@@ -128,7 +129,7 @@ def test_patch_features_come_from_their_boxes(multimodal_path, sizes):
     with torch.no_grad():
         lm.model(**inputs)
     table = token_table(lm, inputs, images)
-    patches = table[table["role"] == ROLE["image_patch"]]
+    patches = table[table["role"] == role_code("image_patch")]
     ip = lm.processor.image_processor
     colour = seen["embeds"][0, patches["position"].astype(np.int64), :2].numpy()
     colour = (colour * np.array(ip.image_std[:2]) + np.array(ip.image_mean[:2])) * 255  # back to 0..255
@@ -152,7 +153,7 @@ def test_llava_organism_grid(tiny_path):
     inputs = _process(lm, images, PROMPTS[:1])
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)  # as a bf16 model gets them: no numpy dtype
     table = token_table(lm, inputs, images, PROMPTS[:1])
-    patches = table[table["role"] == ROLE["image_patch"]]
+    patches = table[table["role"] == role_code("image_patch")]
     assert len(patches) == 9 and (patches["tile"] == 0).all()
     assert [tuple(b) for b in _boxes(patches[(patches["row"] == 1) & (patches["col"] == 2)])] == [(32, 16, 48, 32)]
     assert (patches["row"] * 3 + patches["col"] == np.arange(9)).all()
@@ -173,14 +174,14 @@ def test_llava_center_crop_and_pad_to_square(tiny_path):
                                                       crop_size={"height": 48, "width": 48}))
     images = [[Image.new("RGB", (192, 96))]]  # resized to 96 x 48, then the centre 48 x 48 is kept
     table = token_table(crop, _process(crop, images, PROMPTS[:1]), images)
-    patches = table[table["role"] == ROLE["image_patch"]]
+    patches = table[table["role"] == role_code("image_patch")]
     assert tuple(_boxes(patches)[0]) == (48, 0, 80, 32) and tuple(_boxes(patches)[-1]) == (112, 64, 144, 96)
 
     pad = with_image_processor(LlavaImageProcessorPil(do_pad=True, size={"height": 48, "width": 48},
                                                       do_center_crop=False))
     images = [[Image.new("RGB", (96, 48))]]  # padded to 96 x 96 (image rows 24..72), resized to 48 x 48
     table = token_table(pad, _process(pad, images, PROMPTS[:1]), images)
-    patches = table[table["role"] == ROLE["image_patch"]]
+    patches = table[table["role"] == role_code("image_patch")]
     assert [tuple(b) for b in _boxes(patches[patches["col"] == 0])] == [(0, 0, 32, 8), (0, 8, 32, 40), (0, 40, 32, 48)]
 
 
@@ -189,23 +190,23 @@ def test_llava_next_tiles_and_unpadding(tiny_path):
     images = [[Image.new("RGB", (80, 20))]]  # best fit 32 x 64: 2 tiles; 8 px of padding above and below
     table = token_table(lm, _process(lm, images, PROMPTS[:1]), images)
     image = table[table["image"] == 0]
-    assert list(image["role"]).count(ROLE["image_special"]) == 2  # one newline per kept row
-    patches = image[image["role"] == ROLE["image_patch"]]
+    assert list(image["role"]).count(role_code("image_special")) == 2  # one newline per kept row
+    patches = image[image["role"] == role_code("image_patch")]
     base, grid = patches[patches["tile"] == 0], patches[patches["tile"] > 0]
     assert len(base) == 16 and tuple(_boxes(base)[0]) == (0, 0, 20, 5)
     assert sorted(set(grid["row"])) == [1, 2]  # the padding rows 0 and 3 are dropped
     assert tuple(_boxes(grid)[0]) == (0, 0, 10, 10) and grid["tile"][0] == 1
     left, right = _boxes(grid[grid["tile"] == 1]), _boxes(grid[grid["tile"] == 2])
     assert (left[:, 2] <= 40).all() and (right[:, 0] >= 40).all() and right[:, 2].max() == 80
-    assert image["role"][-1] == ROLE["image_special"] and image["role"][16 + 8] == ROLE["image_special"]
+    assert image["role"][-1] == role_code("image_special") and image["role"][16 + 8] == role_code("image_special")
 
 
 def test_onevision_pooling_and_multi_image(tiny_path):
     lm = load_model(str(tiny_path("llava_onevision")))
     images = [[Image.new("RGB", (128, 100))]]  # 4 x 4 tiles: 12 x 16 patches kept, pooled to 10 x 13
     table = token_table(lm, _process(lm, images, PROMPTS[:1]), images)
-    grid = table[(table["role"] == ROLE["image_patch"]) & (table["tile"] > 0)]
-    assert len(grid) == 10 * 13 and (table["role"] == ROLE["image_special"]).sum() == 10
+    grid = table[(table["role"] == role_code("image_patch")) & (table["tile"] > 0)]
+    assert len(grid) == 10 * 13 and (table["role"] == role_code("image_special")).sum() == 10
     boxes = _boxes(grid)
     assert np.allclose(boxes[:, 2] - boxes[:, 0], 128 / 13, atol=1e-3) and np.allclose(boxes[:, 3] - boxes[:, 1], 9.6)
     assert boxes[:, 1].min() == 2 and boxes[:, 3].max() == 98  # two padded patch rows dropped at each end
@@ -219,8 +220,8 @@ def test_onevision_pooling_and_multi_image(tiny_path):
     table = token_table(lm, _process(lm, images, PROMPTS[:1]), images)
     for k in (0, 1):
         image = table[table["image"] == k]
-        assert list(image["role"]).count(ROLE["image_patch"]) == 16 and image["role"][-1] == ROLE["image_special"]
-    first = table[(table["image"] == 0) & (table["role"] == ROLE["image_patch"])]
+        assert list(image["role"]).count(role_code("image_patch")) == 16 and image["role"][-1] == role_code("image_special")
+    first = table[(table["image"] == 0) & (table["role"] == role_code("image_patch"))]
     assert tuple(_boxes(first)[0]) == (0, 0, 16, 0) and tuple(_boxes(first)[4]) == (0, 0, 16, 16)  # padded square
 
 
@@ -231,12 +232,12 @@ def test_qwen_merged_boxes(tiny_path):
         inputs = _process(lm, images, PROMPTS[:1])
         assert inputs["image_grid_thw"].tolist() == [[1, 6, 12]]
         table = token_table(lm, inputs, images)
-        patches = table[table["role"] == ROLE["image_patch"]]
+        patches = table[table["role"] == role_code("image_patch")]
         assert (patches["row"].max(), patches["col"].max()) == (2, 5)
         expected = [(c * 16 * 100 / 96, r * 16 * 50 / 48, (c + 1) * 16 * 100 / 96, (r + 1) * 16 * 50 / 48)
                     for r in range(3) for c in range(6)]
         assert np.allclose(_boxes(patches), expected)
-        markers = table[table["role"] == ROLE["image_special"]]
+        markers = table[table["role"] == role_code("image_special")]
         assert lm.tokenizer.convert_ids_to_tokens(markers["token_id"].tolist()) == ["<|vision_start|>",
                                                                                     "<|vision_end|>"]
 
@@ -246,16 +247,16 @@ def test_idefics3_tiles_and_global_view(tiny_path):
     images = [[Image.new("RGB", (100, 40))]]  # longest edge 64 -> 64 x 26 -> 64 x 32: 1 x 2 tiles + global
     table = token_table(lm, _process(lm, images, PROMPTS[:1]), images)
     image = table[table["image"] == 0]
-    patches = image[image["role"] == ROLE["image_patch"]]
+    patches = image[image["role"] == role_code("image_patch")]
     assert list(patches["tile"]) == [1] * 4 + [2] * 4 + [0] * 4  # tiles first, the global view last
     assert tuple(_boxes(patches)[0]) == (0, 0, 25, 20) and tuple(_boxes(patches)[-1]) == (50, 20, 100, 40)
-    specials = lm.tokenizer.convert_ids_to_tokens(image[image["role"] == ROLE["image_special"]]["token_id"].tolist())
+    specials = lm.tokenizer.convert_ids_to_tokens(image[image["role"] == role_code("image_special")]["token_id"].tolist())
     assert specials[:2] == ["<fake_token_around_image>", "<row_1_col_1>"] and "<global-img>" in specials
     assert specials[-1] == "<fake_token_around_image>" and "<row_1_col_2>" in specials
 
     images = [[Image.new("RGB", (48, 48))]]  # 64 x 64: 2 x 2 tiles, row-major
     table = token_table(lm, _process(lm, images, PROMPTS[:1]), images)
-    patches = table[table["role"] == ROLE["image_patch"]]
+    patches = table[table["role"] == role_code("image_patch")]
     assert list(patches["tile"]) == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4 + [0] * 4
     assert tuple(_boxes(patches[patches["tile"] == 3])[0]) == (0, 24, 12, 36)
 
@@ -270,7 +271,7 @@ def test_smolvlm_shares_idefics3_geometry(tiny_path):
     assert smol.family == "smolvlm" and type(smol.processor).__name__ == "SmolVLMProcessor"
     a, b = (token_table(lm, lm.processor(images=images, text=text, return_tensors="pt"), images, PROMPTS[:1])
             for lm in (smol, idefics))
-    assert len(a) == len(b) and (a["role"] == ROLE["image_patch"]).sum() == 4 * (3 + 5)
+    assert len(a) == len(b) and (a["role"] == role_code("image_patch")).sum() == 4 * (3 + 5)
     for field in ("role", "image", "tile", "row", "col", "x0", "y0", "x1", "y1"):
         assert (a[field] == b[field]).all(), field
 
@@ -279,9 +280,9 @@ def test_gemma3_pooled_tokens(tiny_path):
     lm = load_model(str(tiny_path("gemma3")))
     images = [[Image.new("RGB", (60, 30))]]
     table = token_table(lm, _process(lm, images, PROMPTS[:1]), images)
-    patches = table[table["role"] == ROLE["image_patch"]]
+    patches = table[table["role"] == role_code("image_patch")]
     assert [tuple(b) for b in _boxes(patches)] == [(0, 0, 30, 15), (30, 0, 60, 15), (0, 15, 30, 30), (30, 15, 60, 30)]
-    specials = lm.tokenizer.convert_ids_to_tokens(table[table["role"] == ROLE["image_special"]]["token_id"].tolist())
+    specials = lm.tokenizer.convert_ids_to_tokens(table[table["role"] == role_code("image_special")]["token_id"].tolist())
     assert specials == ["<start_of_image>", "<end_of_image>"]
 
 
@@ -291,15 +292,15 @@ def test_text_template_and_special_roles(tiny_path):
     inputs = _process(lm, images)
     table = token_table(lm, inputs, images, PROMPTS).reshape(inputs["input_ids"].shape)
     for s, prompt in enumerate(PROMPTS):
-        text = table[s][table["role"][s] == ROLE["text"]]
+        text = table[s][table["role"][s] == role_code("text")]
         assert lm.tokenizer.decode(text["token_id"].tolist()).strip() == prompt
-        template = lm.tokenizer.decode(table[s][table["role"][s] == ROLE["template"]]["token_id"].tolist())
+        template = lm.tokenizer.decode(table[s][table["role"][s] == role_code("template")]["token_id"].tolist())
         assert "USER:" in template and "ASSISTANT:" in template and "circle" not in template
-        is_image = np.isin(table["role"][s], [ROLE["image_patch"], ROLE["image_special"]])
+        is_image = np.isin(table["role"][s], [role_code("image_patch"), role_code("image_special")])
         assert ((table[s]["image"] == -1) == ~is_image).all()
     plain = token_table(lm, inputs, images).reshape(inputs["input_ids"].shape)
-    assert ROLE["template"] not in plain["role"]
-    assert ((plain["role"] == ROLE["text"]) == np.isin(table["role"], [ROLE["text"], ROLE["template"]])).all()
+    assert role_code("template") not in plain["role"]
+    assert ((plain["role"] == role_code("text")) == np.isin(table["role"], [role_code("text"), role_code("template")])).all()
     with pytest.raises(ValueError, match="is not in the sample's tokens"):
         token_table(lm, inputs, images, ["what shape is it ?", PROMPTS[1]])
 
@@ -314,8 +315,8 @@ def test_text_only_models_and_errors(tiny_path, monkeypatch):
     inputs = lm.tokenizer(["what color is the circle ?"], return_tensors="pt")
     table = token_table(lm, inputs, prompts=["color is the"])
     assert (table["image"] == -1).all() and (table["x0"] == -1).all()
-    text = lm.tokenizer.decode(table["token_id"][table["role"] == ROLE["text"]].tolist())
-    other = lm.tokenizer.decode(table["token_id"][table["role"] == ROLE["template"]].tolist())
+    text = lm.tokenizer.decode(table["token_id"][table["role"] == role_code("text")].tolist())
+    other = lm.tokenizer.decode(table["token_id"][table["role"] == role_code("template")].tolist())
     assert (text.strip(), other.replace(" ", "")) == ("color is the", "whatcircle?")
     monkeypatch.setattr(type(lm.tokenizer), "is_fast", property(lambda self: False))  # no offsets: token search
     assert (token_table(lm, inputs, prompts=["color is the"])["role"] == table["role"]).all()

@@ -1,7 +1,7 @@
-"""Image explorer: a cached image (by its index in the cache) or an uploaded one, with a prompt; the
-top features of every image patch, and a patch's full list with its feature's heatmap.
+"""Sample explorer: a cached sample (by its index in the cache's samples table) or an uploaded image,
+with a prompt; the top features of every image patch, and a patch's full list with its feature's heatmap.
 
-A cached image with its cached prompt reads its rows from the cache; anything else runs the
+A cached sample with its cached prompt reads its rows from the cache; anything else runs the
 model at the cache's layer exactly as `interp cache` does (app.analysis.model_rows)."""
 
 from __future__ import annotations
@@ -19,23 +19,18 @@ from app.ui import FEATURE_PAGE, need
 MAX_BUTTON_GRID = 64  # patches above which the patch picker is a select box only
 
 run = state.current_run()
-st.title("Image explorer")
+st.title("Sample explorer")
 if not need(run, "cache", "sae"):
     st.stop()
 reader, sae = state.reader(run), state.sae(run)
-samples = reader.samples
-if not len(samples) or int(samples["width"].max()) <= 0:
+if not reader.n_samples or int(reader.samples_table["width"].max()) <= 0:
     st.info("This cache holds no images (a text-only model's cache): nothing to explore here.")
     st.stop()
 
 
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 @st.cache_data(show_spinner="Encoding the image's patches …", max_entries=64)
-def cached_patches(cache: str, image: int, _reader, _sae) -> analysis.PatchFeatures:
-    rows, tokens = analysis.cached_rows(_reader, image)
+def cached_patches(cache: str, sample: int, _reader, _sae) -> analysis.PatchFeatures:
+    rows, tokens = analysis.cached_rows(_reader, sample)
     return analysis.patch_features(_sae, rows, tokens)
 
 
@@ -47,17 +42,17 @@ def model_patches(cache: str, image_bytes: bytes, prompt: str, _sae) -> analysis
     return analysis.patch_features(_sae, rows, tokens)
 
 
-source = st.radio("Image", ["cached image", "upload"], horizontal=True, key="source")
-if source == "cached image":
+source = st.radio("Image", ["cached sample", "upload"], horizontal=True, key="source")
+if source == "cached sample":
     pick, _ = st.columns([1, 3])
-    image_index = int(pick.number_input(f"Cached image (0 .. {len(samples) - 1})", min_value=0,
-                                        max_value=len(samples) - 1, value=0, key="image", bind="query-params"))
-    row = samples[image_index]
+    sample_index = int(pick.number_input(f"Cached sample (0 .. {reader.n_samples - 1})", min_value=0,
+                                         max_value=reader.n_samples - 1, value=0, key="sample", bind="query-params"))
+    sample = reader.sample(sample_index)
     from interp.cache.data import load_image
 
-    image = load_image(_text(row["image_ref"]))
-    cached_prompt = _text(row["prompt"])
-    st.caption(f"`{_text(row['image_ref'])}` · sample {int(row['sample'])} · cached prompt: `{cached_prompt}`")
+    image = load_image(sample.image_ref)
+    cached_prompt = sample.prompt
+    st.caption(f"`{sample.image_ref}` · source index {sample.source_index} · cached prompt: `{cached_prompt}`")
     prompt = st.text_input("Prompt", value=cached_prompt, key="prompt_cached")
 else:
     upload = st.file_uploader("Upload an image", type=["png", "jpg", "jpeg", "webp", "bmp"], key="upload")
@@ -66,10 +61,10 @@ else:
         st.stop()
     image = Image.open(upload).convert("RGB")
     cached_prompt = None
-    prompt = st.text_input("Prompt", value=_text(samples[0]["prompt"]), key="prompt_upload")
+    prompt = st.text_input("Prompt", value=reader.prompts[0], key="prompt_upload")
 
-if source == "cached image" and prompt == cached_prompt:
-    pf = cached_patches(str(run.cache), image_index, reader, sae)
+if source == "cached sample" and prompt == cached_prompt:
+    pf = cached_patches(str(run.cache), sample_index, reader, sae)
 else:
     if not run.model_name:
         st.error("The SAE and the cache do not record their model: cannot run it on a new image or prompt.")

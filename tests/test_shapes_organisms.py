@@ -88,7 +88,8 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
     assert steps == [1, 2, 3, 4, 5, 6], "a resumed run must log each step once"
 
     other = TrainConfig(**{**cfg.__dict__, "lr": 1e-4})
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"checkpoint .* was made with other settings \(train_config.lr: recorded "
+                                         r"0.002, now 0.0001\): use another --out or delete it"):
         train(other, tmp_path / "resumed", threads=1)
 
 

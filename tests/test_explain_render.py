@@ -5,16 +5,7 @@ import pytest
 from PIL import Image
 
 from explain.render import activation_map, colorize, render_feature, write_feature_pngs
-from interp.model.token_map import TOKEN_DTYPE
-
-
-def grid_tokens(n: int = 3, cell: float = 16) -> np.ndarray:
-    """The token table of an n x n patch grid (row-major), as LLaVA's on a 48 px image."""
-    t = np.zeros(n * n, TOKEN_DTYPE)
-    t["row"], t["col"] = np.divmod(np.arange(n * n), n)
-    t["x0"], t["y0"] = t["col"] * cell, t["row"] * cell
-    t["x1"], t["y1"] = t["x0"] + cell, t["y0"] + cell
-    return t
+from interp.cache.format import TOKEN_DTYPE
 
 
 def one_hot(index: int, value: float = 1.0, n: int = 9) -> np.ndarray:
@@ -29,7 +20,7 @@ def image():
     return Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
 
 
-def test_token_lands_on_its_pixel_box():
+def test_token_lands_on_its_pixel_box(grid_tokens):
     acts = one_hot(5)  # row 1, col 2: x 32..48, y 16..32
     m = activation_map(grid_tokens(), acts, (48, 48), (48, 48))
     expected = np.zeros((48, 48), np.float32)
@@ -50,7 +41,7 @@ def test_overlapping_and_fractional_boxes_take_the_max():
     assert m[10:].sum() == 0
 
 
-def test_bilinear_is_smooth_and_peaks_on_the_token():
+def test_bilinear_is_smooth_and_peaks_on_the_token(grid_tokens):
     m = activation_map(grid_tokens(), one_hot(5), (48, 48), (192, 192), mode="bilinear")
     y, x = np.unravel_index(np.argmax(m), m.shape)
     assert 64 <= y < 128 and 128 <= x < 192 and m.max() == pytest.approx(1, abs=0.05)
@@ -60,7 +51,7 @@ def test_bilinear_is_smooth_and_peaks_on_the_token():
         activation_map(grid_tokens(), one_hot(5), (48, 48), (48, 48), mode="cubic")
 
 
-def test_masked_view_dims_exactly_outside(image):
+def test_masked_view_dims_exactly_outside(image, grid_tokens):
     view = render_feature(image, grid_tokens(), one_hot(5), display_size=48, dim=0.25)
     img, masked = np.asarray(image).astype(float), np.asarray(view.masked)
     inside = np.zeros((48, 48), bool)
@@ -70,7 +61,7 @@ def test_masked_view_dims_exactly_outside(image):
     assert view.scale == 1 and view.original.size == (48, 48)
 
 
-def test_threshold_picks_the_active_region_and_crop(image):
+def test_threshold_picks_the_active_region_and_crop(image, grid_tokens):
     acts = one_hot(5) + one_hot(0, 0.3)  # a weak token at the top left
     view = render_feature(image, grid_tokens(), acts, vmax=1.0, threshold=0.5, margin=0, display_size=48)
     assert view.crop_box == (32, 16, 48, 32)
@@ -88,7 +79,7 @@ def test_threshold_picks_the_active_region_and_crop(image):
     np.testing.assert_array_equal(np.asarray(nothing.overlay), np.asarray(image))
 
 
-def test_colour_scale_is_shared(image):
+def test_colour_scale_is_shared(image, grid_tokens):
     weak = render_feature(image, grid_tokens(), one_hot(5, 1.0), vmax=2.0, display_size=48)
     strong = render_feature(image, grid_tokens(), one_hot(5, 2.0), vmax=2.0, display_size=48)
     alone = render_feature(image, grid_tokens(), one_hot(5, 1.0), display_size=48)  # its own max
@@ -102,7 +93,7 @@ def test_colour_scale_is_shared(image):
     assert (overlay[16:32, 32:48] != np.asarray(image)[16:32, 32:48]).any()
 
 
-def test_display_upscale_keeps_patches_crisp(image):
+def test_display_upscale_keeps_patches_crisp(image, grid_tokens):
     view = render_feature(image, grid_tokens(), one_hot(5))
     assert view.scale == 4
     assert {v.size for v in (view.original, view.heatmap, view.overlay, view.masked)} == {(192, 192)}
@@ -111,23 +102,19 @@ def test_display_upscale_keeps_patches_crisp(image):
     np.testing.assert_array_equal(big[3::4, 3::4], np.asarray(image))
 
 
-def test_writes_pngs_of_a_features_top_images(tmp_path, tiny_path):
+def test_writes_pngs_of_a_features_top_samples(shapes_run, tmp_path):
     from explain.feature_reader import FeatureSources
-    from explain.features import FeaturesConfig, compute_features
-    from test_features import make_run
 
-    cache, sae_dir = make_run(tmp_path, tiny_path)
-    out = compute_features(cache, sae_dir, tmp_path / "f.h5", FeaturesConfig(k=3, progress=False))
-    with FeatureSources.open(out) as src:
-        f = next(f for f in np.argsort(-src.stats.summary_table()["max"]) if src.stats.top_images(f))
+    with FeatureSources.open(shapes_run) as src:
+        f = next(f for f in np.argsort(-src.features.summary_table()["max"]) if src.features.top(f))
         paths = write_feature_pngs(src, f, tmp_path / "png", views=("overlay", "masked"))
-        top = src.stats.top_images(f)
+        top = src.features.top(f)
         assert len(paths) == 2 * len(top) and all(p.exists() for p in paths)
-        assert paths[0].name == f"feature{f}_top00_image{top[0].image}_overlay.png"
+        assert paths[0].name == f"feature{f}_top00_sample{top[0].sample}_overlay.png"
         assert Image.open(paths[0]).size == (192, 192)
         from explain.render import render_example
 
-        view = render_example(src, f, top[-1].image)
-        assert view.vmax == pytest.approx(src.stats.stats(f).max)  # shared scale: the feature's max
-        with pytest.raises(ValueError, match="unknown views"):
+        view = render_example(src, f, top[-1].sample)
+        assert view.vmax == pytest.approx(src.features.stats(f).max)  # shared scale: the feature's max
+        with pytest.raises(ValueError, match=r"unknown views \['sketch'\]; choose from"):
             write_feature_pngs(src, f, tmp_path / "png", views=("sketch",))
