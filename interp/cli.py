@@ -24,7 +24,8 @@ os.environ.setdefault("PIP_NO_INDEX", "1")
 
 STAGES = ["interp.shapes.world", "interp.shapes.organisms.cli", "interp.model.layers", "interp.cache.writer",
           "interp.pipeline.speed", "saes.train", "saes.bench", "saes.evaluate", "saes.recovery", "explain.features",
-          "explain.commands", "steering.commands", "app.commands", "interp.pipeline.benchmark", "interp.pipeline.demo"]
+          "explain.bench_features", "explain.commands", "steering.commands", "steering.bench", "app.commands",
+          "interp.pipeline.benchmark", "interp.pipeline.demo"]
 REGISTERS = ["explain.server"]  # `interp serve-explainer` registers itself (argparse) until it moves onto a config
 GROUPS = {"bench": "speed benchmarks, as ratios against baselines measured in the same run"}
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
