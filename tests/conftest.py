@@ -83,6 +83,21 @@ def shapes_run_copy(shapes_run, tmp_path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def small_demo_run(tmp_path_factory) -> Path:
+    """`interp demo` with small settings: cache, SAE, features, recovery, explanations, layer-0 steering (~30 s
+    on a quiet machine; for slow tests)."""
+    from interp.infra.layout import RunLayout
+    from interp.pipeline.demo import DemoConfig, run_demo
+
+    out = tmp_path_factory.mktemp("small-demo") / "run"
+    run_demo(DemoConfig(run=str(out), samples=600, layer="2", d_sae=128, k=4, steps=600, questions=20, seed=0))
+    layout, twin = RunLayout(out), RunLayout(out).steering_run(0)
+    for need in (layout.cache, layout.features, layout.recovery, twin.recovery, twin.features, layout.summary):
+        assert need.exists(), need
+    return out
+
+
 # ---------------------------------------------------------------- a run with planted concept features
 
 

@@ -38,19 +38,6 @@ def test_notebook_is_stored_clean(name):
 
 
 @pytest.fixture(scope="session")
-def small_run(tmp_path_factory) -> Path:
-    """`interp demo` with small settings: cache, SAE, features, recovery, explanations, layer-0 steering (~30 s)."""
-    from interp.pipeline.demo import DemoConfig, run_demo
-
-    out = tmp_path_factory.mktemp("notebooks") / "run"
-    run_demo(DemoConfig(run=str(out), samples=600, layer="2", d_sae=128, k=4, steps=600, questions=20, seed=0))
-    for need in ("activations.h5", "features.h5", "recovery.json", "steering-layer0/recovery.json",
-                 "steering-layer0/features.h5"):
-        assert (out / need).exists(), need
-    return out
-
-
-@pytest.fixture(scope="session")
 def jupyter_path(tmp_path_factory) -> Path:
     """A directory with a kernelspec that starts this interpreter (so the notebooks see this environment)."""
     pytest.importorskip("ipykernel")
@@ -65,12 +52,12 @@ def jupyter_path(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs(name, small_run, jupyter_path, tmp_path, monkeypatch):
+def test_notebook_runs(name, small_demo_run, jupyter_path, tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     from nbformat.v4 import new_code_cell
 
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))  # searched before the user's and the system's kernels
-    monkeypatch.setenv("LMMSCOPE_RUN", str(small_run))
+    monkeypatch.setenv("LMMSCOPE_RUN", str(small_demo_run))
     monkeypatch.setenv("LMMSCOPE_OUT", str(tmp_path / "out"))  # what the notebooks write (sweep, SAE grid)
     monkeypatch.delenv("LMMSCOPE_SWEEP", raising=False)
     nb = _read(name)
