@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: env
-	PIP_NO_INDEX=1 $(VENV)/bin/interp demo --out runs/demo
+	PIP_NO_INDEX=1 $(VENV)/bin/interp demo runs/demo
 
 test: env
 	sh scripts/install_browser.sh

@@ -143,7 +143,7 @@ class SAE(nn.Module):
         return self.arch.activation(self, pre)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw activations [..., d_in] -> latent activations [..., d_sae] (raw units)."""
+        """Raw activations [..., d_in] -> feature activations [..., d_sae] (raw units)."""
         self.check_width(x)
         x = x.to(self.dtype)
         if not self._normalised():
@@ -151,9 +151,9 @@ class SAE(nn.Module):
         return self.activation(self.pre_acts((x - self.norm_mean) / self.norm_scale)) * self.norm_scale
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        """Latent activations [..., d_sae] -> reconstruction of the raw activations [..., d_in]."""
+        """Feature activations [..., d_sae] -> reconstruction of the raw activations [..., d_in]."""
         if acts.shape[-1] != self.cfg.d_sae:
-            raise ValueError(f"this SAE has d_sae={self.cfg.d_sae} latents, but got width {acts.shape[-1]}")
+            raise ValueError(f"this SAE has d_sae={self.cfg.d_sae} features, but got width {acts.shape[-1]}")
         acts = acts.to(self.dtype)
         if not self._normalised():
             return acts @ self.W_dec + self.b_dec
@@ -165,7 +165,7 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ training (normalised space)
     def use_training_layout(self) -> None:
         """Store W_enc as the transpose of a contiguous [d_sae, d_in] matrix (same values, same shape),
-        so the sparse encoder backward reads and writes whole latent rows."""
+        so the sparse encoder backward reads and writes whole feature rows."""
         with torch.no_grad():
             if not self.W_enc.t().is_contiguous():
                 self.W_enc.data = self.W_enc.data.t().contiguous().t()
@@ -257,7 +257,7 @@ class SAE(nn.Module):
              sparsity: torch.Tensor | None = None) -> Path:
         """Write `cfg.json` + `sae_weights.safetensors` (SAELens format) into directory `path`.
 
-        `sparsity`: optional per-latent firing frequency, stored as sae-lens's log10 sparsity file.
+        `sparsity`: optional per-feature firing frequency, stored as sae-lens's log10 sparsity file.
         """
         from safetensors.torch import save_file
 

@@ -20,7 +20,7 @@ features; for jumprelu and relu the L0 / L1 penalty), backward, project the deco
 the decoder rows, Adam, the architecture's projections, renormalise the decoder rows to unit norm.
 
 Under torchrun (WORLD_SIZE > 1) every rank reads its own share of the batches (global batch
-g = step * world + rank, each of batch_size / world rows), gradients and latent firing counts
+g = step * world + rank, each of batch_size / world rows), gradients and feature firing counts
 are summed with one all_reduce per step (gloo on CPU, nccl on CUDA), and rank 0 writes.
 """
 

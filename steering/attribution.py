@@ -1,9 +1,9 @@
-"""Attribution patching over SAE features: which latents push the answer over a baseline token.
+"""Attribution patching over SAE features: which features push the answer over a baseline token.
 
 One forward and one backward pass. At the SAE's layer the output is rewritten as
 x + (decode(acts) - decode(acts).detach()): the value is x exactly (the error term is a
-constant and the forward is unchanged), but the gradient reaches the latent activations.
-The score of latent f at position p is grad(logit[answer] - logit[baseline]) · act, the
+constant and the forward is unchanged), but the gradient reaches the feature activations.
+The score of feature f at position p is grad(logit[answer] - logit[baseline]) · act, the
 first-order estimate of what removing that activation would cost the logit difference, so
 the predicted effect of ablating it is -score. `ablation_effects` measures the real effect
 (one batched forward per chunk of ablations, error term kept) to validate the estimate.
@@ -25,7 +25,7 @@ from steering.steer import PromptBatch, SteerSetup
 
 @dataclass
 class Attribution:
-    """One sample's attribution, sparse: one entry per active (position, latent)."""
+    """One sample's attribution, sparse: one entry per active (position, feature)."""
 
     metric: float  # logit[answer] - logit[baseline] of the clean model at the last prompt token
     answer: int  # token ids
@@ -57,7 +57,7 @@ class Attribution:
         return order.index(feature) + 1 if feature in order else None
 
     def per_position(self, k: int = 3) -> list[tuple[int, str, list[tuple[int, float]]]]:
-        """(position, token, [(feature, score)] top k by |score|) for each position with active latents."""
+        """(position, token, [(feature, score)] top k by |score|) for each position with active features."""
         out = []
         for p in np.unique(self.position):
             sel = np.flatnonzero(self.position == p)
@@ -69,7 +69,7 @@ class Attribution:
 
 @contextmanager
 def _frozen(model: torch.nn.Module):
-    """No parameter gradients: the backward then only runs from the metric to the latents."""
+    """No parameter gradients: the backward then only runs from the metric to the features."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -97,14 +97,14 @@ def token_id(tokenizer, text_or_id: str | int) -> int:
 def attribute(setup: SteerSetup, batch: PromptBatch, answers: Sequence[int | None] | None = None,
               baselines: Sequence[int | None] | None = None, positions: str = "image",
               steps: int = 1) -> list[Attribution]:
-    """Attribution of each sample's logit difference to the SAE latents at `positions` (image/text/all).
+    """Attribution of each sample's logit difference to the SAE features at `positions` (image/text/all).
 
     A missing answer is the clean model's top next token, a missing baseline its runner-up.
     `steps=1` is attribution patching (the gradient at the clean activations). `steps=k > 1`
     integrates the gradient along acts * alpha, alpha at k midpoints in (0, 1) (integrated
-    gradients from "these latents ablated"): the k scaled copies run in the same single
+    gradients from "these features ablated"): the k scaled copies run in the same single
     forward and backward pass as a k-times larger batch. It costs k times the memory and
-    fixes the linear estimate where it is worst: a latent that dominates its residual row,
+    fixes the linear estimate where it is worst: a feature that dominates its residual row,
     along which normalisation layers are flat, gets a near-zero or negative gradient even
     though ablating it changes everything."""
     from interp.model.hooks import patch_output
@@ -168,9 +168,9 @@ def attribute(setup: SteerSetup, batch: PromptBatch, answers: Sequence[int | Non
 @torch.no_grad()
 def ablation_effects(setup: SteerSetup, batch: PromptBatch, sample: int, attribution: Attribution,
                      per_position: bool = False, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted, true) change of the metric when each active latent is ablated (error term kept).
+    """(predicted, true) change of the metric when each active feature is ablated (error term kept).
 
-    Per feature over all its positions, or (per_position) each active (position, latent) alone.
+    Per feature over all its positions, or (per_position) each active (position, feature) alone.
     The prediction is -score, summed the same way."""
     from interp.model.hooks import patch_output
 
@@ -199,7 +199,7 @@ def ablation_effects(setup: SteerSetup, batch: PromptBatch, sample: int, attribu
                 return out
             r = rows.to(out.device)
             x = out[r]
-            which = feats.to(out.device)[r.nonzero()[:, 0]]  # the latent each selected row ablates (clean row: none)
+            which = feats.to(out.device)[r.nonzero()[:, 0]]  # the feature each selected row ablates (clean row: none)
             a = sae.encode(x).gather(1, which[:, None])
             return out.index_put((r,), x - (a * sae.W_dec[which]).to(x.dtype))
 

@@ -1,6 +1,6 @@
 """Feature interventions at an SAE's layer: what to change, where, and the edit that does it.
 
-An intervention rewrites one latent's activation (clamp it to a value, add to it, or zero
+An intervention rewrites one feature's activation (clamp it to a value, add to it, or zero
 it) at chosen token positions, and the layer output moves by exactly the decoder's image of
 that change: x' = x + decode(acts') - decode(acts) = x + (acts' - acts) @ W_dec. The SAE's
 reconstruction error stays in x, so a feature the edit leaves alone costs nothing: an edit

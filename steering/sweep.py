@@ -91,7 +91,7 @@ class WorldItems:
 
 @dataclass(frozen=True)
 class FeatureEntry:
-    """One feature to steer: by index, by concept (its recovered latent), or both; own strengths optional."""
+    """One feature to steer: by index, by concept (its recovered feature), or both; own strengths optional."""
 
     feature: int | None = None
     concept: str | None = None

@@ -98,8 +98,8 @@ def attribution_targets(setup, colours, n: int, ig_steps: int, batch_size: int, 
     from steering.steer import next_token_logits
 
     tok = setup.lm.tokenizer
-    latent = {m.concept: m.feature for m in colours}
-    colour_ids = torch.tensor([tok.convert_tokens_to_ids(c) for c in latent])
+    feature_of = {m.concept: m.feature for m in colours}
+    colour_ids = torch.tensor([tok.convert_tokens_to_ids(c) for c in feature_of])
     methods = {"patching": 1, **({f"integrated_gradients_{ig_steps}": ig_steps} if ig_steps > 1 else {})}
     stats = {k: {"ranks": [], "rho": [], "rho_position": [], "pred": [], "true": []} for k in methods}
     bar = tqdm(total=n, desc="attribution", disable=not progress, mininterval=1)
@@ -108,14 +108,14 @@ def attribution_targets(setup, colours, n: int, ig_steps: int, batch_size: int, 
         answers, baselines = [], []
         for i, (_, qa) in enumerate(part):
             other = logits[i].clone()
-            other[list(latent).index(qa.answer)] = -float("inf")
-            answers.append(int(colour_ids[list(latent).index(qa.answer)]))
+            other[list(feature_of).index(qa.answer)] = -float("inf")
+            answers.append(int(colour_ids[list(feature_of).index(qa.answer)]))
             baselines.append(int(colour_ids[int(other.argmax())]))
         for name, steps in methods.items():
             atts = attribute(setup, batch, answers, baselines, "image", steps=steps)
             st = stats[name]
             for i, (a, (_, qa)) in enumerate(zip(atts, part)):
-                st["ranks"].append(a.rank_of(latent[qa.answer]))
+                st["ranks"].append(a.rank_of(feature_of[qa.answer]))
                 pred, true = ablation_effects(setup, batch, i, a)
                 st["rho"].append(spearman(pred, true))
                 st["pred"] += pred.tolist()

@@ -1,5 +1,5 @@
 """interp explain / score: aggregation, judge questions, metrics, IoU, the stores, and the commands end to end
-on a shapes-world run whose SAE latents are planted concept probes (so the ground truth is known)."""
+on a shapes-world run whose SAE features are planted concept probes (so the ground truth is known)."""
 
 import json
 

@@ -33,11 +33,11 @@ def test_sparse_topk_gradients_equal_dense_reference(dtype, tol, with_aux, apply
     torch.manual_seed(0)
     x = torch.randn(96, 24, dtype=dtype)
     dead = torch.zeros(256, dtype=torch.bool)
-    dead[::3] = True  # some dead latents also win the main topk: duplicates must add up
+    dead[::3] = True  # some dead features also win the main topk: duplicates must add up
     k_aux = 12 if with_aux else 0
     dense = _loss_and_grads(kernels.dense_topk_forward, x, dead if with_aux else None, 8, k_aux, dtype, apply_b_dec)
     sparse = _loss_and_grads(kernels.sparse_topk_forward, x, dead if with_aux else None, 8, k_aux, dtype, apply_b_dec)
-    assert torch.equal(dense[2], sparse[2])  # same latents selected
+    assert torch.equal(dense[2], sparse[2])  # same features selected
     assert torch.allclose(dense[0], sparse[0], atol=tol, rtol=tol)
     assert torch.allclose(dense[1], sparse[1], atol=tol, rtol=tol)
     for name, gd, gs in zip(["W_enc", "b_enc", "W_dec", "b_dec"], dense[3], sparse[3]):

@@ -55,7 +55,7 @@ def batch(lm):
     return prepare(lm, [Query(qa.question, scene.render(), f"shapes:test:{scene.index}:0") for scene, qa in items])
 
 
-def latent_acts(setup, batch, where: str = "image") -> torch.Tensor:
+def feature_acts(setup, batch, where: str = "image") -> torch.Tensor:
     from interp.model.hooks import capture
 
     x = capture(setup.lm.model, batch.inputs, setup.hook.module_path, engine="torch")
@@ -64,8 +64,8 @@ def latent_acts(setup, batch, where: str = "image") -> torch.Tensor:
 
 
 def active_feature(setup, batch) -> int:
-    """The latent most active on the batch's image tokens (so steering it does something)."""
-    return int(latent_acts(setup, batch).sum(0).argmax())
+    """The feature most active on the batch's image tokens (so steering it does something)."""
+    return int(feature_acts(setup, batch).sum(0).argmax())
 
 
 # ---------------------------------------------------------------- the spec and bad input
@@ -128,7 +128,7 @@ def test_feature_edit_changes_exactly_the_targeted_latent():
         target[..., f] = 7.0
         want = out + sae.decode(target) - sae.decode(acts)  # the error term is kept
         assert torch.allclose(new[image], want[image], atol=1e-5)
-        # several features at once = their changes added (different latents)
+        # several features at once = their changes added (different features)
         g = (f + 1) % 12
         both = FeatureEdit(sae, [Intervention(f, "clamp", 7.0), Intervention(g, "add", -2.0, positions="all")], masks)
         target[..., g] = torch.where(image, target[..., g], acts[..., g]) - 2.0
@@ -154,9 +154,9 @@ def test_feature_edit_changes_exactly_the_targeted_latent():
 def test_zero_change_is_the_unsteered_model(setup, batch, engine):
     base = generate(setup, batch, max_new_tokens=4)
     f = active_feature(setup, batch)
-    silent = np.flatnonzero((latent_acts(setup, batch, "all") == 0).all(0).numpy())
-    assert len(silent), "the random SAE should leave some latents silent on 6 prompts"
-    inactive = int(silent[0])  # ablating a latent that is zero everywhere changes nothing either
+    silent = np.flatnonzero((feature_acts(setup, batch, "all") == 0).all(0).numpy())
+    assert len(silent), "the random SAE should leave some features silent on 6 prompts"
+    inactive = int(silent[0])  # ablating a feature that is zero everywhere changes nothing either
     for ivs in ([Intervention(f, "add", 0.0, positions="all")],
                 [Intervention(f, "add", 0.0, positions="all"), Intervention(inactive, "ablate", positions="all")]):
         steered = generate(setup, batch, ivs, max_new_tokens=4, engine=engine)
@@ -215,7 +215,7 @@ def test_attribution_keeps_the_forward_and_predicts_ablations(setup, batch):
 
 
 def test_integrated_gradients_are_complete(setup, batch):
-    """IG scores add up to what ablating every latent at those positions does to the metric."""
+    """IG scores add up to what ablating every feature at those positions does to the metric."""
     from interp.model.hooks import patch_output
 
     atts = attribute(setup, batch, steps=16)

@@ -1,7 +1,7 @@
 """End to end on the shapes world: a layer-0 SAE of shapes-subject trained here, then `interp steer-targets`.
 
 Layer 0 is where the organism still reads the image tokens (by layer 2 the colour has moved to
-the text positions, and swapping image tokens there changes no answer), so its colour latents
+the text positions, and swapping image tokens there changes no answer), so its colour features
 must steer "what color is the <shape> ?" and carry the attribution.
 """
 

@@ -1,6 +1,6 @@
 """What every position of a processed batch is, and which pixels of which image it stands for.
 
-An SAE latent is only interpretable if each cached activation can be traced back to its
+An SAE feature is only interpretable if each cached activation can be traced back to its
 token: a patch of an image (which image, which tile, which row and column of that tile's
 token grid, and the box it covers in the *original* image's pixels), an image separator, the
 user's text, chat-template text, a special token, or padding.
