@@ -76,11 +76,15 @@ def shapes_run(tmp_path_factory) -> Path:
     return make_shapes_run(tmp_path_factory.mktemp("shapes-run") / "run")
 
 
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a run directory for a test that writes into it (links stay links)."""
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
 @pytest.fixture
 def shapes_run_copy(shapes_run, tmp_path) -> Path:
-    dest = tmp_path / "run"
-    shutil.copytree(shapes_run, dest, symlinks=True)
-    return dest
+    return copy_run(shapes_run, tmp_path / "run")
 
 
 @pytest.fixture(scope="session")
@@ -143,9 +147,7 @@ def planted_run(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def planted_run_copy(planted_run, tmp_path) -> Path:
-    dest = tmp_path / "planted"
-    shutil.copytree(planted_run, dest, symlinks=True)
-    return dest
+    return copy_run(planted_run, tmp_path / "planted")
 
 
 # ---------------------------------------------------------------- small pieces
@@ -178,6 +180,28 @@ def grid_token_table(n: int = 3, cell: float = 16) -> np.ndarray:
 def grid_tokens():
     """grid_tokens(n=3, cell=16): the token table of an n x n patch grid (row-major), as LLaVA's on 48 px."""
     return grid_token_table
+
+
+@pytest.fixture
+def red_examples(grid_tokens):
+    """red_examples(n=6): MarkedExamples of shapes scenes with the 'feature' on the cell of a red object, as a red
+    feature's examples look."""
+    from explain.examples import MarkedExample
+    from interp.shapes.world import WorldConfig, sample_scene
+
+    def make(n: int = 6) -> list:
+        out, i = [], 0
+        while len(out) < n:
+            scene = sample_scene(WorldConfig(), i, "test", 0)
+            red = [o for o in scene.objects if o.color == "red"]
+            if red:
+                acts = np.zeros(9, np.float32)
+                acts[red[0].row * 3 + red[0].col] = 3.0
+                out.append(MarkedExample(i, i, f"shapes:test:{i}:0", "top", scene.render(), grid_tokens(), acts, 3.0))
+            i += 1
+        return out
+
+    return make
 
 
 @dataclass

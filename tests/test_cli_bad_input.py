@@ -16,7 +16,7 @@ def root(shapes_run, tmp_path_factory):
     from saes.sae import SAE, SAEConfig
 
     root = tmp_path_factory.mktemp("bad_input")
-    shutil.copytree(shapes_run, root / "run", symlinks=True)
+    shutil.copytree(shapes_run, root / "run", symlinks=True)  # a module-wide copy: the cases must not change it
     cache = root / "run" / "activations.h5"
     for name in ("narrow", "other", "junk", "truncated", "nan", "empty", "nowhere-cache"):
         (root / name).mkdir()

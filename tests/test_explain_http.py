@@ -13,11 +13,9 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 
 from explain.backends import BackendError, ChatRequest, HFBackend, HTTPConfig, OpenAIBackend
-from explain.examples import MarkedExample
 from explain.explainers import WorldExplainer
 from explain.server import ExplainerServer
 from explain.store import FeatureStore
@@ -50,25 +48,6 @@ class Counting:
 @pytest.fixture(scope="module")
 def local():
     return HFBackend("shapes-explainer", device="cpu")
-
-
-@pytest.fixture
-def red_examples(grid_tokens):
-    """red_examples(n=6): shapes scenes with the 'feature' on the cell of a red object, as a red feature's look."""
-    return lambda n=6: _red_examples(grid_tokens, n)
-
-
-def _red_examples(grid_tokens, n: int) -> list[MarkedExample]:
-    out, i = [], 0
-    while len(out) < n:
-        scene = sample_scene(WorldConfig(), i, "test", 0)
-        red = [o for o in scene.objects if o.color == "red"]
-        if red:
-            acts = np.zeros(9, np.float32)
-            acts[red[0].row * 3 + red[0].col] = 3.0
-            out.append(MarkedExample(i, i, f"shapes:test:{i}:0", "top", scene.render(), grid_tokens(), acts, 3.0))
-        i += 1
-    return out
 
 
 def http(url: str, **kw) -> OpenAIBackend:

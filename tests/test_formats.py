@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import h5py
@@ -145,7 +144,7 @@ def test_features_and_recovery_are_the_spec(shapes_run):
     assert rec["format"] == "lmmscope.recovery/1"
 
 
-def test_the_record_logs_are_the_spec(shapes_run, tmp_path):
+def test_the_record_logs_are_the_spec(shapes_run, shapes_run_copy):
     from explain.commands import ExplainConfig, FeatureSelection, run_explain
     from explain.explainers import ExplainerOptions
 
@@ -158,8 +157,7 @@ def test_the_record_logs_are_the_spec(shapes_run, tmp_path):
             check_record(rec, f"{kind}/record")
             if kind == "scores" and rec["status"] == "ok":
                 check_record(rec["detection"], "scores/detection")
-    run = tmp_path / "run"  # a failure record: the explainer's server is down
-    shutil.copytree(shapes_run, run)
+    run = shapes_run_copy  # a failure record: the explainer's server is down
     (run / "explanations.jsonl").unlink()
     run_explain(ExplainConfig(run=str(run), selection=FeatureSelection(densest=1), explainer="http://127.0.0.1:9/v1",
                               options=ExplainerOptions(retries=0, timeout=1), max_failures=1, progress=False))
@@ -169,11 +167,10 @@ def test_the_record_logs_are_the_spec(shapes_run, tmp_path):
         check_record(rec, "explanations/record")
 
 
-def test_a_sweep_is_the_spec(shapes_run, tmp_path):
+def test_a_sweep_is_the_spec(shapes_run_copy):
     from steering.sweep import SweepSpec, run_sweep
 
-    run = tmp_path / "run"
-    shutil.copytree(shapes_run, run)
+    run = shapes_run_copy
     spec = SweepSpec.from_dict({"features": [0], "strengths": [0.0], "mode": "add", "unit": "absolute",
                                 "world": {"task": "color", "n": 2}, "max_new_tokens": 2, "engine": "torch"})
     result = run_sweep(spec, run, "formats", progress=False)
