@@ -3,9 +3,11 @@
     from saes import SAE, SAEConfig, TrainConfig, TensorSource
     from saes.train import train
 
-Modules: `sae` (the model, save/load), `kernels` (k-sparse TopK autograd), `train` (trainer),
-`data` (BatchSource, TensorSource, synthetic data), `cli` (`interp train`), `bench`
-(`interp bench train`). Names are imported lazily so `interp --help` stays fast.
+Modules: `sae` (the model, save/load), `architectures` (the registry: one module per architecture
+with its activation, loss, dead-feature handling and SAELens mapping), `kernels` (k-sparse TopK
+autograd), `train` (the trainer and `interp train`), `data` (BatchSource, TensorSource, synthetic
+data), `evaluate` (`interp eval`), `recovery` (`interp recovery`), `bench` (`interp bench train`).
+Names are imported lazily so `interp --help` stays fast.
 """
 
 _EXPORTS = {

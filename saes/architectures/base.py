@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from saes.sae import SAE, SAEConfig
-
+# The methods take the SAE (saes.sae.SAE) and its config (saes.sae.SAEConfig); those modules import this one,
+# so the annotations below name them without importing them.
 REGISTRY: dict[str, Architecture] = {}
 
 
