@@ -293,10 +293,8 @@ def compute_features(cfg: FeaturesConfig) -> Path:
         if not is_image_patch(roles).any():
             raise ValueError(f"{layout.cache} holds no image-patch rows: feature statistics rank samples by their "
                              "patch tokens; cache with --roles image_patch[,text]")
-        samples = reader.samples_table
-        ends = np.cumsum(samples["n_rows"])
-        if ends[-1] != reader.n_rows or (samples["row_start"] != ends - samples["n_rows"]).any():
-            raise ValueError(f"{layout.cache}: the samples table does not tile the rows in order; rebuild the cache")
+        samples = reader.samples_table  # copied into features.h5, which indexes it
+        ends = reader.row_ends()
         chunk = chunk_rows_for(d, cfg.max_chunk_elements, cfg.chunk_rows)
         acc = _Accumulator(d, cfg, ends, device)
         bar = tqdm(total=reader.n_rows, desc=f"features of {d}", unit="row", mininterval=1,

@@ -95,6 +95,7 @@ def test_samples_are_domain_objects_in_the_readers_row_numbering(tmp_path):
     assert torch.equal(text.sample_activations(t), torch.from_numpy(x[70:80][np.arange(70, 80) % 3 == 0]))
     assert list(full.sample_of_rows(np.array([0, 9, 10, 2999]))) == [0, 0, 1, 299]
     assert full.image_refs[3] == "shapes:train:3:0" and full.n_samples == 300
+    assert full.row_ends()[-1] == 3000 and text.row_ends()[-1] == 1000 and not full.has_images  # widths are 0
     with pytest.raises(CacheError, match=r"sample 300 is out of range: the cache has 300 samples \(valid indices 0..299\)"):
         full.sample(300)
 

@@ -23,7 +23,7 @@ st.title("Sample explorer")
 if not need(run, "cache", "sae"):
     st.stop()
 reader, sae = state.reader(run), state.sae(run)
-if not reader.n_samples or int(reader.samples_table["width"].max()) <= 0:
+if not reader.has_images:
     st.info("This cache holds no images (a text-only model's cache): nothing to explore here.")
     st.stop()
 

@@ -163,6 +163,19 @@ class ActivationReader:
         s = index if isinstance(index, CachedSample) else self.sample(index)
         return self.read(s.start, s.stop)
 
+    @property
+    def has_images(self) -> bool:
+        """Whether any sample has an image (a text model's cache has none)."""
+        return bool(self.n_samples) and int(self.samples_table["width"].max()) > 0
+
+    def row_ends(self) -> np.ndarray:
+        """Every sample's end row in the reader's numbering, checked to tile the rows in order (what a
+        streaming pass over samples relies on)."""
+        start, stop = self._bounds
+        if len(stop) and (stop[-1] != self.n_rows or (start[1:] != stop[:-1]).any() or start[0] != 0):
+            raise CacheError(f"{self.path}: the samples table does not tile the rows in order; rebuild the cache")
+        return stop
+
     def sample_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """The samples-table row of each of the reader's `rows`."""
         return np.searchsorted(self._bounds[1], rows, side="right")
