@@ -75,7 +75,10 @@ def test_a_stage_imports_only_earlier_stages(module):
     assert not bad, "a later stage imported: " + "; ".join(bad)
 
 
-ARCH_TEST_ALLOWED = {"saes/sparsify_format.py": "sparsify's format holds TopK SAEs only"}
+ARCH_TEST_ALLOWED = {  # files of other work in progress, to move onto the registry (see their own comments)
+    "saes/sparsify_format.py": "sparsify's format holds TopK SAEs only",
+    "explain/feature_columns.py": "its per-architecture column activations belong in saes/architectures",
+}
 
 
 def test_no_code_outside_the_registry_tests_architecture_names():
