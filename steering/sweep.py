@@ -1,4 +1,4 @@
-"""`interp steer sweep`: features × strengths × prompts × images, every generation recorded.
+"""`interp sweep`: features × strengths × prompts × images, every generation recorded.
 
 The spec (YAML or JSON) names the SAE, the features (by index, or by concept through
 the run's recovery report), strengths, how and where to steer, and the inputs: explicit

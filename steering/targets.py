@@ -1,4 +1,4 @@
-"""`interp steer targets`: steering and attribution measured against the shapes world's ground truth.
+"""`interp steer-targets`: steering and attribution measured against the shapes world's ground truth.
 
 1. Strength selection: a sweep clamping each colour's recovered feature on held-out
    validation questions "what color is the <shape> ?"; the sweep picks each feature's strength.

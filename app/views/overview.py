@@ -17,7 +17,7 @@ if not run.exists:
     st.stop()
 if all(s.path is None for s in run.status()):
     st.info(f"{run.given} holds no stage outputs yet. Make a whole run on the shapes world with "
-            f"`interp demo --out {run.given}`, or run the stages one by one (each page names its command).")
+            f"`interp demo {run.given}`, or run the stages one by one (each page names its command).")
 
 # ---------------------------------------------------------------- what the run is
 cfg = run.sae_cfg
