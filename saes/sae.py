@@ -199,8 +199,12 @@ class SAE(nn.Module):
     def project_decoder_grad_(self) -> None:
         """Remove the gradient component along each (unit) decoder row: the step then keeps norms ~1."""
         g = self.W_dec.grad
-        if g is not None:
-            g.sub_((g * self.W_dec).sum(1, keepdim=True) * self.W_dec)
+        if g is None:
+            return
+        rows = max(1, (1 << 22) // g.shape[1])  # in blocks of rows: no [d_sae, d_in] temporary (2.1 GB at 131k)
+        for s in range(0, g.shape[0], rows):
+            gs, ws = g[s:s + rows], self.W_dec[s:s + rows]
+            gs.sub_((gs * ws).sum(1, keepdim=True) * ws)
 
     def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None = None, *, sparse: bool = True,
                          aux_k: int | None = None, aux_coefficient: float = 1 / 32,

@@ -153,6 +153,38 @@ def check_finite(x: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where}: NaN or Inf in rows {shown} (row numbers within the batch)")
 
 
+def _transpose_in_place(p: torch.Tensor, state: dict | None) -> None:
+    p.data = p.data.t()
+    if p.grad is not None:
+        p.grad = p.grad.t()
+    for key, v in (state or {}).items():
+        if torch.is_tensor(v) and v.dim() == 2:
+            state[key] = v.t()
+
+
+class contiguous_for_step:
+    """During an optimizer step, show it every transposed-contiguous 2-D parameter (W_enc in the training
+    layout) as its contiguous transpose, with its gradient and moments. Fused Adam on the CPU copies
+    non-contiguous tensors first: one [d_in, d_sae] matrix at the peak of every step (2.1 GB at 131072 x
+    4096). Adam is elementwise, so the step is the same; outside it, everything keeps its layout."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt, self.swapped = opt, []
+
+    def __enter__(self):
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous():
+                    _transpose_in_place(p, self.opt.state.get(p))
+                    self.swapped.append(p)
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.swapped:  # the moments a first step created are turned back with it
+            _transpose_in_place(p, self.opt.state.get(p))
+        self.swapped = []
+
+
 class Trainer:
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source, run: str | Path | RunLayout | None):
         self.sae_cfg, self.cfg, self.source = sae_cfg, cfg, source
@@ -399,7 +431,8 @@ class Trainer:
         sae.project_decoder_grad_()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        self.opt.step()
+        with contiguous_for_step(self.opt):
+            self.opt.step()
         sae.normalize_decoder_()
         sae.arch.after_step(sae)
         self.steps_since_fired += 1
