@@ -246,16 +246,23 @@ def load_sparsify(cfg: SparsifyLoadConfig) -> SAE:
     if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
         raise SparsifyFormatError(f"{wpath}: tensors must share one floating dtype of {', '.join(DTYPES)}, "
                                   f"got {sorted(dtypes)}")
-    try:
-        layer = layer_for_hookpoint(folder.name)
-    except ValueError as e:
-        raise ValueError(f"{folder}: {e}; rename the folder after its hookpoint") from None
+    layer = None
+    for name in dict.fromkeys((folder.name, folder.resolve().name)):  # RUN/sae may link to model.layers.24/
+        try:
+            layer = layer_for_hookpoint(name)
+            break
+        except ValueError:
+            continue
+    if layer is None:
+        raise ValueError(f"{folder}: cannot tell the layer from the folder name {folder.name!r}: name the folder "
+                         "after its hookpoint (e.g. model.layers.24), or link it under the run as RUN/sae "
+                         "(ln -s .../model.layers.24 RUN/sae)")
     model_name = cfg.model_name or _run_model_name(folder.parent)
     dtype = cfg.dtype or next(iter(dtypes))
     sae_cfg = SAEConfig(arch="topk", d_in=d_in, d_sae=n, k=sp["k"], apply_b_dec_to_input=True, normalize=False,
                         dtype=dtype, device=cfg.device, model_name=model_name, hook_name=layer,
                         hook_layer=layer_index(layer),
-                        metadata={"source_format": FORMAT_SPARSIFY, "sparsify_hookpoint": folder.name,
+                        metadata={"source_format": FORMAT_SPARSIFY, "sparsify_hookpoint": folder.resolve().name,
                                   "sparsify_cfg": {k: sp[k] for k in CFG_KEYS}})
     sae = SAE(sae_cfg)
     target = {"device": sae_cfg.device, "dtype": DTYPES[dtype]}

@@ -245,7 +245,7 @@ def test_bad_json_and_bad_weights_name_the_file(sparsify, tmp_path):
 
 def test_folder_name_must_name_a_layer(sparsify, tmp_path):
     folder = _folder(sparsify, tmp_path, name="embed_tokens")
-    with pytest.raises(ValueError, match="embed_tokens: cannot tell the layer .* rename the folder"):
+    with pytest.raises(ValueError, match="embed_tokens: cannot tell the layer .* name the folder after its hookpoint"):
         load_sae(SAELoadConfig(str(folder)))
 
 
@@ -278,3 +278,40 @@ def test_a_sparsify_sae_finds_its_layer_on_the_subject(sparsify, tmp_path):
     hook = sae_hook(lm, sae)
     assert (hook.name, hook.index, hook.site) == ("layers.2", 2, "resid")
     assert hook.module_path.endswith("layers.2")
+
+
+def test_every_stage_takes_a_sparsify_folder_as_the_runs_sae(sparsify, tmp_path, tiny_path):
+    """A multimodal-sae hookpoint folder linked as RUN/sae: SAE.load, the fingerprint, features, the feature
+    sources and steering take it; the layer comes from the folder's name, the model from the caller."""
+    from explain.feature_reader import FeatureSources
+    from explain.features import FeaturesConfig, compute_features
+    from interp.cache.writer import CacheConfig, build_cache
+    from interp.infra.layout import RunLayout
+    from saes.sae import sae_fingerprint
+    from steering.interventions import Intervention
+    from steering.steer import Query, load_setup, steer_one
+
+    model = str(tiny_path("llava"))
+    layout = RunLayout.of(tmp_path / "run")
+    build_cache(CacheConfig(run=str(layout.root), model=model, layer="1", samples=8, batch_size=8, part_samples=8,
+                            dtype="float32"))
+    torch.manual_seed(0)
+    coder = sparsify.SparseCoder(32, sparsify.SparseCoderConfig(num_latents=128, k=4))
+    with torch.no_grad():
+        coder.encoder.bias.normal_(0, 0.1)
+    coder.save_to_disk(tmp_path / "release" / "model.layers.1")
+    layout.sae.symlink_to(tmp_path / "release" / "model.layers.1")
+    sae = SAE.load(layout.sae)
+    assert (sae.cfg.hook_name, sae.cfg.d_sae, sae.cfg.model_name) == ("layers.1", 128, None)
+    assert len(sae_fingerprint(layout.sae)) == 64
+    out = compute_features(FeaturesConfig(run=str(layout.root), device="cpu", progress=False))
+    with FeatureSources.open(layout.root) as src:
+        f = int(src.features.summary_table()["n_active"].argmax())
+        ex = src.features.top(f)[0]
+        _, acts = src.token_activations(f, ex.sample)
+        assert acts.max() == pytest.approx(ex.max, rel=1e-5)
+    setup = load_setup(layout.root, model=model, device="cpu")  # the model is named by the caller
+    assert setup.hook.name == "layers.1"
+    result = steer_one(setup, Query.load("what color is the circle ?", ex.image_ref),
+                       [Intervention(f, "clamp", 2.0, "max", "image")], max_new_tokens=2)
+    assert isinstance(result.steered, str) and out.exists()
