@@ -3,9 +3,9 @@
 Both are plain `LlavaForConditionalGeneration` models (CLIP vision tower, Llama text model)
 with a word-level tokenizer, saved with `save_pretrained` so the Auto classes load them like hub
 models. The recipe carries over what worked for v1 (docs/organisms.md): the vision tower learns
-at a fraction of the LLM's rate, position embeddings start large, a short image-level presence
-pretraining (which colours, shapes, sizes, fills, backgrounds and cells are present; never
-per-patch labels, which would plant the concepts an SAE should find), then packed multi-turn QA.
+at a fraction of the LLM's rate, position embeddings start large, a vision pretraining on
+what object each position cell holds (never per-patch labels, which would plant the concepts an
+SAE should find), then packed multi-turn QA.
 
 Every batch is a pure function of (seed, step), so a resumed run is bit-identical.
 """
@@ -82,7 +82,7 @@ class TrainConfig:
     vision_lr_scale: float = 0.3
     warmup: int = 200
     weight_decay: float = 0.01
-    vision_pretrain_steps: int = 600
+    vision_pretrain_steps: int = 3000
     vision_pretrain_lr: float = 1e-3
     position_init_std: float = 0.5
     seed: int = 0
@@ -199,25 +199,26 @@ class Batcher:
                     seqs.append(self.sequence([qa]))
         return collate(images, seqs, self.tok.pad_token_id)
 
-    def presence_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images and image-level multi-hot targets: attributes present, backgrounds, cells occupied."""
-        names = presence_names(self.world)
-        scenes = [w.sample_scene(self.world, 10_000_000 + step * 64 + j, "train", self.cfg.seed) for j in range(64)]
-        y = torch.zeros(len(scenes), len(names))
+    def cell_batch(self, step: int, n: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images and, per position cell, the attributes of the object there (-100: the cell is empty)."""
+        g = self.world.grid
+        scenes = [w.sample_scene(self.world, 10_000_000 + step * n + j, "train", self.cfg.seed) for j in range(n)]
+        y = {k: torch.full((n, g * g), -100) for k in CELL_TARGETS}
+        y["occupied"] = torch.zeros(n, g * g)
         for i, s in enumerate(scenes):
-            on = {f"tone:{s.tone}", f"texture:{s.texture}"}
             for o in s.objects:
-                on |= {f"color:{o.color}", f"shape:{o.shape}", f"size:{o.size}", f"fill:{o.fill}",
-                       f"cell:{o.position}"}
-            for n in on:
-                y[i, names.index(n)] = 1
+                c = o.row * g + o.col
+                y["occupied"][i, c] = 1
+                for k, values in cell_targets(self.world).items():
+                    y[k][i, c] = values.index(getattr(o, k))
         return pixel_tensor([s.render() for s in scenes]), y
 
 
-def presence_names(world: w.WorldConfig) -> list[str]:
-    return ([f"color:{c}" for c in world.colors] + [f"shape:{s}" for s in world.shapes]
-            + [f"size:{s}" for s in w.SIZES] + [f"fill:{f}" for f in w.FILLS] + [f"tone:{t}" for t in w.TONES]
-            + [f"texture:{t}" for t in w.TEXTURES] + [f"cell:{p}" for p in w.POSITIONS.values()])
+CELL_TARGETS = ("color", "shape", "size", "fill")
+
+
+def cell_targets(world: w.WorldConfig) -> dict[str, list[str]]:
+    return {"color": list(world.colors), "shape": list(world.shapes), "size": list(w.SIZES), "fill": list(w.FILLS)}
 
 
 def collate(images, seqs, pad: int) -> dict[str, torch.Tensor]:
@@ -238,25 +239,62 @@ def image_token_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
-def vision_pretrain(model, batcher: Batcher, cfg: TrainConfig) -> float:
-    """Image-level presence classification on mean-pooled image tokens; returns the final loss."""
+class CellHeads(torch.nn.Module):
+    """Per position cell: the mean of its image tokens -> the attributes of the object there."""
+
+    def __init__(self, width: int, world: w.WorldConfig):
+        super().__init__()
+        n, g = world.patches, world.grid
+        cell_of = torch.tensor([(r * world.patch // world.cell) * g + (c * world.patch // world.cell)
+                                for r in range(n) for c in range(n)])
+        self.register_buffer("pool", torch.stack([(cell_of == k).float() / (cell_of == k).sum() for k in range(g * g)]))
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in cell_targets(world).items()})
+        self.occupied = torch.nn.Linear(width, 1)
+
+    def forward(self, tokens: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        cells = torch.einsum("ct,btd->bcd", self.pool, tokens)
+        loss = F.binary_cross_entropy_with_logits(self.occupied(cells).squeeze(-1), y["occupied"])
+        acc = {}
+        for k, head in self.heads.items():
+            logits = head(cells)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), y[k].flatten(), ignore_index=-100)
+            m = y[k] >= 0
+            acc[k] = float((logits.argmax(-1)[m] == y[k][m]).float().mean()) if m.any() else float("nan")
+        return loss, acc
+
+
+def vision_pretrain(model, batcher: Batcher, cfg: TrainConfig, ckpt: Path) -> dict[str, float]:
+    """What object is in each position cell, from the mean of the cell's image tokens.
+
+    Shape in v2 spans several 8-px patches and comes in three fills, which image-level presence
+    targets on pooled tokens did not teach in 600 steps (shape at chance; docs/organisms.md). The
+    targets are per position cell (a 2x2 grid), never per patch: the patch-level concepts (parts,
+    edges, sub-cell places, backgrounds) stay for the SAE to find. Resumable from `ckpt`."""
     torch.manual_seed(cfg.seed)
-    names = presence_names(batcher.world)
-    head = torch.nn.Linear(model.config.text_config.hidden_size, len(names))
+    heads = CellHeads(model.config.text_config.hidden_size, batcher.world)
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-    opt = torch.optim.AdamW(params + list(head.parameters()), lr=cfg.vision_pretrain_lr)
-    loss = torch.tensor(0.0)
-    for step in tqdm(range(cfg.vision_pretrain_steps), desc="vision pretrain", mininterval=5):
-        x, y = batcher.presence_batch(step)
-        logits = head(image_token_features(model, x).mean(1))
-        loss = F.binary_cross_entropy_with_logits(logits, y)
-        if (step + 1) % 200 == 0:
-            acc = ((logits > 0) == (y > 0)).float().mean().item()
-            tqdm.write(f"vision pretrain step {step + 1}: loss {loss.item():.4f}, presence acc {acc:.3f}")
+    opt = torch.optim.AdamW(params + list(heads.parameters()), lr=cfg.vision_pretrain_lr)
+    both = torch.nn.ModuleDict({"model": model, "heads": heads})
+    meta = _load(ckpt, both, opt)
+    start = meta["step"] if meta else 0
+    acc: dict[str, float] = {}
+    bar = tqdm(range(start, cfg.vision_pretrain_steps), initial=start, total=cfg.vision_pretrain_steps,
+               desc="vision pretrain", mininterval=10)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.vision_pretrain_lr * min(1.0, (step + 1) / 100)
+        x, y = batcher.cell_batch(step)
+        loss, acc = heads(image_token_features(model, x), y)
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(both.parameters(), 1.0)
         opt.step()
-    return loss.item()
+        bar.set_postfix(loss=f"{loss.item():.3f}", shape=f"{acc['shape']:.2f}")
+        if (step + 1) % 100 == 0 or step + 1 == cfg.vision_pretrain_steps:
+            tqdm.write(json.dumps({"vision_pretrain_step": step + 1, "loss": round(loss.item(), 4),
+                                   **{k: round(v, 3) for k, v in acc.items()}}))
+            _save(ckpt, both, opt, {"step": step + 1})
+    return acc
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -334,8 +372,8 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig = w.WorldConfi
         start = meta["step"]
         print(f"resuming from step {start}", flush=True)
     else:
-        loss = vision_pretrain(model, batcher, cfg)
-        print(f"vision pretraining done, presence loss {loss:.4f}", flush=True)
+        acc = vision_pretrain(model, batcher, cfg, out / "vision_checkpoint")
+        print(f"vision pretraining done: cell accuracy {acc}", flush=True)
         start = 0
         _save(out / "checkpoint", model, opt, {"step": 0, "run": run})
     log_path = out / "train_log.jsonl"
