@@ -35,6 +35,8 @@ def test_the_reference_run_on_paper():
 def test_memory_guard_refuses_before_allocating():
     assert predicted_train_peak_gb(4096, 131072, 512) == pytest.approx(4 * 2 * 4096 * 131072 * 4 / 1e9 + 0.54 + 0.6,
                                                                       rel=0.01)
+    assert predicted_train_peak_gb(4096, 131072, 512, 4096) == pytest.approx(
+        predicted_train_peak_gb(4096, 131072, 512) + 2 * 4096 * 4096 * 4 / 1e9)
     with pytest.raises(MemoryError, match=r"needs about 99.0 GB .* more than the"):
         _check_memory(BenchScaleConfig(memory_limit_gb=20.0), 99.0, "this")
     _check_memory(BenchScaleConfig(memory_limit_gb=20.0), 0.1, "this")

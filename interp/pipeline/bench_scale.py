@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from interp.infra.cli_config import Command, choices, positional
+from interp.infra.durable import publish, write_json
 
 STAGES = ("model", "cache", "shard", "train", "features", "explain", "app", "steer")
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llama3-llava-next-8b-hf
@@ -64,7 +65,7 @@ class BenchScaleConfig:
     """active features per row"""
     train_steps: int = 3
     """training steps"""
-    train_batch: int = 512
+    train_batch: int = 256
     """rows per training step"""
     stats_rows: int = 8192
     """rows for the normalisation and geometric-median statistics"""
@@ -245,7 +246,7 @@ def _stage_shard(cfg: BenchScaleConfig, p: Paths) -> dict:
     cache = p.layout.cache
     if not is_sharded(cache):
         index = shard_cache(cache, p.root / "activations.index.h5", cfg.shard_images)
-        os.replace(index, cache)  # the index takes the cache's place; the shards' relative paths still hold
+        publish(index, cache)  # the index takes the cache's place; the shards' relative paths still hold
     check_shards(cache)
     shards = shard_files(cache)
     t0 = time.perf_counter()
@@ -261,11 +262,15 @@ def _stage_shard(cfg: BenchScaleConfig, p: Paths) -> dict:
 # ---------------------------------------------------------------- stage: training
 
 
-def predicted_train_peak_gb(d_in: int, d_sae: int, batch: int) -> float:
+SHUFFLE_BLOCK_ROWS, SHUFFLE_BLOCKS = 256, 16  # the reader's shuffle buffer: 4,096 rows (its default: 131,072)
+
+
+def predicted_train_peak_gb(d_in: int, d_sae: int, batch: int, buffer_rows: int = 0) -> float:
     """Params (W_enc, W_dec) + their gradients + Adam's two moments, float32, plus one [batch, d_sae] block
-    of pre-activations and the process itself (~0.6 GB); measured within 2% at 32,768 x 4,096."""
+    of pre-activations (and its top-k scratch), the reader's shuffle buffer (twice, while it is
+    concatenated) and the process itself (~0.6 GB); measured within 2% at 32,768 x 4,096."""
     params = 2 * d_in * d_sae * 4
-    return (4 * params + 2 * batch * d_sae * 4) / GB + 0.6
+    return (4 * params + 2 * batch * d_sae * 4 + 2 * buffer_rows * d_in * 4) / GB + 0.6
 
 
 def _stage_train(cfg: BenchScaleConfig, p: Paths) -> dict:
@@ -282,9 +287,11 @@ def _stage_train(cfg: BenchScaleConfig, p: Paths) -> dict:
     from saes.sae import SAEConfig
     from saes.train import TrainConfig, Trainer, cache_metadata
 
-    predicted = predicted_train_peak_gb(cfg.hidden_size, cfg.d_sae, cfg.train_batch)
+    predicted = predicted_train_peak_gb(cfg.hidden_size, cfg.d_sae, cfg.train_batch,
+                                        SHUFFLE_BLOCK_ROWS * SHUFFLE_BLOCKS)
     _check_memory(cfg, predicted, f"training a {cfg.d_sae} x {cfg.hidden_size} SAE with Adam")
-    reader = ActivationReader(p.layout.cache)
+    # the default shuffle buffer (64 blocks of 2,048 rows) is 2.1 GB of float32 at d 4096, twice that while built
+    reader = ActivationReader(p.layout.cache, block_rows=SHUFFLE_BLOCK_ROWS, buffer_blocks=SHUFFLE_BLOCKS)
     found = cache_metadata(reader)
     sae_cfg = SAEConfig(arch="topk", d_in=reader.d, d_sae=cfg.d_sae, k=cfg.k,
                         model_name=found.pop("model_name", None), hook_name=found.pop("hook_name", None),
@@ -641,9 +648,7 @@ def projection(ref: ReferenceRun | None = None, measured_step_over_matmul: float
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(path, data, indent=1, default=str)
 
 
 def bench_scale(cfg: BenchScaleConfig) -> dict:
@@ -684,7 +689,7 @@ def bench_scale(cfg: BenchScaleConfig) -> dict:
               "bytes_on_disk": _du(p.root)}
     report["peak_under_limit"] = report["peak_rss_gb"] is not None and report["peak_rss_gb"] < cfg.memory_limit_gb
     report["unfinished"] = unfinished
-    (p.records / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    write_json(p.records / "report.json", report, indent=1, default=str)
     return report
 
 
