@@ -10,7 +10,7 @@ features are active there and the smallest active value. Then, per architecture:
 
 - topk: active iff pre_f > 0 and (the row has fewer than k positive pre-activations, so every
   positive one is active, or pre_f >= the row's smallest active value);
-- jumprelu, and batchtopk's inference form: pre_f * (pre_f > threshold_f) (elementwise);
+- jumprelu, and batchtopk's and matryoshka's inference form: pre_f * (pre_f > threshold_f) (elementwise);
 - relu: relu(pre_f).
 
 Exactness: the column is a matrix-vector product, so its values can differ from the batched
@@ -91,7 +91,8 @@ def _relu(sae, pre, slack, feature, stats):
 
 
 # keyed by the registry's architecture names (saes.architectures); belongs there as a per-architecture method
-_ACTIVATIONS = {"topk": _topk, "jumprelu": _threshold, "batchtopk": _threshold, "relu": _relu}
+_ACTIVATIONS = {"topk": _topk, "jumprelu": _threshold, "batchtopk": _threshold, "matryoshka": _threshold,
+                "relu": _relu}
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Sparse autoencoders (TopK, BatchTopK, JumpReLU, ReLU+L1) that save and load in SAELens's format.
+"""Sparse autoencoders (TopK, BatchTopK, Matryoshka BatchTopK, JumpReLU, ReLU+L1) that save and load in SAELens's format.
 
 On disk an SAE is a directory with `cfg.json` and `sae_weights.safetensors`, exactly what
 `sae_lens.SAE.load_from_disk(dir)` reads (checked against sae-lens 6.54), with W_enc [d_in, d_sae],
@@ -65,6 +65,8 @@ class SAEConfig:
     """jumprelu: initial threshold"""
     jumprelu_bandwidth: float = 0.01
     """jumprelu: width of the straight-through estimator's window"""
+    matryoshka_widths: tuple[int, ...] = ()
+    """matryoshka: the nested prefix widths, increasing, ending at d_sae (none: d_sae/8 d_sae/4 d_sae/2 d_sae)"""
     apply_b_dec_to_input: bool = field(default=True, metadata=hidden())
     """subtract b_dec from the input before encoding (SAELens's convention)"""
     normalize: bool = True
@@ -84,6 +86,7 @@ class SAEConfig:
 
     def __post_init__(self):
         arch = architectures.get(self.arch)
+        self.matryoshka_widths = tuple(int(w) for w in self.matryoshka_widths)
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.dtype not in DTYPES:

@@ -78,7 +78,7 @@ def test_user_errors_are_one_line(cli):
     assert r.code == 2 and r.err.strip().count("\n") == 0 and "shapes-subject, shapes-explainer" in r.err
     r = cli("train", "/nowhere", "--arch", "magic")
     assert r.code == 2 and r.err.strip().count("\n") == 0
-    assert "argument --arch: invalid choice: 'magic' (choose from 'topk', 'batchtopk', 'jumprelu', 'relu')" in r.err
+    assert "argument --arch: invalid choice: 'magic' (choose from 'topk', 'batchtopk', 'matryoshka', 'jumprelu', 'relu')" in r.err
 
 
 # ---------------------------------------------------------------- the generator itself

@@ -17,7 +17,7 @@ def row_stats_of(sae, x):
     return rec.stats()
 
 
-@pytest.mark.parametrize("arch", ["topk", "jumprelu", "relu", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "relu", "batchtopk", "matryoshka"])
 def test_column_equals_full_encode(arch):
     g = torch.Generator().manual_seed(1)
     sae = SAE(SAEConfig(arch=arch, d_in=64, d_sae=2048, k=16), generator=g).eval()

@@ -8,9 +8,9 @@ import torch
 
 from saes.sae import SAE, SAEConfig
 
-ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
-EXPECTED_SAE_LENS_CLASS = {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "jumprelu": "JumpReLUSAE",
-                           "relu": "StandardSAE"}
+ARCHS = ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"]
+EXPECTED_SAE_LENS_CLASS = {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "matryoshka": "JumpReLUSAE",
+                           "jumprelu": "JumpReLUSAE", "relu": "StandardSAE"}
 
 
 def random_sae(arch: str, d_in=32, d_sae=128, normalised=True, seed=0) -> SAE:

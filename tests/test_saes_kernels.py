@@ -79,7 +79,7 @@ def test_batchtopk_selection_is_the_global_topk():
     assert torch.equal(chosen.flatten(), ref & (flat > 0))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 def test_training_forward_sparse_equals_dense(arch):
     torch.manual_seed(0)
     x = torch.randn(128, 32)

@@ -18,7 +18,7 @@ from saes.sae import SAE, SAEConfig
 from saes.train import TrainConfig, Trainer, rank_batches, train, train_steps_per_second
 
 D_IN, D_SAE = 32, 256
-ARCH_KW = {"topk": {"k": 8}, "batchtopk": {"k": 8}, "jumprelu": {}, "relu": {}}
+ARCH_KW = {"topk": {"k": 8}, "batchtopk": {"k": 8}, "matryoshka": {"k": 8}, "jumprelu": {}, "relu": {}}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def quick_cfg(**kw):
     return TrainConfig(**(base | kw))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"])
 def test_each_arch_learns_and_saves_in_sae_lens_format(arch, data, tmp_path):
     train_rows, held_out = data[:20_000], data[20_000:]
     result = train(SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, **ARCH_KW[arch]), quick_cfg(), TensorSource(train_rows),
@@ -71,7 +71,7 @@ def _state(trainer: Trainer):
     return sd
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(arch, data, tmp_path):
     src = TensorSource(data[:3000])  # 11 batches per epoch: the run crosses epochs
     sae_cfg = SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, **ARCH_KW[arch])

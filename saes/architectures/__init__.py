@@ -12,7 +12,7 @@ import importlib
 
 from saes.architectures.base import REGISTRY, Architecture, UnknownArchitectureError
 
-_MODULES = ("topk", "batchtopk", "jumprelu", "relu")  # also the order SAELens exports are matched in
+_MODULES = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")  # also the order SAELens exports are matched in
 for _name in _MODULES:
     importlib.import_module(f"saes.architectures.{_name}")
 

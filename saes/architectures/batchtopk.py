@@ -49,7 +49,7 @@ class BatchTopK(Architecture):
 
     def reads_sae_lens(self, architecture, metadata):
         details = metadata.get("training_architecture_details") or {}
-        return architecture in ("batchtopk", "matryoshka_batchtopk") or (
+        return architecture == "batchtopk" or (
             architecture == "jumprelu" and metadata.get("training_architecture") == "batchtopk" and "k" in details)
 
     def from_sae_lens(self, raw, weights, metadata):
