@@ -43,9 +43,9 @@ def _h5_format(path: Path) -> str | None:
 
 
 def _is_cache(p: Path) -> bool:
-    from interp.cache.format import FORMAT
+    from interp.cache.format import READABLE_FORMATS
 
-    return p.is_file() and _h5_format(p) == FORMAT
+    return p.is_file() and _h5_format(p) in READABLE_FORMATS
 
 
 def _is_features(p: Path) -> bool:

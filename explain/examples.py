@@ -68,32 +68,39 @@ def _spread(items: list, n: int) -> list:
     return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))]
 
 
-def _banded(stats: FeatureReader, feature: int, n_bands: int) -> list[list[Picked]]:
-    bands = stats.quantile_samples(feature, n_bands=n_bands, per_band=stats.meta.get("reservoir", 10**6))
+def _banded(stats: FeatureReader, feature: int, n_bands: int, modality: str = "image") -> list[list[Picked]]:
+    bands = stats.quantile_samples(feature, n_bands=n_bands, per_band=stats.meta.get("reservoir", 10**6),
+                                   modality=modality)
     return [[Picked(e, f"q{j}") for e in band.examples] for j, band in enumerate(bands)]
 
 
-def explain_examples(stats: FeatureReader, feature: int, cfg: SelectionConfig) -> list[Picked]:
-    """The samples an explainer sees: the best `explain_top`, then even-position quantile samples of each band."""
-    picked = [Picked(e, "top") for e in stats.top(feature)[: cfg.explain_top]]
+def explain_examples(stats: FeatureReader, feature: int, cfg: SelectionConfig, modality: str = "image") -> list[Picked]:
+    """The samples an explainer sees: the best `explain_top`, then even-position quantile samples of each band
+    (ranked by the image patches, or with modality "text" by the text tokens)."""
+    picked = [Picked(e, "top") for e in stats.top(feature, modality=modality)[: cfg.explain_top]]
     seen = {p.example.sample for p in picked}
-    per_band = [[p for p in band[::2] if p.example.sample not in seen] for band in _banded(stats, feature, cfg.bands)]
+    per_band = [[p for p in band[::2] if p.example.sample not in seen]
+                for band in _banded(stats, feature, cfg.bands, modality)]
     return picked + _round_robin(per_band, cfg.explain_quantile)
 
 
-def heldout_examples(stats: FeatureReader, feature: int, used: set[int], cfg: SelectionConfig) -> list[Picked]:
+def heldout_examples(stats: FeatureReader, feature: int, used: set[int], cfg: SelectionConfig,
+                     modality: str = "image") -> list[Picked]:
     """Activating samples the explainer did not see: remaining top samples, then quantile samples of
     every band (odd positions first, so they are the ones `explain_examples` never picks)."""
-    top = [Picked(e, "top") for e in stats.top(feature) if e.sample not in used]
+    top = [Picked(e, "top") for e in stats.top(feature, modality=modality) if e.sample not in used]
     out = _spread(top, cfg.score_top)
     seen = used | {p.example.sample for p in out}
     per_band = [[p for p in band[1::2] + band[::2] if p.example.sample not in seen]
-                for band in _banded(stats, feature, cfg.bands)]
+                for band in _banded(stats, feature, cfg.bands, modality)]
     return out + _round_robin(per_band, cfg.score_quantile)
 
 
-def negative_examples(stats: FeatureReader, feature: int, cfg: SelectionConfig) -> list[Picked]:
-    return [Picked(e, "negative") for e in stats.negatives(feature)[: cfg.score_negatives]]
+def negative_examples(stats: FeatureReader, feature: int, cfg: SelectionConfig, modality: str = "image",
+                      exclude: set[int] = frozenset()) -> list[Picked]:
+    """Random non-activating samples (modality "text": zero on their text rows), without those in `exclude`."""
+    negs = [e for e in stats.negatives(feature, modality=modality) if e.sample not in exclude]
+    return [Picked(e, "negative") for e in negs[: cfg.score_negatives]]
 
 
 def _round_robin(lists: list[list[Picked]], n: int) -> list[Picked]:

@@ -22,8 +22,13 @@ import torch
 
 from saes.sae import sae_fingerprint  # noqa: F401  (the SAE's identity, used with this file)
 
-FORMAT = "lmmscope.features/2"
+FORMAT = "lmmscope.features/3"
 RANKINGS = ("max", "mean")  # how a sample's token activations are summarised into one value
+MODALITIES = ("dead", "image", "text", "both")  # stats/modality codes: where a feature's activation is
+EXAMPLE_MODALITIES = ("image", "text")  # which rows of a sample its example values come from
+_GROUPS = {("image", "top"): "top_{by}", ("text", "top"): "top_text", ("image", "reservoir"): "reservoir",
+           ("text", "reservoir"): "reservoir_text", ("image", "negatives"): "negatives",
+           ("text", "negatives"): "negatives_text"}
 DEFAULT_CHUNK_ELEMENTS = 2**25  # rows * d_sae of one dense encoded chunk (128 MiB of float32)
 JSON_ATTRS = ("sae_cfg", "cache_identity", "versions", "quantile_levels", "argv")
 
@@ -76,6 +81,11 @@ class FeatureSummary:
     mean_active: float  # over active rows (0 for a dead feature)
     image_share: float  # share of the total activation on image tokens (1.0 without text rows; NaN if dead)
     quantiles: dict[float, float]  # of the active values, from a log-spaced histogram
+    modality: str = "image"  # one of MODALITIES
+    density_image: float = 0.0  # fraction of the image rows on which it fires
+    density_text: float = 0.0  # fraction of the text rows on which it fires
+    max_image: float = 0.0
+    max_text: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -153,7 +163,13 @@ class FeatureReader:
         levels = self.meta["quantile_levels"]
         return FeatureSummary(f, float(s["density"][f]), int(s["n_active"][f]), float(s["max"][f]),
                               float(s["mean"][f]), float(s["mean_active"][f]), float(s["image_share"][f]),
-                              dict(zip(levels, (float(q) for q in s["quantiles"][f]))))
+                              dict(zip(levels, (float(q) for q in s["quantiles"][f]))),
+                              MODALITIES[int(s["modality"][f])], float(s["density_image"][f]),
+                              float(s["density_text"][f]), float(s["max_image"][f]), float(s["max_text"][f]))
+
+    def modalities(self) -> np.ndarray:
+        """[d_sae] every feature's modality name (MODALITIES), for filtering."""
+        return np.asarray(MODALITIES, dtype=object)[self._f["stats/modality"][:]]
 
     def summary_table(self) -> dict[str, np.ndarray]:
         """Every per-feature scalar statistic as a [d_sae] array (to sort and filter features)."""
@@ -186,27 +202,37 @@ class FeatureReader:
             raise ValueError(f"rank samples by one of {RANKINGS}, not {by!r}")
         return by
 
-    def top(self, feature: int, by: str | None = None) -> list[Example]:
-        """The (up to top_samples) samples with the highest max (or mean) activation, best first."""
+    @staticmethod
+    def _group(modality: str, kind: str, by: str = "max") -> str:
+        if modality not in EXAMPLE_MODALITIES:
+            raise ValueError(f"examples are of one of {EXAMPLE_MODALITIES}, not {modality!r}")
+        return _GROUPS[modality, kind].format(by=by)
+
+    def top(self, feature: int, by: str | None = None, modality: str = "image") -> list[Example]:
+        """The (up to top_samples) samples with the highest max (or mean) activation, best first: over
+        their image patches, or (modality "text") ranked by the max over their text tokens."""
         by = self._ranking(by)
-        return self._examples(f"top_{by}", self.check_feature(feature), by)
+        return self._examples(self._group(modality, "top", by), self.check_feature(feature), by)
 
     def quantile_samples(self, feature: int, n_bands: int = 4, per_band: int = 5,
-                         by: str | None = None) -> list[QuantileBand]:
+                         by: str | None = None, modality: str = "image") -> list[QuantileBand]:
         """Activating samples spread over `n_bands` equal-count quantile bands of the per-sample value,
         lowest band first, `per_band` evenly spaced examples each (from a uniform random sample of
-        the activating samples, so the bands estimate quantiles over all of them)."""
+        the activating samples, so the bands estimate quantiles over all of them); of the image
+        patches or (modality "text") of the text tokens."""
         by = self._ranking(by)
-        pool = sorted(self._examples("reservoir", self.check_feature(feature), by), key=lambda e: e.value)
+        pool = sorted(self._examples(self._group(modality, "reservoir"), self.check_feature(feature), by),
+                      key=lambda e: e.value)
         bands = []
         for j, band in enumerate(np.array_split(np.arange(len(pool)), n_bands)):
             picks = np.unique(np.linspace(0, len(band) - 1, min(per_band, len(band))).round().astype(int))
             bands.append(QuantileBand(j / n_bands, (j + 1) / n_bands, [pool[band[p]] for p in picks]))
         return bands
 
-    def negatives(self, feature: int) -> list[Example]:
-        """Random samples on whose rows (image and text) the feature is exactly zero."""
-        return self._examples("negatives", self.check_feature(feature), self.rank_by)
+    def negatives(self, feature: int, modality: str = "image") -> list[Example]:
+        """Random samples on whose rows (image and text) the feature is exactly zero; with modality "text",
+        random samples with text rows on which (on those rows) it is exactly zero."""
+        return self._examples(self._group(modality, "negatives"), self.check_feature(feature), self.rank_by)
 
 
 @dataclass
@@ -247,16 +273,19 @@ class FeatureSources:
         self.close()
 
     @torch.no_grad()
-    def token_activations(self, feature: int, sample: int) -> tuple[np.ndarray, np.ndarray]:
-        """(token table rows, activations) of `feature` on the image-patch tokens of `sample` (a row of
-        the samples table): from the feature's encoder column and the file's row statistics where the
-        architecture allows (explain.feature_columns), else re-encoded in chunks of bounded size."""
+    def token_activations(self, feature: int, sample: int, modality: str = "image") -> tuple[np.ndarray, np.ndarray]:
+        """(token table rows, activations) of `feature` on the image-patch tokens (modality "text": the text
+        tokens, in position order) of `sample` (a row of the samples table): from the feature's encoder
+        column and the file's row statistics where the architecture allows (explain.feature_columns), else
+        re-encoded in chunks of bounded size."""
         from explain.feature_columns import feature_column
-        from interp.cache.format import is_image_patch
+        from interp.cache.format import is_image_patch, is_text
 
         f = self.features.check_feature(feature)
         s = self.reader.sample(sample)
-        keep = is_image_patch(s.tokens["role"])
+        if modality not in EXAMPLE_MODALITIES:
+            raise ValueError(f"token activations are of one of {EXAMPLE_MODALITIES}, not {modality!r}")
+        keep = (is_image_patch if modality == "image" else is_text)(s.tokens["role"])
         # one column of the encoder (ms) instead of every feature (a minute for 131k features on one image)
         column = feature_column(self.sae, self.reader.read(s.start, s.stop).to(self.sae.device), f,
                                 self.features.row_stats(s.start, s.stop))

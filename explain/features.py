@@ -14,23 +14,32 @@ top samples by max and by mean, a uniform random sample ("reservoir") of activat
 (the smallest values of a fixed hash of (sample, feature), so the sample does not depend on the
 chunking), and random non-activating samples (the same hash over samples with zero activation).
 
-A "sample" is a row of the cache's samples table; its value is the max (or mean) of the
-feature over its image-patch rows. Per-token activations of the top samples are not stored
-(d_sae * top_samples * tokens floats); `FeatureSources.token_activations` re-encodes one sample's rows.
+A "sample" is a row of the cache's samples table; its image value is the max (or mean) of the
+feature over its image-patch rows, its text value the same over its text rows (prompt, template
+and answer tokens), so every feature has top samples of each modality. Per-token activations of the
+top samples are not stored (d_sae * top_samples * tokens floats); `FeatureSources.token_activations`
+re-encodes one sample's rows.
 
-features.h5 (format "lmmscope.features/2"; docs/formats.md is the spec):
+Modality: each feature is "image" (less than `modality_share` of its activation mass on text
+rows, or its max there under `modality_peak` of its max), "text" (the same the other way round),
+"both", or "dead"; densities and maxima are also kept per modality, over the rows of that modality.
+
+features.h5 (format "lmmscope.features/3"; docs/formats.md is the spec):
   /stats/density, max, mean, mean_active, image_share  [d_sae] float32
-  /stats/n_active                                      [d_sae] int64
+  /stats/density_image, density_text, max_image, max_text  [d_sae] float32
+  /stats/n_active, n_active_image, n_active_text       [d_sae] int64
+  /stats/modality     [d_sae] uint8   a code into MODALITIES
   /stats/quantiles    [d_sae, L] float32  active-value quantiles at attrs quantile_levels
   /stats/histogram    [d_sae, bins] int32 active values per log-spaced bin
   /stats/hist_edges   [bins + 1] float64  bin edges, 0 ... inf
-  /top_max/{sample,max,mean}, /top_mean/{sample,max,mean}   [d_sae, top_samples]   best first
-  /reservoir/{sample,max,mean}                             [d_sae, reservoir]
-  /negatives/sample                                        [d_sae, negatives]
+  /top_max/{sample,max,mean}, /top_mean/{sample,max,mean}   [d_sae, top_samples]   best first (image patches)
+  /top_text/{sample,max,mean}                              [d_sae, top_samples]   best first (text rows, by max)
+  /reservoir/{sample,max,mean}, /reservoir_text/...        [d_sae, reservoir]
+  /negatives/sample, /negatives_text/sample                [d_sae, negatives]
   /samples            the cache's samples table; every `sample` above is a row of it (-1: empty slot)
   attrs: format, d_sae, top_samples, rank_by, reservoir, negatives, seed, n_rows, n_samples, has_text_rows,
-         chunk_rows, quantile_levels, sae_path, sae_cfg, sae_sha256, cache_path, cache_identity,
-         cache_fingerprint, versions, argv, created, note
+         n_image_rows, n_text_rows, modality_share, modality_peak, chunk_rows, quantile_levels, sae_path, sae_cfg, sae_sha256,
+         cache_path, cache_identity, cache_fingerprint, versions, argv, created, note
 """
 
 from __future__ import annotations
@@ -46,9 +55,9 @@ import h5py
 import numpy as np
 import torch
 
-from explain.feature_reader import (DEFAULT_CHUNK_ELEMENTS, FORMAT, RANKINGS, cache_fingerprint, cache_identity,
-                                    chunk_rows_for, sae_fingerprint)
-from interp.cache.format import is_image, is_image_patch
+from explain.feature_reader import (DEFAULT_CHUNK_ELEMENTS, FORMAT, MODALITIES, RANKINGS, cache_fingerprint,
+                                    cache_identity, chunk_rows_for, sae_fingerprint)
+from interp.cache.format import is_image, is_image_patch, is_text
 from interp.infra.cli_config import Command, choices, hidden, positional
 from interp.infra.layout import RunLayout
 from interp.model.models import resolve_device
@@ -78,6 +87,10 @@ class FeaturesConfig:
     """histogram range; below and above go to the first and last bin"""
     quantile_levels: tuple[float, ...] = field(default=(0.1, 0.25, 0.5, 0.75, 0.9, 0.99), metadata=hidden())
     """quantiles of the active values to store"""
+    modality_share: float = 0.01
+    """a feature is image-only (text-only) when less than this share of its activation is on text (image) rows ..."""
+    modality_peak: float = 0.5
+    """... or when its max on text (image) rows is below this fraction of its max"""
     chunk_rows: int | None = None
     """at most this many rows per encoded chunk (always also within max_chunk_elements / d_sae)"""
     max_chunk_elements: int = field(default=DEFAULT_CHUNK_ELEMENTS, metadata=hidden())
@@ -97,6 +110,10 @@ class FeaturesConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.hist_range[0] < self.hist_range[1]:
             raise ValueError(f"hist_range must be 0 < low < high, got {self.hist_range}")
+        if not 0 <= self.modality_share < 0.5:
+            raise ValueError(f"--modality-share must be in [0, 0.5), got {self.modality_share}")
+        if not 0 <= self.modality_peak <= 1:
+            raise ValueError(f"--modality-peak must be in [0, 1], got {self.modality_peak}")
 
 
 @dataclass
@@ -144,17 +161,27 @@ class _SampleParts:
     sum: torch.Tensor  # [d, m] over image-patch rows
     count: torch.Tensor  # [m] image-patch rows
     any_max: torch.Tensor  # [d, m] over all rows (image and text): zero means a clean negative
+    text_max: torch.Tensor  # [d, m] over text rows
+    text_sum: torch.Tensor  # [d, m] over text rows
+    text_count: torch.Tensor  # [m] text rows
+
+    def _cut(self, part: slice) -> _SampleParts:
+        return _SampleParts(self.samples[part], self.max[:, part], self.sum[:, part], self.count[part],
+                            self.any_max[:, part], self.text_max[:, part], self.text_sum[:, part],
+                            self.text_count[part])
 
     def split(self, i: int) -> tuple[_SampleParts, _SampleParts]:
-        return (_SampleParts(self.samples[:i], self.max[:, :i], self.sum[:, :i], self.count[:i], self.any_max[:, :i]),
-                _SampleParts(self.samples[i:], self.max[:, i:], self.sum[:, i:], self.count[i:], self.any_max[:, i:]))
+        return self._cut(slice(None, i)), self._cut(slice(i, None))
 
     def absorb(self, earlier: _SampleParts) -> None:
         """Add the rows of the same first sample seen in an earlier chunk."""
-        self.max[:, 0] = torch.maximum(self.max[:, 0], earlier.max[:, 0])
+        for name in ("max", "any_max", "text_max"):
+            mine = getattr(self, name)
+            mine[:, 0] = torch.maximum(mine[:, 0], getattr(earlier, name)[:, 0])
         self.sum[:, 0] += earlier.sum[:, 0]
+        self.text_sum[:, 0] += earlier.text_sum[:, 0]
         self.count[0] += earlier.count[0]
-        self.any_max[:, 0] = torch.maximum(self.any_max[:, 0], earlier.any_max[:, 0])
+        self.text_count[0] += earlier.text_count[0]
 
 
 def random_keys(samples: torch.Tensor, d: int, seed: int) -> torch.Tensor:
@@ -196,11 +223,19 @@ class _Accumulator:
         self.n_active = torch.zeros(d, dtype=torch.int64, device=device)
         self.total = torch.zeros(d, dtype=torch.float64, device=device)
         self.image_total = torch.zeros(d, dtype=torch.float64, device=device)
+        self.text_total = torch.zeros(d, dtype=torch.float64, device=device)
+        self.n_active_image = torch.zeros(d, dtype=torch.int64, device=device)
+        self.n_active_text = torch.zeros(d, dtype=torch.int64, device=device)
         self.max = torch.zeros(d, device=device)
+        self.max_image = torch.zeros(d, device=device)
+        self.max_text = torch.zeros(d, device=device)
         self.hist = torch.zeros(d, cfg.bins, dtype=torch.int32, device=device)
         self.top = {by: _Selection.new(d, cfg.top_samples, True, RANKINGS, device) for by in RANKINGS}
         self.reservoir = _Selection.new(d, cfg.reservoir, False, RANKINGS, device)
         self.negatives = _Selection.new(d, cfg.negatives, False, (), device)
+        self.top_text = _Selection.new(d, cfg.top_samples, True, RANKINGS, device)
+        self.reservoir_text = _Selection.new(d, cfg.reservoir, False, RANKINGS, device)
+        self.negatives_text = _Selection.new(d, cfg.negatives, False, (), device)
         self.pending: _SampleParts | None = None  # a sample whose rows go on in the next chunk
         from explain.feature_columns import RowStatsRecorder
 
@@ -220,8 +255,12 @@ class _Accumulator:
         self.row_stats.add(start, n, rows, vals)
         self.n_active += torch.bincount(feats, minlength=self.d)
         self.total.index_add_(0, feats, vals.double())
-        on_image = is_image(roles[rows])
-        self.image_total.index_add_(0, feats[on_image], vals[on_image].double())
+        on_image, on_text = is_image(roles[rows]), is_text(roles[rows])
+        for mask, total, count, mx in ((on_image, self.image_total, self.n_active_image, self.max_image),
+                                       (on_text, self.text_total, self.n_active_text, self.max_text)):
+            total.index_add_(0, feats[mask], vals[mask].double())
+            count += torch.bincount(feats[mask], minlength=self.d)
+            mx.scatter_reduce_(0, feats[mask], vals[mask], "amax")
         self.max.scatter_reduce_(0, feats, vals, "amax")
         bins = torch.bucketize(vals, self.inner_edges, right=True)
         self.hist.view(-1).index_add_(0, feats * self.cfg.bins + bins,
@@ -229,7 +268,7 @@ class _Accumulator:
 
         stop = start + n
         sample_of_row = np.searchsorted(self.row_ends, np.arange(start, stop), side="right")
-        parts = self._sample_parts(rows, feats, vals, is_image_patch(roles),
+        parts = self._sample_parts(rows, feats, vals, is_image_patch(roles), is_text(roles),
                                   torch.from_numpy(sample_of_row).to(self.device))
         if self.pending is not None and self.pending.samples[0] == parts.samples[0]:
             parts.absorb(self.pending)
@@ -239,18 +278,22 @@ class _Accumulator:
         self._finish(parts)
 
     def _sample_parts(self, rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, patch: torch.Tensor,
-                     sample_of_row: torch.Tensor) -> _SampleParts:
-        """Per-sample aggregates of the chunk's active entries (rows, feats, vals); patch [c] marks patch rows."""
+                     text: torch.Tensor, sample_of_row: torch.Tensor) -> _SampleParts:
+        """Per-sample aggregates of the chunk's active entries (rows, feats, vals); patch [c] and text [c] mark
+        the chunk's image-patch and text rows."""
         local = sample_of_row - sample_of_row[0]
         m, d = int(local[-1]) + 1, self.d
         cell = feats * m + local[rows]  # flat index into [d, m]
-        on_patch = patch[rows]
-        mx, total, any_max = torch.zeros(3, d * m, device=self.device)
+        on_patch, on_text = patch[rows], text[rows]
+        mx, total, any_max, text_mx, text_total = torch.zeros(5, d * m, device=self.device)
         mx.scatter_reduce_(0, cell[on_patch], vals[on_patch], "amax")
         total.index_add_(0, cell[on_patch], vals[on_patch])
         any_max.scatter_reduce_(0, cell, vals, "amax")
+        text_mx.scatter_reduce_(0, cell[on_text], vals[on_text], "amax")
+        text_total.index_add_(0, cell[on_text], vals[on_text])
         return _SampleParts(sample_of_row[0] + torch.arange(m, device=self.device), mx.view(d, m), total.view(d, m),
-                           torch.bincount(local[patch], minlength=m), any_max.view(d, m))
+                           torch.bincount(local[patch], minlength=m), any_max.view(d, m), text_mx.view(d, m),
+                           text_total.view(d, m), torch.bincount(local[text], minlength=m))
 
     def _finish(self, parts: _SampleParts) -> None:
         """Offer complete samples to the selections."""
@@ -265,6 +308,15 @@ class _Accumulator:
         self.reservoir.update(keys.masked_fill(~active, _NO_KEY), parts.samples, values)
         negative = (parts.any_max == 0) & (parts.count > 0)
         self.negatives.update(keys.masked_fill(~negative, _NO_KEY), parts.samples, {})
+        if not bool((parts.text_count > 0).any()):
+            return
+        text_values = {"max": parts.text_max, "mean": parts.text_sum / parts.text_count.clamp_min(1)}
+        text_active = parts.text_max > 0
+        self.top_text.update(parts.text_max.masked_fill(~text_active, float("-inf")), parts.samples, text_values)
+        text_keys = random_keys(parts.samples, self.d, self.cfg.seed + 1)  # another stream than the image lists
+        self.reservoir_text.update(text_keys.masked_fill(~text_active, _NO_KEY), parts.samples, text_values)
+        text_negative = (parts.text_max == 0) & (parts.text_count > 0)
+        self.negatives_text.update(text_keys.masked_fill(~text_negative, _NO_KEY), parts.samples, {})
 
     def close(self) -> None:
         if self.pending is not None:
@@ -303,10 +355,13 @@ def compute_features(cfg: FeaturesConfig) -> Path:
         bar.close()
         acc.close()
         has_text = bool((~is_image(roles)).any())
+        n_image_rows, n_text_rows = int(is_image(roles).sum()), int(is_text(roles).sum())
         identity = cache_identity(reader.meta)
         attrs = {"format": FORMAT, "d_sae": d, "top_samples": cfg.top_samples, "rank_by": cfg.rank_by,
                  "reservoir": cfg.reservoir, "negatives": cfg.negatives, "seed": cfg.seed, "n_rows": reader.n_rows,
-                 "n_samples": len(samples), "has_text_rows": has_text, "chunk_rows": chunk,
+                 "n_samples": len(samples), "has_text_rows": has_text, "n_image_rows": n_image_rows,
+                 "n_text_rows": n_text_rows, "modality_share": cfg.modality_share,
+                 "modality_peak": cfg.modality_peak, "chunk_rows": chunk,
                  "quantile_levels": json.dumps(cfg.quantile_levels),
                  "sae_path": str(layout.sae), "sae_cfg": json.dumps(sae.cfg.to_dict(), default=str),
                  "sae_sha256": sha, "cache_path": str(layout.cache),
@@ -314,7 +369,7 @@ def compute_features(cfg: FeaturesConfig) -> Path:
                  "versions": json.dumps(versions()), "argv": json.dumps(sys.argv),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "note": "" if has_text else "the cache holds no text rows: image_share is 1.0 by construction"}
-        _write(out, acc, samples, reader.n_rows, has_text, attrs)
+        _write(out, acc, samples, reader.n_rows, has_text, attrs, (n_image_rows, n_text_rows))
     return out
 
 
@@ -337,14 +392,37 @@ def accumulate(reader, sae, acc: _Accumulator, chunk: int, roles: torch.Tensor, 
                 bar.update(len(x))
 
 
-def _write(out: Path, acc: _Accumulator, samples: np.ndarray, n_rows: int, has_text: bool, attrs: dict) -> None:
+def modality_codes(image_total: torch.Tensor, text_total: torch.Tensor, max_image: torch.Tensor,
+                   max_text: torch.Tensor, share: float, peak: float) -> torch.Tensor:
+    """[d] codes into MODALITIES: dead (never fires), image (less than `share` of its activation mass on text
+    rows, or its max there below `peak` of its max: a TopK feature fires a little on anything), text (the
+    same the other way round), both."""
+    total = image_total + text_total
+    on_text = text_total / total.clamp_min(1e-30)
+    top = torch.maximum(max_image, max_text)
+    code = torch.full(total.shape, MODALITIES.index("both"), dtype=torch.uint8, device=total.device)
+    code[(on_text > 1 - share) | (max_image < peak * top)] = MODALITIES.index("text")
+    code[(on_text < share) | (max_text < peak * top)] = MODALITIES.index("image")
+    code[total <= 0] = MODALITIES.index("dead")
+    return code
+
+
+def _write(out: Path, acc: _Accumulator, samples: np.ndarray, n_rows: int, has_text: bool, attrs: dict,
+           modality_rows: tuple[int, int] = (0, 0)) -> None:
     n = acc.n_active.double()
     dead = acc.n_active == 0
     share = (acc.image_total / acc.total) if has_text else torch.ones_like(acc.total)
+    n_image_rows, n_text_rows = modality_rows
     stats = {"density": n / max(n_rows, 1), "n_active": acc.n_active, "max": acc.max,
              "mean": acc.total / max(n_rows, 1),
              "mean_active": torch.where(dead, 0.0, acc.total / n.clamp_min(1)),
-             "image_share": share.masked_fill(dead, float("nan"))}
+             "image_share": share.masked_fill(dead, float("nan")),
+             "density_image": acc.n_active_image.double() / max(n_image_rows, 1),
+             "density_text": acc.n_active_text.double() / max(n_text_rows, 1),
+             "n_active_image": acc.n_active_image, "n_active_text": acc.n_active_text,
+             "max_image": acc.max_image, "max_text": acc.max_text,
+             "modality": modality_codes(acc.image_total, acc.text_total, acc.max_image, acc.max_text,
+                                        acc.cfg.modality_share, acc.cfg.modality_peak)}
     block = max(1, (1 << 22) // acc.cfg.bins)  # quantiles in feature blocks: the cumsums stay small
     quantiles = torch.cat([hist_quantiles(acc.hist[i: i + block], acc.edges, acc.max[i: i + block],
                                           acc.cfg.quantile_levels) for i in range(0, acc.d, block)])
@@ -353,13 +431,15 @@ def _write(out: Path, acc: _Accumulator, samples: np.ndarray, n_rows: int, has_t
     try:
         with h5py.File(tmp, "w") as f:
             for name, v in stats.items():
-                dtype = np.int64 if name == "n_active" else np.float32
+                dtype = {"n_active": np.int64, "n_active_image": np.int64, "n_active_text": np.int64,
+                         "modality": np.uint8}.get(name, np.float32)
                 f.create_dataset(f"stats/{name}", data=v.cpu().numpy().astype(dtype))
             _put(f, "stats/quantiles", quantiles.cpu().numpy())
             _put(f, "stats/histogram", acc.hist.cpu().numpy())
             f.create_dataset("stats/hist_edges", data=acc.edges.cpu().numpy())
             groups = {f"top_{by}": sel for by, sel in acc.top.items()}
-            groups.update(reservoir=acc.reservoir, negatives=acc.negatives)
+            groups.update(reservoir=acc.reservoir, negatives=acc.negatives, top_text=acc.top_text,
+                          reservoir_text=acc.reservoir_text, negatives_text=acc.negatives_text)
             for group, sel in groups.items():
                 _put(f, f"{group}/sample", sel.sample.cpu().numpy().astype(np.int32))
                 for name, v in sel.payload.items():

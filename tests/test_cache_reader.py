@@ -113,7 +113,7 @@ def test_clear_errors(tmp_path):
         ActivationReader(tmp_path / "c.h5")
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f.create_dataset("x", data=np.zeros(3))
-    with pytest.raises(CacheError, match=r"not an lmmscope activation cache \(format None, expected 'lmmscope.activations/2'\)"):
+    with pytest.raises(CacheError, match=r"not an lmmscope activation cache \(format None, expected 'lmmscope.activations/3'\)"):
         ActivationReader(tmp_path / "other.h5")
     write_cache(tmp_path / "nan.h5", n=200, bad_rows=(17, 150))
     with pytest.raises(CacheError, match=r"first rows \[17, 150\]"):

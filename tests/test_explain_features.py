@@ -212,8 +212,8 @@ def test_refuses_another_sae_and_bad_features(run, tmp_path, tiny_path):
     with pytest.raises(FeatureFileError, match=r"features file from another activation cache: .* was computed from "
                                                r".*activations.h5 \(fingerprint"):
         FeatureSources.open(recached)
-    with pytest.raises(FeatureFileError, match=r"is not an lmmscope features file \(format 'lmmscope.activations/2', "
-                                               r"expected 'lmmscope.features/2'\)"):
+    with pytest.raises(FeatureFileError, match=r"is not an lmmscope features file \(format 'lmmscope.activations/3', "
+                                               r"expected 'lmmscope.features/3'\)"):
         FeatureReader(cache)
     with pytest.raises(FeatureFileError, match="no features file at .*missing.h5: make one with `interp features RUN`"):
         FeatureReader(tmp_path / "missing.h5")

@@ -98,7 +98,7 @@ def test_the_cache_is_the_spec(shapes_run):
             assert isinstance(attrs[key], (int, np.integer)), key
         else:
             assert isinstance(attrs[key], str), key
-    assert attrs["format"] == "lmmscope.activations/2"
+    assert attrs["format"] == "lmmscope.activations/3"
 
 
 def test_the_sae_training_and_eval_are_the_spec(shapes_run, tmp_path):
@@ -136,7 +136,7 @@ def test_features_and_recovery_are_the_spec(shapes_run):
             if name != "samples":
                 assert dtype_code(f[name].dtype) == SCHEMAS["features/datasets"][name][0], name
         assert set(f.attrs) == set(SCHEMAS["features/attrs"])
-        assert f.attrs["format"] == "lmmscope.features/2"
+        assert f.attrs["format"] == "lmmscope.features/3"
     rec = json.loads(layout.recovery.read_text())
     check_record(rec, "recovery")
     for c in rec["concepts"]:

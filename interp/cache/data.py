@@ -29,6 +29,7 @@ class Sample:
     image: Image.Image | None
     text: str = ""  # the dataset's own text (used by a template's {text} slot)
     error: str | None = None  # why the image could not be read
+    answer: str = ""  # an answer appended after the prompt (its tokens get the role "answer")
 
     @property
     def image_hash(self) -> str:
@@ -54,26 +55,52 @@ def fingerprint(source: DataSource) -> str:
 # ---------------------------------------------------------------- sources
 
 
+QA_TASKS = ("caption", "color", "shape", "where", "count", "exists")
+"""The world's question tasks a `qa` source draws from (their answers name colours, shapes, positions)."""
+
+
 class ShapesSource:
-    """Scenes 0..n-1 of a shapes-world split; ref `shapes:SPLIT:INDEX:SEED`."""
+    """Scenes 0..n-1 of a shapes-world split; ref `shapes:SPLIT:INDEX:SEED`.
 
-    def __init__(self, n: int = 2000, split: str = "train", seed: int = 0, world=None):
-        from interp.shapes.world import WorldConfig
+    With `qa`, each scene also carries one world question (the sample's text, for a template's
+    {text} slot) and its ground-truth answer (appended after the prompt, role "answer"), so the
+    cache holds text tokens that name the scene's colours and shapes next to its image patches.
+    The task is drawn per scene from `tasks` (a scene that cannot support it gets its caption)."""
 
-        self.n, self.split, self.seed = n, split, seed
+    def __init__(self, n: int = 2000, split: str = "train", seed: int = 0, world=None, qa: bool = False,
+                 tasks: tuple[str, ...] = QA_TASKS):
+        from interp.shapes.world import SPLITS, TASKS, WorldConfig
+
+        if split not in SPLITS:
+            raise DataError(f"unknown shapes split {split!r}; known: {', '.join(SPLITS)} (and :qa for questions)")
+        unknown = [t for t in tasks if t not in TASKS or t == "region"]
+        if unknown:
+            raise DataError(f"unknown question tasks {unknown}; known: {', '.join(QA_TASKS)}")
+        self.n, self.split, self.seed, self.qa, self.tasks = n, split, seed, qa, tuple(tasks)
         self.world = world or WorldConfig()
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> Sample:
-        from interp.shapes.world import sample_scene
+        from interp.shapes.world import SPLITS, sample_scene, scene_questions
 
         ref = f"shapes:{self.split}:{i}:{self.seed}"
-        return Sample(i, ref, sample_scene(self.world, i, self.split, self.seed).render())
+        scene = sample_scene(self.world, i, self.split, self.seed)
+        if not self.qa:
+            return Sample(i, ref, scene.render())
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], i, 0x51A])  # not the scene's own stream
+        task = str(self.tasks[int(rng.integers(len(self.tasks)))])
+        qas = scene_questions(scene, rng, (task,)) or scene_questions(scene, rng, ("caption",))
+        return Sample(i, ref, scene.render(), qas[0].question, answer=qas[0].answer)
 
     def describe(self) -> dict:
-        return {"kind": "shapes", "n": self.n, "split": self.split, "seed": self.seed, "world": self.world.to_json()}
+        out = {"kind": "shapes", "n": self.n, "split": self.split, "seed": self.seed, "world": self.world.to_json()}
+        if self.qa:  # only then: caches made before questions existed keep their identity
+            out.update(qa=True, tasks=list(self.tasks))
+        return out
 
 
 class FolderSource:
@@ -175,12 +202,18 @@ def _to_image(value) -> Image.Image:
 
 
 def open_source(spec: str, n: int | None = None, seed: int = 0) -> DataSource:
-    """`shapes[:SPLIT]`, `folder:PATH` (or a directory), `hf:PATH[:IMAGE_COLUMN]` (or a .parquet/.arrow path)."""
+    """`shapes[:SPLIT][:qa]` (qa: a question and its answer with each scene), `folder:PATH` (or a directory),
+    `hf:PATH[:IMAGE_COLUMN]` (or a .parquet/.arrow path)."""
     if n is not None and n <= 0:
-        raise DataError(f"--n must be positive, got {n}")
+        raise DataError(f"the number of samples (--samples) must be at least 1, got {n}")
     kind, _, rest = spec.partition(":")
     if kind == "shapes":
-        return ShapesSource(n or 2000, rest or "train", seed)
+        words = [w for w in rest.split(":") if w]
+        qa = "qa" in words
+        split = [w for w in words if w != "qa"]
+        if len(split) > 1:
+            raise DataError(f"cannot read data source {spec!r}: write shapes[:SPLIT][:qa], e.g. shapes:train:qa")
+        return ShapesSource(n or 2000, split[0] if split else "train", seed, qa=qa)
     if kind == "folder":
         return FolderSource(rest, n)
     if kind == "hf":

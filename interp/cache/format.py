@@ -17,14 +17,17 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-FORMAT = "lmmscope.activations/2"
+FORMAT = "lmmscope.activations/3"
+READABLE_FORMATS = (FORMAT, "lmmscope.activations/2")
+"""Formats the reader opens: a /2 file is a /3 file whose rows have no `answer` role."""
 STR = h5py.string_dtype("utf-8")
 
-ROLES = ("image_patch", "image_special", "text", "template", "special", "pad")
+ROLES = ("image_patch", "image_special", "text", "template", "special", "pad", "answer")
 """Token roles: a patch of an image, an image separator or marker, the user's text, chat-template
-text, another special token, padding."""
+text, another special token, padding, the assistant's answer appended after the prompt (a data
+source that gives answers: `shapes:SPLIT:qa`). New roles go at the end, so codes never change."""
 IMAGE_ROLES = ("image_patch", "image_special")
-TEXT_ROLES = ("text", "template")
+TEXT_ROLES = ("text", "template", "answer")
 
 TOKEN_DTYPE = np.dtype([
     ("sample", "i4"), ("position", "i4"), ("role", "u1"), ("image", "i2"), ("tile", "i2"), ("row", "i2"),
@@ -79,12 +82,16 @@ def is_image(roles):
 
 
 def is_text(roles):
-    """The user's text and chat-template text."""
+    """The user's text, chat-template text and answer text: every text token of the sample."""
     return has_role(roles, *TEXT_ROLES)
 
 
 def is_user_text(roles):
     return has_role(roles, "text")
+
+
+def is_answer(roles):
+    return has_role(roles, "answer")
 
 
 def is_pad(roles):

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import torch
 
-from interp.cache.format import FORMAT, IDENTITY_ATTRS, RoleError, role_codes, text
+from interp.cache.format import FORMAT, IDENTITY_ATTRS, READABLE_FORMATS, RoleError, role_codes, text
 
 
 class CacheError(ValueError):
@@ -76,7 +76,7 @@ class ActivationReader:
         except OSError as e:
             raise CacheError(f"{self.path} is not a readable HDF5 file ({e}); it may be truncated: "
                              f"re-run `interp cache` with the same arguments to rebuild it") from None
-        if self._f.attrs.get("format") != FORMAT or "activations" not in self._f:
+        if self._f.attrs.get("format") not in READABLE_FORMATS or "activations" not in self._f:
             raise CacheError(f"{self.path} is not an lmmscope activation cache (format {self._f.attrs.get('format')!r}, "
                              f"expected {FORMAT!r})")
         self._acts = self._f["activations"]

@@ -32,7 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from interp.cache.format import FORMAT, SAMPLE_DTYPE, TOKEN_DTYPE
+from interp.cache.format import FORMAT, READABLE_FORMATS, SAMPLE_DTYPE, TOKEN_DTYPE
 
 SHARDS_ATTR = "shards"
 SHARD_ATTR = "shard"  # in each shard: its position in the index
@@ -190,7 +190,7 @@ def shard_cache(cache: str | Path, out: str | Path, samples_per_shard: int) -> P
     except OSError as e:
         raise CacheError(f"{cache} is not a readable HDF5 file ({e})") from None
     with f:
-        if f.attrs.get("format") != FORMAT:
+        if f.attrs.get("format") not in READABLE_FORMATS:
             raise CacheError(f"{cache} is not an lmmscope activation cache (format {f.attrs.get('format')!r})")
         attrs = {k: v for k, v in f.attrs.items() if k not in (SHARDS_ATTR, "d", "n_rows", "n_samples", "skipped")}
         skipped = f.attrs.get("skipped", "[]")  # kept with the first shard, so the index reports them too

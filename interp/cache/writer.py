@@ -28,7 +28,7 @@ from interp.cache.format import FORMAT, IDENTITY_ATTRS, SAMPLE_DTYPE, TOKEN_DTYP
 from interp.infra.cli_config import Command, choices, positional
 from interp.infra.identity import IdentityError, check_identity
 from interp.infra.layout import RunLayout
-from interp.model.inputs import DEFAULT_TEMPLATE, check_template, model_inputs, prompts, user_text
+from interp.model.inputs import DEFAULT_TEMPLATE, QA_TEMPLATE, check_template, model_inputs, prompts, user_text
 
 
 @dataclass
@@ -44,13 +44,14 @@ class CacheConfig:
     site: str = field(default="resid", metadata=choices(["resid", "attn", "mlp"]))
     """residual output, attention output or MLP output of the layer"""
     data: str = "shapes"
-    """data source: shapes[:SPLIT], folder:PATH, hf:PATH[:IMAGE_COLUMN]"""
     samples: int | None = None
+    """data source: shapes[:SPLIT][:qa] (qa: a question and its answer per scene; template "{image} {text}"),
+    folder:PATH, hf:PATH[:IMAGE_COLUMN]"""
     """number of samples to cache (none: the whole source; the shapes world: 2000)"""
     prompt_template: str = DEFAULT_TEMPLATE
     """prompt template with an {image} slot (and an optional {text} slot for the dataset's text)"""
     roles: tuple[str, ...] = ("image_patch",)
-    """token roles to keep: image_patch, image_special, text, template, special"""
+    """token roles to keep: image_patch, image_special, text, template, special, answer"""
     dtype: str = field(default="float16", metadata=choices(["float16", "float32"]))
     """storage dtype of the activations"""
     model_dtype: str = field(default="float32", metadata=choices(["float32", "float16", "bfloat16"]))
@@ -118,11 +119,13 @@ class CacheWriter:
         from interp.model.hooks import capture
         from interp.model.token_map import token_table
 
-        texts, users = prompts(self.lm, samples, self.cfg.prompt_template)
+        answers = [s.answer for s in samples] if any(s.answer for s in samples) else None
+        texts, users = prompts(self.lm, samples, self.cfg.prompt_template, answers)
         inputs = model_inputs(self.lm, samples, texts)
         acts = capture(self.lm.model, inputs, self.hook.module_path, self.cfg.engine)
         enc = inputs if self.lm.kind != "hooked-transformer" else {"input_ids": inputs["input"]}
-        table = token_table(self.lm, enc, [[s.image] for s in samples] if self.lm.is_multimodal else None, users)
+        table = token_table(self.lm, enc, [[s.image] for s in samples] if self.lm.is_multimodal else None, users,
+                            answers)
         n_tokens = np.bincount(table["sample"][~is_pad(table["role"])], minlength=len(samples))
         table = table[np.isin(table["role"], self.role_codes)]
         flat = acts.float().cpu().reshape(-1, acts.shape[-1]).numpy()
@@ -151,6 +154,9 @@ def build_cache(cfg: CacheConfig, writer: CacheWriter | None = None) -> Path:
         raise ValueError("the writer was built from another cache config")
     writer = writer or CacheWriter(cfg)
     source = open_source(cfg.data, cfg.samples, cfg.seed)
+    if getattr(source, "qa", False) and "{text}" not in cfg.prompt_template:
+        raise DataError(f"the data source {cfg.data} gives each scene a question, which the prompt template "
+                        f"{cfg.prompt_template!r} has no {{text}} slot for: use --prompt-template '{QA_TEMPLATE}'")
     identity = writer.identity(source)
     identity_json = {k: json.dumps(identity[k], sort_keys=True) for k in IDENTITY_ATTRS}
     if out.exists():

@@ -14,11 +14,15 @@ shared by several runs). The spec, with the formats of the files, is docs/format
     RUN/eval/eval.json          SAE evaluation, with density.html / density.json (interp eval)
     RUN/features.h5             feature statistics and example samples (interp features)
     RUN/recovery.json           ground-truth recovery, shapes world (interp recovery)
+    RUN/crossmodal.json         per concept, the best feature on its patches and on its word (interp crossmodal)
     RUN/explanations.jsonl      explanations; RUN/explainer_cache.jsonl the explainer's replies (interp explain)
     RUN/scores.jsonl            scores; RUN/score_summary.json their summary (interp score)
+    RUN/text_explanations.jsonl, text_scores.jsonl, text_score_summary.json   text features (interp explain-text, score-text)
     RUN/steering/NAME/          one steering sweep (interp sweep; `interp steer-targets` writes select/, test/)
     RUN/steering_summary.json   steering and attribution on the shapes world (interp steer-targets)
     RUN/steering-layerL/        a nested run at layer L for steering (the demo's and benchmark's layer-0 twin)
+    RUN/crossmodal-layerL/      a nested run with every token role at layer L; RUN/crossmodal_sweep.json (+ .html/.png)
+                                the layer sweep (interp crossmodal-sweep, the demo, the benchmark)
     RUN/summary.json            the demo's headline numbers; RUN/world.png its contact sheet (interp demo)
     RUN/report.md, benchmark.json, FIGURE.html/.json, ARCH/   (interp benchmark; ARCH/ is a run per architecture)
     RUN/STAGE_run.json          how each stage that wrote here was run (config, versions, argv, time)
@@ -32,6 +36,7 @@ from pathlib import Path
 
 LAYOUT_VERSION = "lmmscope.run/1"
 STEERING_PREFIX = "steering-layer"
+CROSSMODAL_PREFIX = "crossmodal-layer"
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,10 @@ class RunLayout:
     def recovery(self) -> Path:
         return self.root / "recovery.json"
 
+    @property
+    def crossmodal(self) -> Path:
+        return self.root / "crossmodal.json"
+
     # ---------------------------------------------------------------- the explain stage
     @property
     def features(self) -> Path:
@@ -154,6 +163,18 @@ class RunLayout:
     @property
     def score_summary(self) -> Path:
         return self.root / "score_summary.json"
+
+    @property
+    def text_explanations(self) -> Path:
+        return self.root / "text_explanations.jsonl"
+
+    @property
+    def text_scores(self) -> Path:
+        return self.root / "text_scores.jsonl"
+
+    @property
+    def text_score_summary(self) -> Path:
+        return self.root / "text_score_summary.json"
 
     # ---------------------------------------------------------------- the steering stage
     def sweep(self, name: str) -> SweepDir:
@@ -188,6 +209,14 @@ class RunLayout:
 
     def figure(self, name: str, ext: str) -> Path:
         return self.root / f"{name}.{ext}"
+
+    @property
+    def crossmodal_sweep(self) -> Path:
+        return self.root / "crossmodal_sweep.json"
+
+    def crossmodal_run(self, layer: int | str) -> RunLayout:
+        """The nested run of the cross-modal sweep at one layer (a question-answer cache with every role)."""
+        return RunLayout(self.root / f"{CROSSMODAL_PREFIX}{layer}")
 
     def arch_run(self, arch: str) -> RunLayout:
         """The benchmark's run of one SAE architecture."""

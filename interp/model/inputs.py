@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 
 DEFAULT_TEMPLATE = "{image} describe the image ."
+QA_TEMPLATE = "{image} {text}"
+"""The template of a data source whose samples carry their own question (shapes:SPLIT:qa)."""
 
 
 class PromptError(ValueError):

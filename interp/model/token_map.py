@@ -338,14 +338,16 @@ FAMILIES = {
 # ------------------------------------------------------------------------------------------------ the table
 
 def token_table(lm: LoadedModel, inputs: Mapping, images: Sequence[Sequence] | None = None,
-                prompts: Sequence[str] | None = None) -> np.ndarray:
+                prompts: Sequence[str] | None = None, answers: Sequence[str] | None = None) -> np.ndarray:
     """One TOKEN_DTYPE row per (sample, position) of `inputs` (a processor output), sample-major.
 
     `images`: the PIL images given to the processor, one list per sample (needed for the pixel
     boxes unless the inputs carry `image_sizes`). `prompts`: each sample's user text; its tokens
     become "text" and the other non-special text tokens "template". Without prompts, all
-    non-special, non-image tokens are "text". Non-image rows have image/tile/row/col -1 and
-    boxes -1; image_special rows carry their image index only.
+    non-special, non-image tokens are "text". `answers`: each sample's answer appended after the
+    prompt (interp.model.inputs.prompts); its tokens (the last occurrence) become "answer".
+    Non-image rows have image/tile/row/col -1 and boxes -1; image_special rows carry their image
+    index only.
     """
     ids = _array(inputs["input_ids"]).astype(np.int64)
     mask = _array(inputs["attention_mask"]).astype(bool) if "attention_mask" in inputs else np.ones(ids.shape, bool)
@@ -367,6 +369,14 @@ def token_table(lm: LoadedModel, inputs: Mapping, images: Sequence[Sequence] | N
         for s, prompt in enumerate(prompts):
             roles = table["role"][s]
             roles[(roles == role_code("text")) & ~_prompt_positions(tok, ids[s], mask[s], prompt)] = role_code("template")
+    if answers is not None:
+        if len(answers) != len(ids):
+            raise ValueError(f"got {len(answers)} answers for a batch of {len(ids)} samples")
+        for s, answer in enumerate(answers):
+            if answer.strip():
+                roles = table["role"][s]
+                on = _prompt_positions(tok, ids[s], mask[s], answer, last=True)
+                roles[on & np.isin(roles, [role_code("text"), role_code("template")])] = role_code("answer")
     return table.reshape(-1)
 
 
@@ -446,8 +456,8 @@ def _claim(ids: np.ndarray, start: int, step: int, allowed: list[set[int]]) -> l
     return out
 
 
-def _prompt_positions(tok, ids: np.ndarray, mask: np.ndarray, prompt: str) -> np.ndarray:
-    """Which positions hold the user's `prompt`.
+def _prompt_positions(tok, ids: np.ndarray, mask: np.ndarray, prompt: str, last: bool = False) -> np.ndarray:
+    """Which positions hold the user's `prompt` (with `last`, its last occurrence: an answer after it).
 
     The sequence is decoded and re-encoded with offsets; when that reproduces the ids, tokens
     whose non-space characters overlap the prompt's span are the prompt's. Otherwise (lossy
@@ -459,7 +469,7 @@ def _prompt_positions(tok, ids: np.ndarray, mask: np.ndarray, prompt: str) -> np
     hit = np.zeros(len(ids), bool)
     text = tok.decode(seq, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True) if tok.is_fast else {"input_ids": None}
-    start = text.find(prompt)
+    start = text.rfind(prompt) if last else text.find(prompt)
     if enc["input_ids"] == seq and start >= 0:
         end = start + len(prompt)
         for pos, (a, b) in zip(real, enc["offset_mapping"]):
@@ -472,7 +482,8 @@ def _prompt_positions(tok, ids: np.ndarray, mask: np.ndarray, prompt: str) -> np
         return hit
     for variant in (prompt, " " + prompt):
         want = tok(variant, add_special_tokens=False)["input_ids"]
-        at = next((i for i in range(len(seq) - len(want) + 1) if seq[i:i + len(want)] == want), None)
+        starts = range(len(seq) - len(want) + 1)
+        at = next((i for i in (reversed(starts) if last else starts) if seq[i:i + len(want)] == want), None)
         if want and at is not None:
             hit[real[at:at + len(want)]] = True
             return hit

@@ -1,0 +1,149 @@
+"""`interp crossmodal-sweep`: where in the subject do image and text share features? One SAE per layer.
+
+For every layer of the subject (or those given): a nested run RUN/crossmodal-layerL/ caches
+question-answer scenes with every token role (image patches, the question, the answer), trains an
+SAE like the demo's on them, and writes its cross-modal report (saes.crossmodal): per concept, the
+best feature on its patches, on its word, and whether one feature reaches F1 >= f1_min on both.
+The sweep is a finding, not a target: RUN/crossmodal_sweep.json holds the numbers per layer, and
+RUN/crossmodal_sweep.html (+ .png) plots the cross-modal fraction and each concept's F1s by layer.
+`interp benchmark` runs it as its cross-modal section (`crossmodal_section`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from interp.infra.cli_config import Command, positional
+from interp.infra.layout import RunLayout
+
+QA_ROLES = ("image_patch", "text", "template", "answer")
+
+
+@dataclass
+class CrossModalSweepConfig:
+    """`interp crossmodal-sweep`: an SAE on image and text tokens at every layer of the subject, and its
+    cross-modal concepts."""
+
+    run: str = field(default="runs/crossmodal", metadata=positional(required=False))
+    """run directory: RUN/crossmodal-layerL/ per layer, RUN/crossmodal_sweep.json and its figure"""
+    model: str = "shapes-subject"
+    """the subject (a shapes-world model)"""
+    layers: tuple[int, ...] | None = None
+    """layers to sweep (none: every layer of the model)"""
+    samples: int = 1500
+    """question-answer scenes cached per layer"""
+    d_sae: int = 256
+    """features of every SAE"""
+    k: int = 4
+    """active features per row"""
+    steps: int = 2000
+    """training steps per SAE"""
+    f1_min: float = 0.9
+    """F1 on both modalities at which a concept is cross-modal"""
+    seed: int = 0
+    """seed of the scenes and of the SAEs"""
+
+
+def crossmodal_layer_run(run: RunLayout, layer: int, cfg: CrossModalSweepConfig) -> dict:
+    """Cache, SAE and cross-modal report of one layer in its nested run (each step skipped when done)."""
+    from interp.cache.reader import ActivationReader
+    from interp.cache.writer import CacheConfig, build_cache
+    from interp.model.inputs import QA_TEMPLATE
+    from saes.crossmodal import CrossModalConfig, load_crossmodal, run_crossmodal
+    from saes.sae import SAEConfig, sae_fingerprint
+    from saes.train import TrainConfig, train
+
+    t0 = time.time()
+    sub = run.crossmodal_run(layer)
+    build_cache(CacheConfig(run=str(sub.root), model=cfg.model, layer=str(layer), data="shapes:train:qa",
+                            prompt_template=QA_TEMPLATE, samples=cfg.samples, roles=QA_ROLES, seed=cfg.seed,
+                            batch_size=32))
+    if not (sub.sae / "cfg.json").exists():
+        with ActivationReader(sub.cache) as reader:
+            train(SAEConfig(arch="topk", d_in=reader.d, d_sae=cfg.d_sae, k=cfg.k, model_name=cfg.model,
+                            hook_name=reader.meta["module_path"]),
+                  TrainConfig(steps=cfg.steps, batch_size=1024, seed=cfg.seed, progress=False), reader, sub)
+    report = None
+    if sub.crossmodal.exists():
+        report = load_crossmodal(sub.crossmodal)
+        if report.extra.get("sae_sha256") != sae_fingerprint(sub.sae) or report.f1_min != cfg.f1_min:
+            report = None
+    report = report or run_crossmodal(CrossModalConfig(run=str(sub.root), f1_min=cfg.f1_min))
+    return {"layer": layer, "run": str(sub.root), "cross_modal_fraction": report.cross_modal_fraction,
+            "cross_modal": report.cross_modal,
+            "concepts": {c.concept: {"image_f1": c.image.f1, "text_f1": c.text.f1, "shared_f1": c.shared_f1,
+                                     "shared_feature": c.shared_feature} for c in report.concepts},
+            "seconds": round(time.time() - t0, 1)}
+
+
+def run_crossmodal_sweep(cfg: CrossModalSweepConfig) -> dict:
+    from interp.infra.runinfo import write_run_info
+    from interp.model.layers import decoder_layers
+    from interp.model.models import load_model
+
+    run = RunLayout.of(cfg.run).mkdir()
+    layers = list(cfg.layers) if cfg.layers else list(range(len(decoder_layers(load_model(cfg.model, device="cpu")))))
+    write_run_info(run.run_info("crossmodal-sweep"), {"command": "crossmodal-sweep", "config": asdict(cfg),
+                                                      "layers": layers})
+    rows = []
+    for layer in layers:
+        rows.append(crossmodal_layer_run(run, layer, cfg))
+        r = rows[-1]
+        print(f"layer {layer}: cross-modal {r['cross_modal_fraction']:.2f} ({', '.join(r['cross_modal']) or 'none'}); "
+              "weaker F1 per concept " + " ".join(f"{c} {v['shared_f1']:.2f}" for c, v in r["concepts"].items()),
+              flush=True)
+    out = {"model": cfg.model, "f1_min": cfg.f1_min, "config": asdict(cfg), "layers": rows}
+    run.crossmodal_sweep.write_text(json.dumps(out, indent=1))
+    plot_sweep(out, run)
+    return out
+
+
+def plot_sweep(sweep: dict, run: RunLayout) -> None:
+    """The cross-modal fraction by layer, and per concept its best image F1, best text F1 and best shared
+    (weaker-of-the-two) F1 by layer, as one figure (HTML with plotly.js inside, and a PNG)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from interp.infra.plots import write_figure
+
+    layers = [r["layer"] for r in sweep["layers"]]
+    concepts = list(sweep["layers"][0]["concepts"]) if sweep["layers"] else []
+    fig = make_subplots(rows=1, cols=4, subplot_titles=("cross-modal fraction", "best F1 on image patches",
+                                                        "best F1 on the word", "one feature on both (weaker F1)"))
+    fig.add_trace(go.Scatter(x=layers, y=[r["cross_modal_fraction"] for r in sweep["layers"]], mode="lines+markers",
+                             name="cross-modal fraction", showlegend=False), row=1, col=1)
+    for key, col in (("image_f1", 2), ("text_f1", 3), ("shared_f1", 4)):
+        z = [[r["concepts"][c][key] for r in sweep["layers"]] for c in concepts]
+        fig.add_trace(go.Heatmap(z=z, x=layers, y=concepts, zmin=0, zmax=1, colorscale="Viridis",
+                                 showscale=col == 4), row=1, col=col)
+    for col in range(1, 5):
+        fig.update_xaxes(title_text="layer", row=1, col=col)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=1)
+    fig.update_layout(title=f"Cross-modal features of {sweep['model']} by layer (F1 >= {sweep['f1_min']} on both)",
+                      template="plotly_white", width=1400, height=420)
+    write_figure(fig, run.figure("crossmodal_sweep", "html"))
+
+
+def crossmodal_section(run: RunLayout, samples: int, d_sae: int, k: int, steps: int, seed: int) -> tuple[dict, list[str]]:
+    """`interp benchmark`'s cross-modal section: the layer sweep of the subject in RUN/, and its markdown."""
+    sweep = run_crossmodal_sweep(CrossModalSweepConfig(run=str(run.root), samples=samples, d_sae=d_sae, k=k,
+                                                       steps=steps, seed=seed))
+    rows = sweep["layers"]
+    concepts = list(rows[0]["concepts"]) if rows else []
+    lines = ["## Cross-modal features by layer", "",
+             f"One TopK SAE ({d_sae} features, k = {k}) per layer of {sweep['model']} on image patches and "
+             "question-answer text together; a concept is cross-modal when one feature detects its patches and its "
+             f"word at F1 >= {sweep['f1_min']} each. Cells: the weaker of the two F1s of the best shared feature.", "",
+             "| layer | cross-modal fraction | " + " | ".join(concepts) + " |", "|---|---|" + "---|" * len(concepts)]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['cross_modal_fraction']:.2f} | "
+                     + " | ".join(f"{r['concepts'][c]['shared_f1']:.2f}" for c in concepts) + " |")
+    lines += ["", "Figure: `crossmodal_sweep.html` (and `.png`)."]
+    return sweep, lines
+
+
+COMMANDS = [Command("crossmodal-sweep", CrossModalSweepConfig, run_crossmodal_sweep,
+                    "an SAE on image and text tokens at every layer of the subject, and its cross-modal concepts",
+                    report=lambda r, cfg: print(f"wrote {RunLayout.of(cfg.run).crossmodal_sweep}"))]

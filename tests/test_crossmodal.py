@@ -1,0 +1,280 @@
+"""All token roles together: question-answer data, the answer role, per-modality feature statistics, text
+explanations (delphi's style) and cross-modal features, on a planted cross-modal direction."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from interp.cache.format import is_answer, is_image_patch, is_text, role_name
+from interp.infra.layout import RunLayout
+
+ROLES = ("image_patch", "text", "template", "answer")
+SHARED = ("red", "circle")  # one planted direction on their patches and on their words
+SEPARATE = ("blue", "square")  # one direction on the patches, another on the words
+
+
+def qa_cache(run: Path, samples: int = 60, layer: str = "2") -> Path:
+    from interp.cache.writer import CacheConfig, build_cache
+
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        build_cache(CacheConfig(run=str(run), layer=layer, data="shapes:train:qa", prompt_template="{image} {text}",
+                                samples=samples, roles=ROLES, batch_size=30, dtype="float32"))
+    return RunLayout(run).cache
+
+
+@pytest.fixture(scope="module")
+def qa_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("qa") / "run"
+    qa_cache(run)
+    return run
+
+
+def test_a_qa_source_caches_question_and_answer_with_their_roles(qa_run):
+    from interp.cache.data import open_source
+    from interp.cache.reader import ActivationReader
+    from saes.crossmodal import tokenizer_of
+
+    source = open_source("shapes:train:qa", 60)
+    with ActivationReader(RunLayout(qa_run).cache) as r:
+        tok = tokenizer_of(r)
+        roles = r.tokens["role"]
+        assert is_image_patch(roles).sum() == 9 * 60 and is_answer(roles).any() and is_text(roles).sum() > 5 * 60
+        for i in range(8):
+            s, truth = r.sample(i), source[i]
+            assert s.prompt == truth.text
+            answer = [t for t in s.tokens if role_name(t["role"]) == "answer"]
+            assert tok.decode([int(t["token_id"]) for t in answer]) == truth.answer
+            question = [t for t in s.tokens if role_name(t["role"]) == "text"]
+            assert tok.decode([int(t["token_id"]) for t in question]) == truth.text
+            assert np.all(np.diff(s.tokens["position"]) > 0)
+    assert "qa" not in open_source("shapes:train", 5).describe()  # old caches keep their identity
+
+
+def test_a_qa_source_needs_a_text_slot(tmp_path):
+    from interp.cache.data import DataError, open_source
+    from interp.cache.writer import CacheConfig, build_cache
+
+    with pytest.raises(DataError, match=r"no \{text\} slot .*--prompt-template '\{image\} \{text\}'"):
+        build_cache(CacheConfig(run=str(tmp_path / "r"), data="shapes:train:qa", samples=4))
+    with pytest.raises(DataError, match="shapes\\[:SPLIT\\]\\[:qa\\]"):
+        open_source("shapes:train:test:qa")
+
+
+# ---------------------------------------------------------------- a planted cross-modal direction
+
+
+def plant(run: Path, d: int = 24, strength: float = 6.0, seed: int = 0) -> dict[str, np.ndarray]:
+    """Replace the cache's activations by noise plus planted directions: each SHARED concept one unit direction
+    on its patches and on the tokens of its word, each SEPARATE concept one direction per modality."""
+    from interp.cache.reader import ActivationReader
+    from saes.crossmodal import image_truth, tokenizer_of, word_truth
+
+    layout = RunLayout(run)
+    with ActivationReader(layout.cache) as r:
+        n = r.n_rows
+        img, txt = image_truth(r), word_truth(r, tokenizer_of(r), {c: c for c in SHARED + SEPARATE})
+    rng = np.random.default_rng(seed)
+    dirs = np.linalg.qr(rng.normal(size=(d, d)))[0].T  # orthonormal rows
+    x = rng.normal(size=(n, d)) * 0.3
+    planted, k = {}, 0
+    for c in SHARED + SEPARATE:
+        u_img = dirs[k]
+        u_txt = u_img if c in SHARED else dirs[k + 1]
+        k += 1 if c in SHARED else 2
+        on_img = img.rows[img.coverage[:, img.concepts.index(c)] > 0]
+        on_txt = txt.rows[txt.coverage[:, txt.concepts.index(c)] > 0]
+        x[on_img] += strength * u_img
+        x[on_txt] += strength * u_txt
+        planted[c] = u_img
+    with h5py.File(layout.cache, "r+") as f:
+        del f["activations"]
+        f.create_dataset("activations", data=x.astype(np.float32))
+        f.attrs["d"] = d
+    return planted
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory) -> Path:
+    from explain.features import FeaturesConfig, compute_features
+    from saes.sae import SAEConfig
+    from saes.train import TrainConfig, TrainRunConfig, run_train
+
+    run = tmp_path_factory.mktemp("planted-crossmodal") / "run"
+    qa_cache(run, samples=80)
+    plant(run)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        run_train(TrainRunConfig(run=str(run), sae=SAEConfig(d_sae=24, k=4),
+                                 train=TrainConfig(steps=600, batch_size=256, progress=False, seed=0)))
+        compute_features(FeaturesConfig(run=str(run), progress=False, top_samples=8, reservoir=16, negatives=12))
+    return run
+
+
+def test_the_pipeline_finds_a_planted_cross_modal_direction(planted_run):
+    from saes.crossmodal import CrossModalConfig, load_crossmodal, run_crossmodal
+
+    report = run_crossmodal(CrossModalConfig(run=str(planted_run)))
+    by = {c.concept: c for c in report.concepts}
+    for c in SHARED:  # one feature on the patches and on the word
+        assert by[c].shared_f1 >= 0.9, (c, by[c])
+        assert by[c].image.feature == by[c].text.feature == by[c].shared_feature
+    for c in SEPARATE:  # a good feature on each modality, but not one for both
+        assert by[c].image.f1 >= 0.9 and by[c].text.f1 >= 0.9, (c, by[c])
+        assert by[c].image.feature != by[c].text.feature and by[c].shared_f1 < 0.9, (c, by[c])
+    for c in ("green", "triangle"):  # nothing planted
+        assert by[c].shared_f1 < 0.9
+    assert set(SHARED) == set(report.cross_modal)
+    assert report.cross_modal_fraction == round(len(SHARED) / 9, 4)
+    back = load_crossmodal(RunLayout(planted_run).crossmodal)
+    assert back.cross_modal == report.cross_modal and back.to_json()["concepts"] == report.to_json()["concepts"]
+    assert {w for ws in report.text_matched().values() for w, _ in ws} >= set(SHARED + SEPARATE)
+
+
+def test_feature_statistics_per_modality(planted_run):
+    from explain.feature_reader import FeatureReader, FeatureSources
+    from saes.crossmodal import load_crossmodal
+
+    report = load_crossmodal(RunLayout(planted_run).crossmodal)
+    by = {c.concept: c for c in report.concepts}
+    with FeatureSources.open(planted_run) as src:
+        stats: FeatureReader = src.features
+        mods = stats.modalities()
+        assert mods[by["red"].shared_feature] == "both"
+        assert mods[by["blue"].image.feature] == "image" and mods[by["blue"].text.feature] == "text"
+        assert stats.meta["n_image_rows"] == 9 * 80 and stats.meta["n_text_rows"] > 0
+        f = by["square"].text.feature
+        s = stats.stats(f)
+        assert s.modality == "text" and s.density_text > 0 and s.max_image < 0.5 * s.max_text
+        top = stats.top(f, modality="text")
+        assert top and all(e.max > 0 for e in top) and top == sorted(top, key=lambda e: -e.max)
+        for e in top[:3]:  # the text value is the max over the sample's text rows, on a token of the word
+            tokens, acts = src.token_activations(f, e.sample, modality="text")
+            assert acts.max() == pytest.approx(e.max, rel=1e-4)
+        for e in stats.negatives(f, modality="text"):
+            assert src.token_activations(f, e.sample, modality="text")[1].max() == 0
+        assert all(e.max < 0.5 * s.max_text for e in stats.top(f))  # its image examples are noise
+        bands = stats.quantile_samples(f, n_bands=2, per_band=3, modality="text")
+        assert sum(len(b.examples) for b in bands) > 0
+        with pytest.raises(ValueError, match="examples are of one of"):
+            stats.top(f, modality="audio")
+
+
+# ---------------------------------------------------------------- text explanations
+
+
+def test_highlight_marks_runs_and_token_strings_keep_spacing():
+    from explain.text import highlight, token_strings, window
+    from interp.shapes.organisms import load_organism
+
+    _, proc = load_organism("shapes-subject")
+    ids = proc.tokenizer("is there a red circle ?", add_special_tokens=False)["input_ids"]
+    pieces = token_strings(proc.tokenizer, ids)
+    assert "".join(pieces).strip() == "is there a red circle ?"
+    assert highlight(pieces, np.array([0, 0, 0, 1, 1, 0], bool)) == "is there a <<red circle>> ?"
+    assert highlight(pieces, np.array([1, 0, 0, 1, 0, 1], bool)) == "<<is>> there a <<red>> circle <<?>>"
+    assert window(100, 90, 16) == slice(78, 94) and window(10, 3, 16) == slice(0, 10)
+
+
+def test_the_tokens_protocol_explains_and_scores_planted_text_features(planted_run):
+    from explain.text_commands import TextExplainConfig, TextScoreConfig, run_explain_text, run_score_text
+    from saes.crossmodal import load_crossmodal
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = run_explain_text(TextExplainConfig(run=str(planted_run), progress=False))
+        summary = run_score_text(TextScoreConfig(run=str(planted_run), progress=False))
+    assert out["failed"] == 0 and not summary["failed"]
+    layout = RunLayout(planted_run)
+    report = load_crossmodal(layout.crossmodal)
+    explanations = {json.loads(x)["feature"]: json.loads(x) for x in layout.text_explanations.read_text().splitlines()[1:]}
+    for c in SHARED + SEPARATE:
+        f = {x.concept: x for x in report.concepts}[c].text.feature
+        assert explanations[f]["explanation"] == f'the word "{c}"', explanations[f]
+    m = summary["matched"]
+    assert m["n"] == len(SHARED + SEPARATE) and m["text_explanation_accuracy"] == 1.0
+    for r in m["features"].values():  # the word is in every top context and in no non-activating one ...
+        f = next(int(k) for k, v in m["features"].items() if v is r)
+        det = json.loads([x for x in layout.text_scores.read_text().splitlines()[1:]
+                          if json.loads(x)["feature"] == f][-1])["detection"]
+        assert det["recall_by_source"]["top"] == 1.0 and det["specificity"] == 1.0, det
+    # ... while the lowest quantile bands of a TopK feature are its weak firing on anything (noise here)
+    assert 0.6 < m["detection_balanced_accuracy"] < 1.0
+    rec = json.loads(layout.text_scores.read_text().splitlines()[-1])
+    assert set(rec["detection"]) >= {"balanced_accuracy", "auroc", "recall_by_source"} and rec["samples"]
+    explained = set(explanations[rec["feature"]]["examples"]) | set(explanations[rec["feature"]]["negatives"])
+    assert not explained & set(rec["samples"])  # scored on held-out contexts only
+    assert json.loads(layout.text_score_summary.read_text())["matched"]["text_explanation_accuracy"] == 1.0
+
+
+class ReadsMarks:
+    """A stand-in LMM behind the real HTTP server: it reads the marked tokens of an explain request and names the
+    most common one, and answers a judge request by whether the named word is in the (marked) text."""
+
+    name = "reads-marks"
+
+    def complete(self, requests, top_logprobs: int = 0):
+        import re
+        from collections import Counter
+
+        from explain.backends import Reply
+
+        out = []
+        for r in requests:
+            text = "".join(p for p in r.parts if isinstance(p, str))
+            if "[EXPLANATION]" in (r.system or ""):
+                marked = Counter(m.strip().lower() for m in re.findall(r"<<([^>]+)>>", text.split("Counterexamples")[0]))
+                word = marked.most_common(1)[0][0] if marked else "cannot tell"
+                out.append(Reply(f"They mark one word.\n[EXPLANATION]: the word {word}", 10, 8))
+            else:
+                word = re.search(r'described as: "the word ([^"]+)"', text).group(1)
+                body = text.split("\n", 1)[1].rsplit("\n", 1)[0]
+                if "<<" in body:
+                    ok = all(m.strip().lower() == word for m in re.findall(r"<<([^>]+)>>", body))
+                else:
+                    ok = word in re.findall(r"[a-z?]+", body.lower())
+                out.append(Reply("yes" if ok else "no", 5, 1, p_yes=0.9 if ok else 0.1))
+        return out
+
+
+def test_the_generic_protocol_over_an_openai_compatible_server(planted_run, tmp_path):
+    import shutil
+
+    from explain.explainers import ExplainerOptions
+    from explain.server import ExplainerServer
+    from explain.text_commands import TextExplainConfig, TextScoreConfig, run_explain_text, run_score_text
+
+    run = tmp_path / "run"
+    shutil.copytree(planted_run, run, symlinks=True)
+    for name in ("text_explanations.jsonl", "text_scores.jsonl", "text_score_summary.json"):
+        (run / name).unlink(missing_ok=True)
+    srv = ExplainerServer(ReadsMarks(), "reads-marks", port=0).start()
+    try:
+        opts = ExplainerOptions(api_model="reads-marks", retries=0, timeout=20)
+        with contextlib.redirect_stdout(io.StringIO()):
+            out = run_explain_text(TextExplainConfig(run=str(run), explainer=srv.url, options=opts, progress=False))
+            summary = run_score_text(TextScoreConfig(run=str(run), options=opts, progress=False))
+    finally:
+        srv.close()
+    assert out["failed"] == 0 and not summary["failed"]
+    rec = json.loads((run / "text_explanations.jsonl").read_text().splitlines()[1])
+    assert rec["protocol"] == "generic" and rec["explainer"].startswith("text-generic:http://127.0.0.1")
+    assert "[EXPLANATION]" in rec["raw"]
+    m = summary["matched"]
+    assert m["n"] == len(SHARED + SEPARATE) and m["text_explanation_accuracy"] == 1.0, m
+    assert 0.6 < m["detection_balanced_accuracy"] < 1.0 and 0.6 < m["fuzzing_balanced_accuracy"] < 1.0, m
+    assert summary["all"]["tokens_in"] > 0 and summary["judge"].startswith("text-generic:")
+
+
+def test_generic_protocol_parses_delphi_replies():
+    from explain.prompts import CANNOT_TELL
+    from explain.text import parse_explanation
+
+    assert parse_explanation("thinking...\n[EXPLANATION]: colour words.") == "colour words"
+    assert parse_explanation("Explanation: shapes") == "shapes"
+    assert parse_explanation("[EXPLANATION]: cannot tell") == CANNOT_TELL
