@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from interp.infra.cli_config import Command
+from interp.infra.durable import publish
 
 
 @dataclass
@@ -105,7 +106,7 @@ def write_synthetic_cache(path: Path, rows: int, d_in: int, tokens_per_image: in
             f.attrs[k] = json.dumps(identity.get(k, ""), sort_keys=True)
         f.attrs.update({"format": fmt.FORMAT, "d": d_in, "n_rows": rows, "n_samples": n_samples,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    tmp.replace(path)
+    publish(tmp, path)
     return path
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from explain.examples import SelectionConfig, explain_examples, heldout_examples, load_marked, negative_examples
 from explain.explainers import ExplainerOptions, is_http
 from interp.infra.cli_config import Command, positional
+from interp.infra.durable import write_json
 from interp.infra.layout import RunLayout
 
 
@@ -330,7 +331,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         scores = {f: r for f, r in store.ok().items() if f in set(live)}
     summary = summarize(scores, {f: m for f, m in matched.items() if f in set(live)})
     summary.update(judge=judge.name, seconds=round(time.time() - t_start, 1), explanations=str(layout.explanations))
-    layout.score_summary.write_text(json.dumps(summary, indent=1))
+    write_json(layout.score_summary, summary, indent=1)
     _print_summary(summary, layout.score_summary)
     failed = [f for f in todo if f in store.failed()]
     if failed:

@@ -45,7 +45,6 @@ features.h5 (format "lmmscope.features/3"; docs/formats.md is the spec):
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ from explain.feature_reader import (DEFAULT_CHUNK_ELEMENTS, FORMAT, MODALITIES, 
                                     cache_identity, chunk_rows_for, sae_fingerprint)
 from interp.cache.format import is_image, is_image_patch, is_text
 from interp.infra.cli_config import Command, choices, hidden, positional
+from interp.infra.durable import publish
 from interp.infra.layout import RunLayout
 from interp.model.models import resolve_device
 
@@ -452,7 +452,7 @@ def _write(out: Path, acc: _Accumulator, samples: np.ndarray, n_rows: int, has_t
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, out)
+    publish(tmp, out)
 
 
 def _put(f: h5py.File, name: str, arr: np.ndarray) -> None:

@@ -307,9 +307,9 @@ def sparsify_state(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def save_sparsify(sae: SAE, cfg: SparsifySaveConfig) -> Path:
     """Write the SAE as sparsify does (`SparseCoder.load_from_disk` reads it); returns the hookpoint folder."""
-    import os
-
     from safetensors.torch import save_file
+
+    from interp.infra.durable import publishing, write_json
 
     sp_cfg, tensors = sparsify_state(sae)
     out = Path(cfg.out)
@@ -324,11 +324,8 @@ def save_sparsify(sae: SAE, cfg: SparsifySaveConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for fname, write in ((SPARSIFY_WEIGHTS, lambda p: save_file(tensors, p)),
                          (CFG_FILENAME, lambda p: Path(p).write_text(json.dumps(sp_cfg)))):
-        tmp = folder / (fname + ".tmp")
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / fname)
+        with publishing(folder / fname) as tmp:
+            write(str(tmp))
     model = cfg.model_name or sae.cfg.model_name
     if cfg.hookpoint_folder and model:
         run_cfg = out / RUN_CONFIG
@@ -342,7 +339,7 @@ def save_sparsify(sae: SAE, cfg: SparsifySaveConfig) -> Path:
                 raise ValueError(f"{run_cfg} records another model ({existing.get('model') if isinstance(existing, dict) else existing!r}); "
                                  f"write the SAE of {model} to another directory")
         hookpoints = sorted(set(existing.get("hookpoints", [])) | {folder.name})
-        run_cfg.write_text(json.dumps({**existing, "model": model, "hookpoints": hookpoints}))
+        write_json(run_cfg, {**existing, "model": model, "hookpoints": hookpoints})
     return folder
 
 

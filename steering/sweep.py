@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from interp.infra.durable import write_json
 from interp.infra.layout import RunLayout, SweepDir
 from steering.interventions import MODES, POSITIONS, UNITS, Intervention, InterventionError, check_strength
 from steering.steer import ENGINES, Query, SteerSetup
@@ -355,7 +356,7 @@ def run_sweep(spec: SweepSpec, run: str | Path | RunLayout, name: str, setup: St
     sweep.root.mkdir(parents=True, exist_ok=True)
     ensure_identity(sweep.identity, identity, f"the sweep in {sweep.root}",
                     "its generations would not be comparable; use another sweep name")
-    sweep.spec.write_text(json.dumps(spec.to_json(), indent=1, default=str))
+    write_json(sweep.spec, spec.to_json(), indent=1, default=str)
     items, conditions = items_for(spec), conditions_for(spec, setup)
     resolved = {c: setup.resolve([c.intervention])[0] for c in conditions}
     records = Generations(sweep.generations)
@@ -478,7 +479,7 @@ def _write_outputs(sweep: SweepDir, spec: SweepSpec, rows: list[dict], best: lis
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    sweep.summary.write_text(json.dumps({"rows": rows, "best": best, "spec": spec.to_json()}, indent=1, default=str))
+    write_json(sweep.summary, {"rows": rows, "best": best, "spec": spec.to_json()}, indent=1, default=str)
     plot(rows, best, sweep)
 
 

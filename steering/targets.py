@@ -14,13 +14,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from interp.infra.durable import write_json
 from interp.infra.layout import RunLayout
 from steering.sweep import FeatureEntry, SweepSpec, WorldItems, run_sweep
 
@@ -74,7 +74,7 @@ def shapes_targets(run: str | Path | RunLayout, *, n_select: int = 100, n_eval: 
     for name, v in result["attribution"].items():
         if isinstance(v, dict) and "top5_rate" in v:
             result["targets"][f"attribution_top5>=0.8 ({name})"] = v["top5_rate"] >= 0.8
-    layout.steering_summary.write_text(json.dumps(result, indent=1, default=str))
+    write_json(layout.steering_summary, result, indent=1, default=str)
     return result
 
 

@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 
 from interp.cache.format import FORMAT, READABLE_FORMATS, SAMPLE_DTYPE, TOKEN_DTYPE
+from interp.infra.durable import fsync_path, publish
 
 SHARDS_ATTR = "shards"
 SHARD_ATTR = "shard"  # in each shard: its position in the index
@@ -43,8 +44,7 @@ class ShardError(ValueError):
 
 
 def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_path(path)
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -150,8 +150,7 @@ def write_index(shards: list[Path], index: Path, attrs: dict) -> Path:
             g.attrs[k] = v
         g.attrs.update({"format": FORMAT, "d": d, "n_rows": n_rows, "n_samples": n_samples,
                         "skipped": json.dumps(skipped), SHARDS_ATTR: json.dumps(entries)})
-    _fsync(tmp)
-    os.replace(tmp, index)
+    publish(tmp, index)
     return index
 
 
@@ -212,7 +211,6 @@ def shard_cache(cache: str | Path, out: str | Path, samples_per_shard: int) -> P
                     g.attrs[k] = v
                 g.attrs.update({"d": acts.shape[1], "n_rows": r1 - r0, "n_samples": len(sm), SHARD_ATTR: i,
                                 "skipped": skipped if i == 0 else "[]"})
-            _fsync(tmp)
-            os.replace(tmp, path)
+            publish(tmp, path)
             paths.append(path)
     return write_index(paths, out, attrs)

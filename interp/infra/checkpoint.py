@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from interp.infra.durable import publish
+
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
@@ -44,7 +46,7 @@ def save_checkpoint(path: str | Path, model_state: dict[str, torch.Tensor], opti
     _rmtree(old)
     if path.exists():
         os.replace(path, old)
-    os.replace(tmp, path)  # a kill between the two renames leaves .old, which find_checkpoint falls back to
+    publish(tmp, path)  # fsynced first; a kill between the two renames leaves .old, which find_checkpoint takes
     _rmtree(old)
 
 

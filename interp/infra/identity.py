@@ -53,5 +53,6 @@ def ensure_identity(path: str | Path, now: Any, what: str, fix: str) -> None:
     if path.exists():
         check_identity(json.loads(path.read_text()), now, what, fix)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(normalised(now), indent=1, sort_keys=True))
+        from interp.infra.durable import write_json
+
+        write_json(path, normalised(now), indent=1, sort_keys=True)

@@ -16,12 +16,12 @@ refused with a message naming it, so a new figure cannot silently lose its PNG.
 from __future__ import annotations
 
 import base64
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from interp.infra.durable import write_bytes
 
 PX = 1 / 100  # matplotlib inches per pixel at the DPI below
 DPI = 100
@@ -48,11 +48,11 @@ def write_figure(fig, path: str | Path, *, width: int | None = None, height: int
     html = path if path.suffix == ".html" else path.with_name(path.name + ".html")
     html.parent.mkdir(parents=True, exist_ok=True)
     page = fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False})
-    _publish(html, page.encode())
+    write_bytes(html, page.encode())
     if not png:
         return html, None
     image = html.with_suffix(".png")
-    _publish(image, render_png(fig, width, height))
+    write_bytes(image, render_png(fig, width, height))
     return html, image
 
 
@@ -351,23 +351,3 @@ def _annotation(mfig, axes: dict, a: dict, area: tuple, font: str) -> None:
     ax = axes.get((xref.split(" ")[0], yref.split(" ")[0]))
     if ax is not None:
         ax.annotate(text, (a.get("x"), a.get("y")), ha=ha, va=va, fontsize=size, color=font)
-
-
-def _publish(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically and durably: a temporary file, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the figure from everyone else
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -110,10 +110,7 @@ class RecordLog:
         kept = [r for r in self.records if predicate(r)]
         if len(kept) == len(self.records):
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(dumps(r) + "\n" for r in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        from interp.infra.durable import write_text
+
+        write_text(self.path, "".join(dumps(r) + "\n" for r in kept))
         self.records = kept

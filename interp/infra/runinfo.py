@@ -3,12 +3,13 @@ seed, argv, time), at RunLayout.run_info(stage); the package versions that cache
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
+
+from interp.infra.durable import write_json
 
 TRACKED = ("lmmscope", "torch", "transformers", "nnsight", "transformer-lens", "sae-lens", "h5py", "numpy")
 
@@ -29,5 +30,5 @@ def write_run_info(path: str | Path, info: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {**info, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "argv": sys.argv}
-    path.write_text(json.dumps(record, indent=1, default=str))
+    write_json(path, record, indent=1, default=str)
     return path

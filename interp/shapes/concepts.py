@@ -212,10 +212,9 @@ class RecoveryReport:
 
 
 def write_recovery(report: RecoveryReport, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_json(), indent=1))
-    return path
+    from interp.infra.durable import write_json
+
+    return write_json(path, report.to_json(), indent=1)
 
 
 def load_recovery(path: str | Path) -> RecoveryReport:
