@@ -362,7 +362,7 @@ class Trainer:
             write_run_info(self.run.run_info("train"), {"command": "train", "run": self.run_meta,
                                                         "resumed_at": self.step, "lr": self.lr,
                                                         "device": str(self.device), "autocast": self.use_autocast})
-        log = RecordLog(self.run.metrics) if writer else None
+        log = RecordLog(self.run.metrics, durable=False) if writer else None  # the checkpoint is the durable state
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.sae_cfg.arch} SAE", mininterval=1,
                    disable=not (cfg.progress and self.rank == 0), dynamic_ncols=True)
         t_start, t_log, steps_since_log = time.perf_counter(), time.perf_counter(), 0
@@ -650,9 +650,9 @@ def run_train(cfg: TrainRunConfig) -> TrainResult:
     layout = RunLayout.of(cfg.run)
     source = open_source(layout)
     found = cache_metadata(source)
+    hook_layer = cfg.sae.hook_layer if cfg.sae.hook_layer is not None else found.pop("hook_layer", None)
     sae_cfg = replace(cfg.sae, d_in=source.d, model_name=cfg.sae.model_name or found.pop("model_name", None),
-                      hook_name=cfg.sae.hook_name or found.pop("hook_name", None),
-                      hook_layer=cfg.sae.hook_layer if cfg.sae.hook_layer is not None else found.pop("hook_layer", None),
+                      hook_name=cfg.sae.hook_name or found.pop("hook_name", None), hook_layer=hook_layer,
                       metadata={**found, **cfg.sae.metadata})
     try:
         return train(sae_cfg, cfg.train, source, layout)

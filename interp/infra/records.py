@@ -56,10 +56,15 @@ def read_records(path: str | Path) -> Iterator[dict]:
 
 
 class RecordLog:
-    """An append-only JSONL file and the records it holds, in order (`records`)."""
+    """An append-only JSONL file and the records it holds, in order (`records`).
 
-    def __init__(self, path: str | Path):
+    `durable=False` flushes each append to the operating system without an fsync: such a log survives
+    a killed process but not a power cut, which suits logs that a checkpoint makes redundant (training
+    metrics: a resumed run rewrites them from its checkpoint) and that are written every step."""
+
+    def __init__(self, path: str | Path, durable: bool = True):
         self.path = Path(path)
+        self.durable = durable
         self.records: list[dict] = []
         if self.path.exists():
             self._load()
@@ -101,7 +106,8 @@ class RecordLog:
         with open(self.path, "a") as f:
             f.write("".join(dumps(r) + "\n" for r in batch))
             f.flush()
-            os.fsync(f.fileno())
+            if self.durable:
+                os.fsync(f.fileno())
         self.records.extend(batch)
 
     def keep(self, predicate: Callable[[dict], bool]) -> None:

@@ -214,7 +214,7 @@ def train(cfg: TrainConfig, out: str | Path, world: WorldConfig = WorldConfig(),
         loss = vision_pretrain(model, batcher, cfg)
         print(f"vision pretraining done, presence loss {loss:.4f}")
         save_checkpoint(ckpt_dir, model.state_dict(), opt, {"step": 0, "run": run_meta})
-    log = RecordLog(out / "train_log.jsonl")
+    log = RecordLog(out / "train_log.jsonl", durable=False)  # a record every step; the checkpoint is the durable state
     log.keep(lambda r: r["step"] <= start)  # what was logged after the checkpoint is redone
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.which}", mininterval=2)
