@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error starts a line of its own instead of
+    being glued onto the bar's last state."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # a bar whose stream is gone: nothing to end
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -68,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:  # user errors: one clear line, no traceback
         if os.environ.get("INTERP_DEBUG"):
             raise
+        _end_progress_bars()
         print(f"interp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

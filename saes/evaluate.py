@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from interp.infra.cli_config import Command, positional
+from interp.infra.cli_config import Command, at_least, positional
+from interp.infra.durable import write_json
 from interp.infra.layout import RunLayout
 
 DENSE = 0.1  # a feature firing on more than 10% of rows is "dense"
@@ -221,7 +222,7 @@ class EvalConfig:
     """run directory: evaluates RUN/sae/, writes RUN/eval/"""
     cache: str | None = None
     """activation cache to evaluate on (none: the run's own, RUN/activations.h5; ideally a held-out one)"""
-    samples: int = 64
+    samples: int = field(default=64, metadata=at_least(1))
     """cached samples for the spliced CE/KL evaluation"""
     questions: int = 100
     """organism VQA with the SAE spliced in: held-out questions per task (0: skip)"""
@@ -250,7 +251,7 @@ def evaluate_sae(cfg: EvalConfig) -> dict:
             if vqa:
                 result["vqa"] = vqa
     layout.eval_dir.mkdir(parents=True, exist_ok=True)
-    layout.eval.write_text(json.dumps(result, indent=1))
+    write_json(layout.eval, result, indent=1)
     write_run_info(layout.run_info("eval"), {"command": "eval", "config": asdict(cfg)})
     _figures(density, layout)
     return result

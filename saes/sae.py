@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interp.infra.cli_config import choices, hidden
+from interp.infra.cli_config import at_least, choices, hidden
 from saes import architectures
 from saes.architectures.base import TrainOutput
 
@@ -53,7 +53,7 @@ class SAEConfig:
     """SAE architecture (relu: ReLU with an L1 penalty)"""
     d_in: int = field(default=512, metadata=hidden())
     """width of the activations (the cache's)"""
-    d_sae: int = 8192
+    d_sae: int = field(default=8192, metadata=at_least(1))
     """features of the SAE"""
     k: float = 32
     """active features per row (topk: an integer), or per row on average (batchtopk)"""
@@ -269,12 +269,16 @@ class SAE(nn.Module):
         """
         from safetensors.torch import save_file
 
+        from interp.infra.durable import publishing, write_json
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file(self.sae_lens_state(), path / WEIGHTS_FILENAME)
-        (path / CFG_FILENAME).write_text(json.dumps(self.sae_lens_config(extra_metadata), indent=1))
+        with publishing(path / WEIGHTS_FILENAME) as tmp:  # each file is published whole (fsync, rename)
+            save_file(self.sae_lens_state(), tmp)
+        write_json(path / CFG_FILENAME, self.sae_lens_config(extra_metadata), indent=1)
         if sparsity is not None:
-            save_file({"sparsity": torch.log10(sparsity.detach().float().cpu() + 1e-10)}, path / SPARSITY_FILENAME)
+            with publishing(path / SPARSITY_FILENAME) as tmp:
+                save_file({"sparsity": torch.log10(sparsity.detach().float().cpu() + 1e-10)}, tmp)
         return path
 
     @classmethod
@@ -288,12 +292,24 @@ class SAE(nn.Module):
 
             if (path / SPARSIFY_WEIGHTS).exists() or hookpoint_folders(path):
                 return load_sparsify(SparsifyLoadConfig(str(path), device=device, dtype=dtype))
-        cfg_path = path / CFG_FILENAME
+        cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
         if not cfg_path.exists():
             raise FileNotFoundError(f"no SAE at {path}: {CFG_FILENAME} is missing")
-        raw = json.loads(cfg_path.read_text())
-        weights = load_file(path / WEIGHTS_FILENAME)
-        cfg, weights = _config_from_sae_lens(raw, weights, str(path))
+        raw = read_sae_cfg(cfg_path)
+        if not weights_path.exists():
+            raise FileNotFoundError(f"no SAE weights at {weights_path}: the SAE at {path} is incomplete; re-run "
+                                    "`interp train` or copy the file back")
+        try:
+            weights = load_file(weights_path)
+        except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a cut file
+            raise ValueError(f"{weights_path} is not a readable safetensors file ({type(e).__name__}: {e}): it may "
+                             "be truncated or empty; re-run `interp train` or copy the SAE again") from None
+        try:
+            cfg, weights = _config_from_sae_lens(raw, weights, str(cfg_path))
+        except KeyError as e:
+            raise ValueError(f"{cfg_path} has no {e.args[0]!r}: it is not a complete SAE config; re-save the SAE "
+                             "or add the key") from None
+        check_cfg_against_weights(raw, cfg, weights, cfg_path, weights_path)
         cfg.device = device
         if dtype is not None:
             cfg.dtype = dtype
@@ -311,6 +327,53 @@ class SAE(nn.Module):
                                  f"expected {tuple(target.shape)} for d_in={cfg.d_in}, d_sae={cfg.d_sae}")
             target.data = t.to(device=cfg.device, dtype=DTYPES[cfg.dtype]).contiguous()
         return sae
+
+
+def read_sae_cfg(cfg_path: Path) -> dict[str, Any]:
+    """An SAE's cfg.json as a dict, or a ValueError naming the file and what is wrong with it."""
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}): re-save the SAE or fix the file") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path} holds a JSON {type(raw).__name__}, not an object of SAE settings "
+                         "(d_in, d_sae, architecture, ...): re-save the SAE or fix the file")
+    for key in ("d_in", "d_sae"):
+        if key not in raw:
+            raise ValueError(f"{cfg_path} has no {key!r}: it is not a complete SAE config; re-save the SAE or "
+                             "add the key")
+    return raw
+
+
+def check_cfg_against_weights(raw: dict[str, Any], cfg: SAEConfig, weights: dict[str, torch.Tensor],
+                              cfg_path: Path, weights_path: Path) -> None:
+    """Refuse an SAE whose cfg.json disagrees with itself or with its weights: the top-level d_in, d_sae
+    and architecture (what SAELens reads) must be those of our own config record and of the tensors."""
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    recorded = isinstance(meta.get("lmmscope"), dict)  # our own record of the config (it wins when loading)
+    w_enc, w_dec = weights.get("W_enc"), weights.get("W_dec")
+    dims, tensor = None, None
+    if w_enc is not None and w_enc.ndim == 2:
+        dims, tensor = (int(w_enc.shape[0]), int(w_enc.shape[1])), f"W_enc {tuple(w_enc.shape)}"
+    elif w_dec is not None and w_dec.ndim == 2:
+        dims, tensor = (int(w_dec.shape[1]), int(w_dec.shape[0])), f"W_dec {tuple(w_dec.shape)}"
+    problems = []
+    for i, key in enumerate(("d_in", "d_sae")):
+        try:
+            top = int(raw[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"{cfg_path}: {key} must be an integer, got {raw[key]!r}") from None
+        if dims is not None and top != dims[i]:
+            problems.append(f"{key}={top}, but the weights have {key}={dims[i]} ({tensor})")
+        elif recorded and top != getattr(cfg, key):
+            problems.append(f"{key}={top} at its top level, but {getattr(cfg, key)} in its lmmscope record")
+    arch = architectures.get(cfg.arch)
+    if recorded and "architecture" in raw and str(raw["architecture"]) != arch.sae_lens:
+        problems.append(f"architecture={raw['architecture']!r}, but the weights are a {cfg.arch} SAE "
+                        f"(saved as {arch.sae_lens!r})")
+    if problems:
+        raise ValueError(f"{cfg_path} does not describe {weights_path}: it says {'; '.join(problems)}. The two "
+                         "files are from different SAEs or one was edited: copy the SAE directory again")
 
 
 def _config_from_sae_lens(raw: dict[str, Any], weights: dict[str, torch.Tensor],

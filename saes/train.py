@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from interp.infra.cli_config import Command, choices, hidden, positional
+from interp.infra.cli_config import Command, at_least, check_bounds, choices, hidden, positional
 from interp.infra.identity import check_identity
 from interp.infra.layout import RunLayout
 from interp.infra.records import RecordLog
@@ -50,9 +50,9 @@ NOT_RUN_DEFINING = ("checkpoint_every", "log_every", "progress", "threads")
 class TrainConfig:
     """How an SAE is trained (what it is: SAEConfig)."""
 
-    steps: int = 10_000
+    steps: int = field(default=10_000, metadata=at_least(1))
     """training steps"""
-    batch_size: int = 4096
+    batch_size: int = field(default=4096, metadata=at_least(1))
     """rows per step, over all ranks"""
     lr: float | None = None
     """peak learning rate (none: 2e-4 / sqrt(d_sae / 16384))"""
@@ -84,9 +84,9 @@ class TrainConfig:
     """topk/batchtopk: the k-sparse kernels (off: the dense reference, slow)"""
     grad_clip: float | None = None
     """max global gradient norm (none: no clipping)"""
-    checkpoint_every: int = 500
+    checkpoint_every: int = field(default=500, metadata=at_least(1))
     """steps between checkpoints"""
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=at_least(1))
     """steps between metrics records"""
     device: str = "auto"
     """auto (cuda when present), cpu, cuda, cuda:N"""
@@ -99,8 +99,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        check_bounds(self)
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
 

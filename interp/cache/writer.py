@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from interp.cache.data import DataError, Sample, fingerprint, open_source
 from interp.cache.format import FORMAT, IDENTITY_ATTRS, SAMPLE_DTYPE, TOKEN_DTYPE, is_pad, role_codes
-from interp.infra.cli_config import Command, choices, positional
+from interp.infra.cli_config import Command, at_least, check_bounds, choices, positional
+from interp.infra.durable import publish, write_json
 from interp.infra.identity import IdentityError, check_identity
 from interp.infra.layout import RunLayout
 from interp.model.inputs import DEFAULT_TEMPLATE, QA_TEMPLATE, check_template, model_inputs, prompts, user_text
@@ -44,9 +45,9 @@ class CacheConfig:
     site: str = field(default="resid", metadata=choices(["resid", "attn", "mlp"]))
     """residual output, attention output or MLP output of the layer"""
     data: str = "shapes"
-    samples: int | None = None
     """data source: shapes[:SPLIT][:qa] (qa: a question and its answer per scene; template "{image} {text}"),
     folder:PATH, hf:PATH[:IMAGE_COLUMN]"""
+    samples: int | None = field(default=None, metadata=at_least(1))
     """number of samples to cache (none: the whole source; the shapes world: 2000)"""
     prompt_template: str = DEFAULT_TEMPLATE
     """prompt template with an {image} slot (and an optional {text} slot for the dataset's text)"""
@@ -60,9 +61,9 @@ class CacheConfig:
     """auto (cuda when present), cpu, cuda, cuda:N"""
     revision: str | None = None
     """hub revision of the model"""
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=at_least(1))
     """samples per forward pass"""
-    part_samples: int = 256
+    part_samples: int = field(default=256, metadata=at_least(1))
     """samples per crash-safe part file"""
     engine: str = field(default="nnsight", metadata=choices(["nnsight", "torch"]))
     """hooking engine"""
@@ -73,6 +74,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         self.roles = tuple(self.roles)
+        check_bounds(self)
 
     def same_cache(self, other: CacheConfig) -> bool:
         """Whether two configs make the same cache (wherever it is written)."""
@@ -164,35 +166,52 @@ def build_cache(cfg: CacheConfig, writer: CacheWriter | None = None) -> Path:
         print(f"{out} is already complete")
         return out
     parts_dir = layout.cache_parts
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    manifest = parts_dir / "manifest.json"
-    if rank == 0 and not manifest.exists():
-        manifest.write_text(json.dumps(identity_json, sort_keys=True))
-    elif manifest.exists():
-        check_identity(json.loads(manifest.read_text()), identity_json, f"the partial cache in {parts_dir}",
-                       f"use another run directory or delete {parts_dir}")
-    n_parts = -(-len(source) // cfg.part_samples)
-    if n_parts == 0:
-        raise DataError(f"data source {cfg.data} is empty")
-    todo = [p for p in range(rank, n_parts, world) if not _part_path(parts_dir, p).exists()]
-    n_todo = sum(min(cfg.part_samples, len(source) - p * cfg.part_samples) for p in todo)
-    bar = tqdm(total=n_todo, desc=f"cache {cfg.model} {writer.hook.name}" + (f" rank {rank}" if world > 1 else ""),
-               unit="sample", mininterval=1)
-    for p in todo:
-        _write_part(writer, source, p, parts_dir, bar)
-    bar.close()
+    fresh = [d for d in (layout.root, parts_dir) if not d.exists()]  # what this run creates
+    try:
+        _write_parts(writer, source, cfg, parts_dir, identity_json, rank, world)
+    except (ValueError, FileNotFoundError, KeyError):  # bad input: leave nothing behind that this run began
+        if world == 1 and parts_dir in fresh:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            if layout.root in fresh and not any(layout.root.iterdir()):
+                layout.root.rmdir()
+        raise
     if world > 1:
-        _wait_for_parts(parts_dir, n_parts, world)
+        _wait_for_parts(parts_dir, _part_count(len(source), cfg.part_samples), world)
     if rank == 0:
         attrs = {**identity_json, "format": FORMAT, "family": writer.lm.family, "kind": writer.lm.kind,
                  "d": 0, "data_fingerprint": fingerprint(source), "engine": cfg.engine,
                  "processor": json.dumps(_processor_settings(writer.lm), sort_keys=True, default=str),
                  "versions": json.dumps(versions()), "config": json.dumps({**asdict(cfg), "run": None}, default=str),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _merge(parts_dir, n_parts, out, attrs)
+        _merge(parts_dir, _part_count(len(source), cfg.part_samples), out, attrs)
     if world > 1:
         torch.distributed.barrier()
     return out
+
+
+def _part_count(n_samples: int, part_samples: int) -> int:
+    return -(-n_samples // part_samples)
+
+
+def _write_parts(writer: CacheWriter, source, cfg: CacheConfig, parts_dir: Path, identity_json: dict, rank: int,
+                 world: int) -> None:
+    """This rank's part files that are not written yet (the manifest first, checked on a resume)."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    manifest = parts_dir / "manifest.json"
+    if rank == 0 and not manifest.exists():
+        write_json(manifest, identity_json, sort_keys=True)
+    elif manifest.exists():
+        check_identity(json.loads(manifest.read_text()), identity_json, f"the partial cache in {parts_dir}",
+                       f"use another run directory or delete {parts_dir}")
+    total = _part_count(len(source), cfg.part_samples)
+    if total == 0:
+        raise DataError(f"data source {cfg.data} is empty")
+    todo = [p for p in range(rank, total, world) if not _part_path(parts_dir, p).exists()]
+    n_todo = sum(min(cfg.part_samples, len(source) - p * cfg.part_samples) for p in todo)
+    with tqdm(total=n_todo, desc=f"cache {cfg.model} {writer.hook.name}" + (f" rank {rank}" if world > 1 else ""),
+              unit="sample", mininterval=1) as bar:
+        for p in todo:
+            _write_part(writer, source, p, parts_dir, bar)
 
 
 def _write_part(writer: CacheWriter, source, p: int, parts_dir: Path, bar) -> None:
@@ -225,13 +244,7 @@ def _write_part(writer: CacheWriter, source, p: int, parts_dir: Path, bar) -> No
         f.create_dataset("tokens", data=np.concatenate(tokens) if tokens else np.zeros(0, TOKEN_DTYPE))
         f.create_dataset("samples", data=np.array(samples, dtype=SAMPLE_DTYPE))
         f.attrs["skipped"] = json.dumps(skipped)
-    _fsync(tmp)
-    os.replace(tmp, _part_path(parts_dir, p))
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    publish(tmp, _part_path(parts_dir, p))
 
 
 def _merge(parts_dir: Path, n_parts: int, out: Path, attrs: dict) -> None:
@@ -268,8 +281,7 @@ def _merge(parts_dir: Path, n_parts: int, out: Path, attrs: dict) -> None:
         g.attrs["n_rows"] = n_rows
         g.attrs["n_samples"] = n_samples
         g.attrs["skipped"] = json.dumps(skipped)
-    _fsync(tmp)
-    os.replace(tmp, out)
+    publish(tmp, out)
     shutil.rmtree(parts_dir)
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['image_ref']}: {skipped[0]['error']}")

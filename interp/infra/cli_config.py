@@ -13,7 +13,11 @@ so the library and the CLI cannot drift apart:
   asked when the parser is built (the SAE architecture registry);
 - `field(metadata=positional())` makes the field a positional argument (the run directory);
 - a field whose type is a dataclass is flattened: its fields become options of the same command;
-- `field(metadata=hidden())` keeps a field out of the command line (library-only settings).
+- `field(metadata=hidden())` keeps a field out of the command line (library-only settings);
+- `field(metadata=at_least(1))` bounds a number: the parser refuses a smaller value, naming the option,
+  and `check_bounds(cfg)` (called by the config's __post_init__) refuses it for library callers too;
+- a comma-separated option given an empty value (`--features ''`) is refused: leaving it out is how
+  to ask for its default.
 
 Considered: simple_parsing (sparsify's dataclass-as-CLI) does the same from docstrings. This
 generator is ~200 lines we control: registry-driven choices, `--no-` flags, the positional run
@@ -53,6 +57,29 @@ def choices(values: list | tuple | Callable[[], list]) -> dict:
 
 def short(flag: str) -> dict:
     return {"cli_short": flag}
+
+
+def at_least(minimum: int | float) -> dict:
+    """A lower bound on a number (None, where the field allows it, stays allowed)."""
+    return {"cli_min": minimum}
+
+
+def option_name(name: str) -> str:
+    """The option a field is given by on the command line: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def below_minimum(value: Any, minimum: int | float) -> bool:
+    return value is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and value < minimum
+
+
+def check_bounds(cfg: Any) -> None:
+    """Raise ValueError naming the option of the first field of `cfg` below its `at_least` bound."""
+    for f in dataclasses.fields(cfg):
+        bound = f.metadata.get("cli_min")
+        value = getattr(cfg, f.name, None)
+        if bound is not None and below_minimum(value, bound):
+            raise ValueError(f"{option_name(f.name)} must be at least {bound}, got {value}")
 
 
 # ---------------------------------------------------------------- field docstrings
@@ -111,6 +138,9 @@ def _sequence(tp: Any) -> tuple[type, Callable[[str], Any]] | None:
 
 def comma_list(container: type, item: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     def parse(text: str):
+        if not text.strip(" ,"):
+            raise argparse.ArgumentTypeError(f"{what} was given no values ({text!r}): give at least one, or leave "
+                                             f"{what} out for its default")
         out = []
         for part in text.split(","):
             if not part.strip():
@@ -211,6 +241,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         empty = default in (dataclasses.MISSING, None) or (isinstance(default, (tuple, list)) and not default)
         shown = "" if empty else f" (default: {_shown(default)})"
         kw["help"] = doc + shown
+        if "cli_min" in f.metadata and "type" in kw:
+            kw["type"] = _bounded(kw["type"], f.metadata["cli_min"])
         if f.metadata.get("cli_positional"):
             kw.pop("dest")
             kw["metavar"] = f.metadata.get("metavar", name.upper())
@@ -224,6 +256,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["default"] = default
         flags = [flag] + ([f.metadata["cli_short"]] if "cli_short" in f.metadata else [])
         parser.add_argument(*flags, **kw)
+
+
+def _bounded(parse: Callable[[str], Any], minimum: int | float) -> Callable[[str], Any]:
+    def check(text: str):
+        value = parse(text)
+        if below_minimum(value, minimum):
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    check.__name__ = getattr(parse, "__name__", "value")
+    return check
 
 
 def _checked_list(parse: Callable[[str], Any], allowed: list, flag: str) -> Callable[[str], Any]:

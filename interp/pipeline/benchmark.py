@@ -12,13 +12,13 @@ output directory, with the raw numbers in JSON.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from interp.infra.cli_config import Command, choices, positional
+from interp.infra.cli_config import Command, at_least, choices, positional
+from interp.infra.durable import write_json, write_text
 from interp.infra.layout import RunLayout
 from saes import architectures
 
@@ -32,15 +32,15 @@ class BenchmarkConfig:
     archs: tuple[str, ...] = field(default_factory=lambda: tuple(architectures.names()),
                                    metadata=choices(architectures.names))
     """architectures to train"""
-    d_sae: int = 256
+    d_sae: int = field(default=256, metadata=at_least(1))
     """features of every SAE"""
-    k: int = 4
+    k: int = field(default=4, metadata=at_least(1))
     """active features per row (topk, batchtopk)"""
-    steps: int = 3000
+    steps: int = field(default=3000, metadata=at_least(1))
     """training steps per SAE"""
-    batch_size: int = 1024
+    batch_size: int = field(default=1024, metadata=at_least(1))
     """rows per training step"""
-    samples: int = 3000
+    samples: int = field(default=3000, metadata=at_least(1))
     """shapes-world samples to cache (when the run has no cache yet)"""
     seed: int = 0
     """seed of the SAEs and of the cached samples"""
@@ -141,7 +141,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
               f"{results[arch].get('explanation_accuracy')}  steering {results[arch].get('steering_success')}", flush=True)
     report = {"cache": str(run.cache), "steer_cache": str(steer_run.cache) if steer_run else None,
               "concepts": list(gt.concepts), "archs": results, "mean_neuron_f1": recovery.mean_neuron_f1}
-    run.benchmark.write_text(json.dumps(report, indent=1))
+    write_json(run.benchmark, report, indent=1)
     _write_report(report, run)
     reader.close()
     return report
@@ -170,7 +170,7 @@ def _write_report(report: dict, run: RunLayout) -> None:
     for c in concepts:
         lines.append(f"| {c} | " + " | ".join(f"{report['archs'][a]['f1'][c]:.3f}" for a in archs) + " |")
     lines += ["", "Figures: `recovery.html` (F1 per concept), `probe_cosine.html`."]
-    run.report.write_text("\n".join(lines) + "\n")
+    write_text(run.report, "\n".join(lines) + "\n")
     for key, title, name in (("f1", "Best feature F1 per concept", "recovery"),
                              ("probe_cosine", "Max cosine of a decoder row with the concept's probe", "probe_cosine")):
         fig = go.Figure([go.Bar(name=a, x=concepts, y=[report["archs"][a][key][c] for c in concepts]) for a in archs])

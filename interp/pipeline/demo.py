@@ -9,11 +9,11 @@ back, not redone.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from interp.infra.cli_config import Command, positional
+from interp.infra.cli_config import Command, at_least, positional
+from interp.infra.durable import write_json
 from interp.infra.layout import RunLayout
 
 SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concept_recovery", "explanation_accuracy",
@@ -27,15 +27,15 @@ class DemoConfig:
 
     run: str = field(default="runs/demo", metadata=positional(required=False))
     """run directory to write"""
-    samples: int = 3000
+    samples: int = field(default=3000, metadata=at_least(1))
     """shapes-world samples to cache"""
     layer: str = "2"
     """subject layer whose residual stream is cached"""
-    d_sae: int = 256
+    d_sae: int = field(default=256, metadata=at_least(1))
     """features of the SAE"""
-    k: int = 4
+    k: int = field(default=4, metadata=at_least(1))
     """TopK active features per row"""
-    steps: int = 3000
+    steps: int = field(default=3000, metadata=at_least(1))
     """SAE training steps"""
     questions: int = 100
     """held-out questions per task for the organisms' accuracy and the VQA with the SAE"""
@@ -137,7 +137,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["stages"]["steering"] = round(time.time() - t, 1)
 
     summary["seconds"] = round(time.time() - t0, 1)
-    run.summary.write_text(json.dumps(summary, indent=1))
+    write_json(run.summary, summary, indent=1)
     return summary
 
 
