@@ -247,8 +247,20 @@ def next_token_logits(setup: SteerSetup, batch: PromptBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
+def placeholder_ids(lm) -> set[int]:
+    """Token ids the model replaces with image (or video) features wherever they appear in its input."""
+    config = getattr(lm.model, "config", None)
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    return {int(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, int)} if lm.is_multimodal else set()
+
+
 def continuation_nll(setup: SteerSetup, batch: PromptBatch, gen: Generation) -> list[float]:
-    """Mean NLL per token of each generated continuation under the clean model (nan if empty)."""
+    """Mean NLL per token of each generated continuation under the clean model (nan if empty).
+
+    A steered model may emit the image placeholder token (a steered output is arbitrary text). Fed back
+    in, the model would take it for an image slot and refuse the batch ("image features and image tokens
+    do not match"), so a generated placeholder is masked out of the input (pad id, attention 0); it is
+    still scored as a target: its NLL is the clean model's surprise at emitting it."""
     lm = setup.lm
     width = max((len(t) for t in gen.tokens), default=0)
     if width == 0:
@@ -259,11 +271,14 @@ def continuation_nll(setup: SteerSetup, batch: PromptBatch, gen: Generation) -> 
     for i, t in enumerate(gen.tokens):
         ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         valid[i, : len(t)] = True
+    placeholder = torch.isin(ids, torch.tensor(sorted(placeholder_ids(lm)), dtype=torch.long))
+    fed = ids.masked_fill(placeholder, pad)
     inputs = dict(batch.inputs)
     device = inputs["input_ids"].device
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], ids.to(device)], 1)
-    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], valid.to(device).long()], 1)
-    logits = lm.model(**inputs).logits[:, batch.length - 1: -1].float().cpu()
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], fed.to(device)], 1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], (valid & ~placeholder).to(device).long()], 1)
+    with torch.no_grad():
+        logits = lm.model(**inputs).logits[:, batch.length - 1: -1].float().cpu()
     nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
     return [float(nll[i][valid[i]].mean()) if valid[i].any() else float("nan") for i in range(len(ids))]
 

@@ -299,6 +299,42 @@ def test_sweep_records_metrics_and_plots(setup, run):
         run_sweep(_spec(mode="clamp"), run, "records", setup, progress=False)
 
 
+def image_token_sae(lm) -> SAE:
+    """An SAE at the subject's last layer whose feature 0 decodes along the direction that, through the final
+    norm and the unembedding, makes the image placeholder the top token: adding a lot of it makes the model
+    emit `<image>`."""
+    image = lm.model.config.image_token_id
+    w = lm.model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
+    target = -torch.ones(w.shape[0])
+    target[image] = 10.0
+    u = torch.linalg.lstsq(w, target[:, None]).solution[:, 0]
+    sae = random_sae(hook="model.language_model.layers.3")
+    with torch.no_grad():
+        sae.W_dec[0] = u / lm.model.get_decoder().norm.weight.detach().float() / u.norm()
+    return sae
+
+
+def test_a_sweep_survives_a_steered_model_that_emits_the_image_placeholder(lm, tmp_path):
+    """Fed back into its perplexity pass, a generated `<image>` made the model look for an image that is not
+    there ("Image features and image tokens do not match"): continuation_nll masks it out of the input."""
+    from steering.steer import placeholder_ids
+
+    image = lm.model.config.image_token_id
+    assert placeholder_ids(lm) == {image}
+    image_token_sae(lm).save(RunLayout(tmp_path).sae)
+    setup = setup_for(lm, SAE.load(RunLayout(tmp_path).sae).eval(), tmp_path)
+    spec = _spec(features=[0], strengths=[0.0, 1e4], positions="all", max_new_tokens=3)
+    r = run_sweep(spec, tmp_path, "placeholder", setup, progress=False)
+    steered = [rec for rec in RunLayout(tmp_path).sweep("placeholder").generations.read_text().splitlines()
+               if '"kind": "steered"' in rec and '"strength": 10000.0' in rec]
+    assert len(steered) == 6 and all(json.loads(rec)["tokens"][0] == image for rec in steered)
+    assert all(json.loads(rec)["nll"] > 5 for rec in steered)  # finite, and the clean model is surprised
+    assert {row["strength"]: row["changed"] for row in r.rows} == {0.0: 0.0, 1e4: 1.0}  # rates over the 6 images
+    baseline = [json.loads(rec) for rec in RunLayout(tmp_path).sweep("placeholder").generations.read_text()
+                .splitlines() if '"kind": "baseline"' in rec]
+    assert len(baseline) == 6 and all(0 <= rec["nll"] < 0.1 for rec in baseline)  # the clean answers, confident
+
+
 def test_sweep_killed_and_rerun_loses_and_redoes_nothing(setup, run, monkeypatch):
     import steering.steer as steer_mod
 
