@@ -80,6 +80,10 @@ def build_table(summary: dict[str, np.ndarray], explanations: dict[int, dict],
                 text[f] = explanation_text(rec)
     df["explanation"] = text
     df["score"] = score
+    if "modality" in summary:  # features/3: where the feature fires (image, text, both, dead)
+        from explain.feature_reader import MODALITIES
+
+        df["modality"] = np.asarray(MODALITIES, dtype=object)[summary["modality"]]
     dead = df["n_active"].to_numpy() == 0 if "n_active" in df else df["density"].to_numpy() == 0
     df["status"] = np.where(dead, "dead", np.where(df["density"].to_numpy() > DENSE, "dense", "live"))
     return df
@@ -94,6 +98,7 @@ class Query:
     only_dense: bool = False
     only_unexplained: bool = False
     only_explained: bool = False
+    modality: str = "all"  # all, or one of image, text, both (features that fire there)
 
 
 def select(df: pd.DataFrame, q: Query) -> np.ndarray:
@@ -109,6 +114,8 @@ def select(df: pd.DataFrame, q: Query) -> np.ndarray:
         keep &= ~explained
     if q.only_explained:
         keep &= explained
+    if q.modality != "all" and "modality" in df:
+        keep &= df["modality"].to_numpy() == q.modality
     text = q.search.strip()
     if text:
         hit = df["explanation"].str.contains(text, case=False, regex=False).to_numpy(dtype=bool)

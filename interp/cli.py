@@ -24,7 +24,7 @@ os.environ.setdefault("PIP_NO_INDEX", "1")
 
 STAGES = ["interp.shapes.world", "interp.shapes.organisms.cli", "interp.model.layers", "interp.cache.writer",
           "interp.pipeline.speed", "saes.train", "saes.bench_train", "saes.evaluate", "saes.recovery", "saes.crossmodal", "explain.features",
-          "explain.bench_features", "explain.commands", "explain.text_commands", "steering.commands", "steering.bench", "app.commands",
+          "explain.bench_features", "explain.commands", "explain.text_commands", "steering.commands", "steering.crossmodal", "steering.bench", "app.commands",
           "interp.pipeline.benchmark", "interp.pipeline.crossmodal", "interp.pipeline.demo",
           "interp.pipeline.bench_scale"]
 REGISTERS = ["explain.server"]  # `interp serve-explainer` registers itself (argparse) until it moves onto a config

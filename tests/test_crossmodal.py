@@ -114,6 +114,9 @@ def planted_run(tmp_path_factory) -> Path:
         run_train(TrainRunConfig(run=str(run), sae=SAEConfig(d_sae=24, k=4),
                                  train=TrainConfig(steps=600, batch_size=256, progress=False, seed=0)))
         compute_features(FeaturesConfig(run=str(run), progress=False, top_samples=8, reservoir=16, negatives=12))
+    from saes.crossmodal import CrossModalConfig, run_crossmodal
+
+    run_crossmodal(CrossModalConfig(run=str(run)))  # RUN/crossmodal.json, which later stages read
     return run
 
 
@@ -278,3 +281,100 @@ def test_generic_protocol_parses_delphi_replies():
     assert parse_explanation("thinking...\n[EXPLANATION]: colour words.") == "colour words"
     assert parse_explanation("Explanation: shapes") == "shapes"
     assert parse_explanation("[EXPLANATION]: cannot tell") == CANNOT_TELL
+
+
+# ---------------------------------------------------------------- the app
+
+
+def _app(monkeypatch, run: Path, page: str, query: dict | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("LMMSCOPE_RUN_DIR", str(run))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "main.py"), default_timeout=120).run()
+    if query:
+        at.query_params.update(query)
+    at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_the_feature_page_shows_text_examples_beside_image_examples(planted_run, monkeypatch):
+    from app.text_view import shaded_html
+    from saes.crossmodal import load_crossmodal
+
+    red = {c.concept: c for c in load_crossmodal(RunLayout(planted_run).crossmodal).concepts}["red"]
+    at = _app(monkeypatch, planted_run, "views/feature.py", {"feature": str(red.shared_feature)})
+    headers = [h.value for h in at.header]
+    assert "Top samples: image" in headers and "Top samples: text" in headers and "Quantile samples" in headers
+    body = "\n".join(str(m.value) for m in at.markdown)
+    assert "Modality **both**" in body
+    shaded = [m for m in body.split("\n") if "<span" in m]
+    assert shaded and any(">red</span>" in m and "rgba(255, 140, 0, 0.9" in m for m in shaded)
+    assert len(at.get("image")) >= 3  # the image examples, beside the text ones
+    html = shaded_html([" is", " there", " a", " red"], np.array([0, 0, 0.5, 1.0]), 1.0)
+    assert html.startswith('<span style="background: rgba(255, 140, 0, 0.00)') and "0.45" in html and ">red<" in html
+
+
+def test_the_feature_list_filters_by_modality(planted_run, monkeypatch):
+    at = _app(monkeypatch, planted_run, "views/feature_list.py")
+    assert set(at.dataframe[0].value["modality"]) >= {"image", "text", "both"}
+    for modality in ("text", "image", "both"):
+        at.segmented_control(key="modality").set_value(modality).run()
+        assert not at.exception
+        assert set(at.dataframe[0].value["modality"]) == {modality}
+
+
+# ---------------------------------------------------------------- the layer sweep and steering on both sides
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> Path:
+    from interp.pipeline.crossmodal import CrossModalSweepConfig, run_crossmodal_sweep
+
+    run = tmp_path_factory.mktemp("sweep") / "run"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        run_crossmodal_sweep(CrossModalSweepConfig(run=str(run), layers=(0, 3), samples=40, d_sae=32, k=4, steps=80))
+    return run
+
+
+def test_the_layer_sweep_writes_numbers_and_a_figure_per_layer(swept):
+    from interp.pipeline.crossmodal import CrossModalSweepConfig, crossmodal_section
+
+    layout = RunLayout(swept)
+    sweep = json.loads(layout.crossmodal_sweep.read_text())
+    assert [r["layer"] for r in sweep["layers"]] == [0, 3]
+    for r in sweep["layers"]:
+        sub = layout.crossmodal_run(r["layer"])
+        report = json.loads(sub.crossmodal.read_text())
+        assert r["cross_modal_fraction"] == report["cross_modal_fraction"] and len(r["concepts"]) == 9
+        assert sub.cache.exists() and (sub.sae / "cfg.json").exists()
+    assert layout.figure("crossmodal_sweep", "html").exists() and layout.figure("crossmodal_sweep", "png").exists()
+    t0 = layout.crossmodal_run(0).crossmodal.stat().st_mtime_ns
+    with contextlib.redirect_stdout(io.StringIO()):  # a re-run reads every layer back
+        again, lines = crossmodal_section(layout, samples=40, d_sae=32, k=4, steps=80, seed=0, layers=(0, 3))
+    assert layout.crossmodal_run(0).crossmodal.stat().st_mtime_ns == t0
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again["layers"]] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in sweep["layers"]]
+    assert lines[0] == "## Cross-modal features by layer" and sum(ln.startswith("| 0 |") or ln.startswith("| 3 |")
+                                                                  for ln in lines) == 2
+    assert CrossModalSweepConfig().layers is None
+
+
+def test_steering_one_feature_on_text_and_on_image_positions(swept):
+    from steering.crossmodal import CrossModalSteerConfig, steer_crossmodal
+
+    run = RunLayout(swept).crossmodal_run(0)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        out = steer_crossmodal(CrossModalSteerConfig(run=str(run.root), concept="red", strengths=(4.0,), questions=6,
+                                                     progress=False))
+    report = json.loads(run.crossmodal.read_text())
+    red = next(c for c in report["concepts"] if c["concept"] == "red")
+    assert out["feature"] == red["shared_feature"] and out["cross_modal"] == red["cross_modal"]
+    (row,) = out["rows"]
+    assert set(row) == {"strength", "image", "text"} and row["strength"] == 4.0
+    for side in ("image", "text"):
+        identity = json.loads(run.sweep(f"crossmodal-{side}").identity.read_text())
+        assert identity["positions"] == side and identity["mode"] == "clamp" and identity["unit"] == "max"
+        assert 0 <= row[side]["changed"] <= 1 and 0 <= row[side]["coherence"] <= 1
+    assert json.loads(run.steering_crossmodal.read_text())["rows"] == out["rows"]
+    assert run.figure("steering_crossmodal", "png").exists()

@@ -147,7 +147,11 @@ view = c1.segmented_control("View", list(VIEW_NAMES), format_func=VIEW_NAMES.get
                             required=True) or "overlay"
 by = c2.segmented_control("Rank samples by", ["max", "mean"], default=stats.rank_by, key="rank_by",
                           required=True) or stats.rank_by
-if srcs is not None:
+if srcs is not None and stats.meta.get("n_text_rows"):  # image and text tokens: the two side by side
+    from app.text_view import examples_by_modality
+
+    examples_by_modality(run, srcs, stats, f, view, by)
+elif srcs is not None:
     image_row(run, srcs, f, stats.top(f, by)[:12], view)
     st.header("Quantile samples")
     st.caption("Activating samples from the bands of the per-sample value, lowest band first")

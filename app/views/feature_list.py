@@ -26,7 +26,9 @@ sort = c2.selectbox("Sort by", list(tables.SORTS), key="sort")
 descending = c3.toggle("Descending", value=True, key="descending")
 size = c4.selectbox("Per page", [25, 50, 100, 250], index=1, key="page_size")
 f1, f2, f3, f4 = st.columns(4)
-query = tables.Query(search=search, sort=sort, descending=descending,
+modality = (st.segmented_control("Modality", ["all", "image", "text", "both"], default="all", key="modality",
+                                 required=True) or "all") if "modality" in table else "all"
+query = tables.Query(search=search, sort=sort, descending=descending, modality=modality,
                      hide_dead=f1.checkbox("Hide dead", value=True, key="hide_dead"),
                      only_dense=f2.checkbox(f"Only dense (> {tables.DENSE:.0%} of tokens)", key="only_dense"),
                      only_unexplained=f3.checkbox("Only unexplained", key="only_unexplained"),
@@ -42,7 +44,7 @@ shown.insert(1, "open", [f"feature?feature={f}" for f in shown["feature"]])
 event = st.dataframe(
     shown, hide_index=True, key="feature_table", on_select="rerun", selection_mode="single-row",
     column_order=["feature", "open", "explanation", "score", "density", "max", "mean_active", "n_active",
-                  "image_share", "status"],
+                  "image_share", "modality", "status"],
     column_config={
         "open": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
         "density": st.column_config.NumberColumn(format="%.2e"),

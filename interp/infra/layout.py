@@ -186,6 +186,10 @@ class RunLayout:
     def steering_summary(self) -> Path:
         return self.root / "steering_summary.json"
 
+    @property
+    def steering_crossmodal(self) -> Path:
+        return self.root / "steering_crossmodal.json"
+
     def steering_run(self, layer: int | str) -> RunLayout:
         """The nested run of steering at another layer (its own cache, SAE and features)."""
         return RunLayout(self.root / f"{STEERING_PREFIX}{layer}")

@@ -64,7 +64,8 @@ def crossmodal_layer_run(run: RunLayout, layer: int, cfg: CrossModalSweepConfig)
         with ActivationReader(sub.cache) as reader:
             train(SAEConfig(arch="topk", d_in=reader.d, d_sae=cfg.d_sae, k=cfg.k, model_name=cfg.model,
                             hook_name=reader.meta["module_path"]),
-                  TrainConfig(steps=cfg.steps, batch_size=1024, seed=cfg.seed, progress=False), reader, sub)
+                  TrainConfig(steps=cfg.steps, batch_size=min(1024, reader.n_rows), seed=cfg.seed, progress=False),
+                  reader, sub)
     report = None
     if sub.crossmodal.exists():
         report = load_crossmodal(sub.crossmodal)
@@ -126,10 +127,30 @@ def plot_sweep(sweep: dict, run: RunLayout) -> None:
     write_figure(fig, run.figure("crossmodal_sweep", "html"))
 
 
-def crossmodal_section(run: RunLayout, samples: int, d_sae: int, k: int, steps: int, seed: int) -> tuple[dict, list[str]]:
-    """`interp benchmark`'s cross-modal section: the layer sweep of the subject in RUN/, and its markdown."""
-    sweep = run_crossmodal_sweep(CrossModalSweepConfig(run=str(run.root), samples=samples, d_sae=d_sae, k=k,
-                                                       steps=steps, seed=seed))
+def crossmodal_stage(run: RunLayout, layer: int, samples: int, d_sae: int, k: int, steps: int, seed: int) -> dict:
+    """The demo's cross-modal stage at its layer: the nested all-roles run, its features, text explanations
+    (the tokens protocol) and their scores; returns the summary keys (summary.json) it measures."""
+    from explain.features import FeaturesConfig, compute_features
+    from explain.text_commands import TextExplainConfig, TextScoreConfig, run_explain_text, run_score_text
+
+    cfg = CrossModalSweepConfig(run=str(run.root), samples=samples, d_sae=d_sae, k=k, steps=steps, seed=seed)
+    row = crossmodal_layer_run(run, layer, cfg)
+    sub = run.crossmodal_run(layer)
+    if not sub.features.exists():
+        compute_features(FeaturesConfig(run=str(sub.root), seed=seed, progress=False))
+    run_explain_text(TextExplainConfig(run=str(sub.root), progress=False))
+    scores = run_score_text(TextScoreConfig(run=str(sub.root), progress=False, seed=seed))
+    return {"text_explanation_accuracy": scores["matched"]["text_explanation_accuracy"],
+            "text_detection_balanced_accuracy": scores["matched"]["detection_balanced_accuracy"],
+            "text_features_explained": scores["all"]["n"], "cross_modal_fraction": row["cross_modal_fraction"]}
+
+
+def crossmodal_section(run: RunLayout, samples: int, d_sae: int, k: int, steps: int, seed: int,
+                       layers: tuple[int, ...] | None = None) -> tuple[dict, list[str]]:
+    """`interp benchmark`'s cross-modal section: the layer sweep of the subject in RUN/ (every layer unless
+    `layers`), and its markdown."""
+    sweep = run_crossmodal_sweep(CrossModalSweepConfig(run=str(run.root), layers=layers, samples=samples,
+                                                       d_sae=d_sae, k=k, steps=steps, seed=seed))
     rows = sweep["layers"]
     concepts = list(rows[0]["concepts"]) if rows else []
     lines = ["## Cross-modal features by layer", "",

@@ -18,7 +18,7 @@ from interp.infra.layout import RunLayout
 
 SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concept_recovery", "explanation_accuracy",
                 "detection_balanced_accuracy", "steering_success", "attribution_top5", "attribution_top5_patching",
-                "seconds")
+                "text_explanation_accuracy", "text_detection_balanced_accuracy", "cross_modal_fraction", "seconds")
 
 
 @dataclass
@@ -117,6 +117,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["detection_balanced_accuracy"] = matched.get("balanced_accuracy")
     summary["explained_features"] = scores["all"]["n"]
     summary["stages"]["explain"] = round(time.time() - t, 1)
+
+    t = _stage(f"cross-modal: image patches and question-answer text together at layer {cfg.layer}")
+    from interp.pipeline.crossmodal import crossmodal_stage
+
+    summary.update(crossmodal_stage(run, int(cfg.layer), min(cfg.samples, 1500), cfg.d_sae, cfg.k, cfg.steps, cfg.seed))
+    summary["stages"]["crossmodal"] = round(time.time() - t, 1)
 
     # By layer 2 the subject has copied each object's colour from the image tokens into the
     # question's positions, so image-token steering there changes no answer (a measured fact of
