@@ -358,6 +358,15 @@ def test_the_layer_sweep_writes_numbers_and_a_figure_per_layer(swept):
     assert lines[0] == "## Cross-modal features by layer" and sum(ln.startswith("| 0 |") or ln.startswith("| 3 |")
                                                                   for ln in lines) == 2
     assert CrossModalSweepConfig().layers is None
+    from interp.pipeline.crossmodal import add_crossmodal_section  # as `interp benchmark` runs it
+
+    layout.report.write_text("# SAE architectures\n\n| arch |\n")
+    report = {"architectures": {}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        add_crossmodal_section(layout, report, samples=40, d_sae=32, k=4, steps=80, seed=0, layers=(0, 3))
+    assert json.loads(layout.benchmark.read_text())["crossmodal"]["layers"][1]["layer"] == 3 and "architectures" in report
+    md = layout.report.read_text()
+    assert md.startswith("# SAE architectures") and "## Cross-modal features by layer" in md and "\n| 3 | " in md
 
 
 def test_steering_one_feature_on_text_and_on_image_positions(swept):

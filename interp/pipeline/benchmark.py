@@ -51,6 +51,8 @@ class BenchmarkConfig:
     colour has left the subject's image tokens by layer 2)"""
     explain: bool = True
     """the explanation and steering columns"""
+    crossmodal: bool = True
+    """the cross-modal section: an SAE on image and text tokens at every layer (interp.pipeline.crossmodal)"""
 
 
 def _explain_and_steer(arch_run: RunLayout, steer_run: RunLayout | None, sae_cfg, train_cfg) -> dict:
@@ -143,6 +145,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
               "concepts": list(gt.concepts), "archs": results, "mean_neuron_f1": recovery.mean_neuron_f1}
     write_json(run.benchmark, report, indent=1)
     _write_report(report, run)
+    if cfg.crossmodal:  # its own section, appended to report.md and benchmark.json
+        from interp.pipeline.crossmodal import add_crossmodal_section
+
+        add_crossmodal_section(run, report, min(cfg.samples, 1500), cfg.d_sae, cfg.k, cfg.steps, cfg.seed)
     reader.close()
     return report
 

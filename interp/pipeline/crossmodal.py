@@ -165,6 +165,19 @@ def crossmodal_section(run: RunLayout, samples: int, d_sae: int, k: int, steps: 
     return sweep, lines
 
 
+def add_crossmodal_section(run: RunLayout, report: dict, samples: int, d_sae: int, k: int, steps: int,
+                           seed: int, layers: tuple[int, ...] | None = None) -> dict:
+    """Run the cross-modal section into a finished benchmark: `report["crossmodal"]` (rewritten to
+    RUN/benchmark.json) and its markdown appended to RUN/report.md. Returns the sweep."""
+    from interp.infra.durable import write_json, write_text
+
+    sweep, lines = crossmodal_section(run, samples, d_sae, k, steps, seed, layers)
+    report["crossmodal"] = sweep
+    write_json(run.benchmark, report, indent=1)
+    write_text(run.report, run.report.read_text().rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
+    return sweep
+
+
 COMMANDS = [Command("crossmodal-sweep", CrossModalSweepConfig, run_crossmodal_sweep,
                     "an SAE on image and text tokens at every layer of the subject, and its cross-modal concepts",
                     report=lambda r, cfg: print(f"wrote {RunLayout.of(cfg.run).crossmodal_sweep}"))]
