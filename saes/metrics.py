@@ -8,7 +8,7 @@ any `saes.sae.SAE`. Rows are split into a train part (probes, feature selection)
 (every reported number) by `split_rows`, by sample, so patches of one image never sit on both sides.
 
 - **Sparse probing** (SAEBench `sparse_probing`): per concept, the k features with the largest
-  difference of mean activation between positive and negative rows, a logistic probe on them, its
+  (standardised) difference of mean activation between positive and negative rows, a logistic probe on them, its
   held-out F1; the same with the k raw neurons of largest standardised mean difference (sign-free: a
   neuron can code a concept negatively), the baseline an SAE should beat. k = 1 and 5.
 - **Feature absorption** (SAEBench `absorption`, Chanin et al. 2024): a concept's *main features* are
@@ -21,11 +21,14 @@ any `saes.sae.SAE`. Rows are split into a train part (probes, feature selection)
   concept and that a logistic probe for it on the raw activations recognises (SAEBench's "probe true
   positives"), the concept's share of the activation is its probe projection, (x - b_dec) . p (we
   project x - b_dec, the part the features reconstruct; SAEBench projects x), and a feature f's share
-  is a_f * cos(W_dec[f], p). The absorption fraction of a row is the share taken by at most 3 other
-  features whose decoders align with p (cos >= 0.1), when together they take at least 40% of it:
-  absorbed / (absorbed + main), 1 where the main features give nothing, 0 where they give it all.
-  A row is fully absorbed when no main feature fires and one other aligned feature (cos >= 0.025)
-  carries >= 40% of the projection. `absorption` is the mean fraction over concepts.
+  is a_f * cos(W_dec[f], p). `absorption` is, on the rows where no main feature fires, the share of
+  the projection taken by at most 3 other features whose decoders align with p (cos >= 0.1), when
+  together they take at least 40% of it (0 on the rows where a main feature fires); the mean over rows,
+  then over concepts. `absorption_saebench` is SAEBench's own fraction on every row, main features
+  firing or not: absorbed / (absorbed + main). It also counts a general feature that fires *with* the
+  main one and carries part of the concept's direction (a Matryoshka parent under its child), which is
+  sharing, not absorption; the first number does not. A row is fully absorbed (`full_absorption`) when
+  no main feature fires and one other aligned feature (cos >= 0.025) carries >= 40% of the projection.
 - **MCC** (mean correlation coefficient of dictionary learning): the cosine between each concept's
   probe direction and the decoder rows, matched one to one by the Hungarian algorithm (no feature
   serves two concepts); `mcc` is the mean matched cosine, `mean_max_cosine` the unmatched mean max.
@@ -147,15 +150,21 @@ def _probe_f1(x_tr, y_tr, x_te, y_te) -> float:
 
 
 def _mean_diff(acts, y: np.ndarray) -> np.ndarray:
-    """Mean activation on positive rows minus on negative rows, per feature (sparse-friendly)."""
+    """Mean activation on positive rows minus on negative rows, per feature, in units of the feature's standard
+    deviation over all rows (sparse-friendly)."""
     yf = y.astype(np.float32)
     pos = np.asarray(acts.T @ yf).ravel() / max(yf.sum(), 1)
     neg = np.asarray(acts.T @ (1 - yf)).ravel() / max((1 - yf).sum(), 1)
-    return pos - neg
+    n = max(acts.shape[0], 1)
+    mean = np.asarray(acts.sum(0)).ravel() / n
+    sq = np.asarray(acts.multiply(acts).sum(0)).ravel() / n if hasattr(acts, "multiply") else (acts ** 2).mean(0)
+    return (pos - neg) / (np.sqrt(np.maximum(sq - mean ** 2, 0)) + 1e-6)
 
 
 def top_features(acts, y: np.ndarray, k: int) -> np.ndarray:
-    """The k features with the largest mean activation difference between positives and negatives (SAEBench)."""
+    """The k features with the largest standardised difference of mean activation between positives and
+    negatives. SAEBench ranks by the raw difference; standardising keeps a dense, large "any object" feature
+    (or an external SAE's unnormalised scale) from outranking the concept's own feature."""
     return np.argsort(-_mean_diff(acts, y), kind="stable")[:k]
 
 
@@ -288,7 +297,7 @@ def absorption(acts, raw: np.ndarray, labels: np.ndarray, concepts, decoder: np.
         cand = np.flatnonzero(others & (cos[j] >= ABSORBER_COS))
         cand_proj = np.maximum(contrib[:, cand].toarray(), 0) if len(cand) else np.zeros((len(rows), 0))
         absorbed = _top_sum(cand_proj, MAX_ABSORBERS)
-        frac = np.zeros(len(rows))
+        frac = np.zeros(len(rows))  # SAEBench's absorption fraction
         with np.errstate(divide="ignore", invalid="ignore"):
             share = np.where(act_proj > 0, absorbed / act_proj, 0.0)
         live = (main_proj < act_proj) & (share >= PROJECTION_SHARE)
@@ -296,8 +305,10 @@ def absorption(acts, raw: np.ndarray, labels: np.ndarray, concepts, decoder: np.
         part = live & (main_proj > 0)
         taken = np.minimum(absorbed[part], act_proj[part] - main_proj[part])
         frac[part] = np.clip(taken / (taken + main_proj[part]), 0.0, 1.0)
-        # full absorption: no main feature fires; the top projecting feature is aligned and carries >= 40%
         main_fires = (a[:, feats] > 0).toarray().any(1) if feats else np.zeros(len(rows), bool)
+        # where the main features fail to fire: the share of the job the aligned others took
+        absorbed_share = np.where(~main_fires & (share >= PROJECTION_SHARE), np.minimum(share, 1.0), 0.0)
+        # full absorption: no main feature fires; the top projecting feature is aligned and carries >= 40%
         dense_contrib = contrib.toarray() if contrib.shape[1] <= 8192 else None
         if dense_contrib is not None:
             top = dense_contrib.argmax(1)
@@ -313,15 +324,34 @@ def absorption(acts, raw: np.ndarray, labels: np.ndarray, concepts, decoder: np.
         with np.errstate(divide="ignore", invalid="ignore"):
             full = (~main_fires) & (act_proj > 0) & (cos[j][top] >= FULL_ABSORBER_COS) & \
                    (top_proj / np.where(act_proj > 0, act_proj, 1) >= PROJECTION_SHARE)
-        per[c] = {"absorption": round(float(frac.mean()), 4), "full_absorption": round(float(full.mean()), 4),
+        per[c] = {"absorption": round(float(absorbed_share.mean()), 4),
+                  "absorption_saebench": round(float(frac.mean()), 4), "full_absorption": round(float(full.mean()), 4),
+                  "main_missing": round(float((~main_fires).mean()), 4),
                   "positives": int(len(rows)), "main_features": feats, "split_f1": f1s,
                   "main_cosine": [round(float(cos[j][f]), 4) for f in feats]}
     scored = [r for r in per.values() if "absorption" in r]
-    return {"absorption": round(float(np.mean([r["absorption"] for r in scored])), 4) if scored else None,
-            "full_absorption": round(float(np.mean([r["full_absorption"] for r in scored])), 4) if scored else None,
+    def mean(key):
+        return round(float(np.mean([r[key] for r in scored])), 4) if scored else None
+
+    return {"absorption": mean("absorption"), "absorption_saebench": mean("absorption_saebench"),
+            "full_absorption": mean("full_absorption"), "main_missing": mean("main_missing"),
             "mean_split_features": round(float(np.mean([len(r["main_features"]) for r in scored])), 3)
             if scored else None,
             "concepts": per}
+
+
+# ---------------------------------------------------------------- feature splitting
+
+
+def features_per_concept(acts, labels: np.ndarray, precision: float = CONJUNCTION_PRECISION) -> float:
+    """Mean over concepts of the live features that fire on it with >= `precision` (a concept split into
+    many features, "red" into "red circle", "red square", ..., or "red in the top-left cell", counts them
+    all): what grows as a dictionary widens and splits its concepts."""
+    acts = _csr(acts)
+    fires = (acts > 0).astype(np.float32)
+    n_fire = np.asarray(fires.sum(0)).ravel()
+    prec = np.asarray(fires.T @ labels.astype(np.float32)) / np.maximum(n_fire, 1)[:, None]  # [d_sae, concepts]
+    return round(float(((prec >= precision) & (n_fire > 0)[:, None]).sum(0).mean()), 3)
 
 
 # ---------------------------------------------------------------- dictionary alignment
@@ -352,13 +382,15 @@ def dictionary_metrics(acts, raw: np.ndarray, labels: np.ndarray, concepts, deco
     sp = sparse_probing(acts, raw, labels, concepts, test)
     ab = absorption(acts, raw, labels, concepts, decoder, b_dec, test, probes)
     m = mcc(decoder, probes.directions, concepts)
-    return {"absorption": ab["absorption"], "full_absorption": ab["full_absorption"],
+    return {"absorption": ab["absorption"], "absorption_saebench": ab["absorption_saebench"],
+            "full_absorption": ab["full_absorption"],
             "mean_split_features": ab["mean_split_features"],
             "sparse_probing_top1": sp["sparse_probing_top1"], "sparse_probing_top5": sp["sparse_probing_top5"],
             "sparse_probing_neurons_top1": sp["sparse_probing_neurons_top1"],
             "sparse_probing_neurons_top5": sp["sparse_probing_neurons_top5"],
             "mcc": m["mcc"], "mean_max_cosine": m["mean_max_cosine"],
             "per_concept": {c: {"absorption": ab["concepts"][c].get("absorption"),
+                                "absorption_saebench": ab["concepts"][c].get("absorption_saebench"),
                                 "full_absorption": ab["concepts"][c].get("full_absorption"),
                                 "main_features": ab["concepts"][c].get("main_features"),
                                 "sparse_probing_top1": sp["concepts"][c].get("top1"),

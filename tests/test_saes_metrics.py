@@ -98,6 +98,21 @@ def test_absorption_is_zero_without_and_measured_with_a_conjunction_feature(worl
     assert ab["absorption"] > clean["absorption"] + 0.04
 
 
+def test_a_parent_firing_with_its_child_is_sharing_not_absorption(world):
+    """A general feature that fires on every row and carries part of each concept's direction, under concept
+    features that still fire (a Matryoshka parent): SAEBench's fraction counts it, ours does not."""
+    x, labels, test = world["x"], world["labels"], world["test"]
+    probes = metrics.train_probes(x[~test], labels[~test])
+    acts, dec = separate_dictionary(world)
+    parent = (world["dirs"][0] + world["dirs"][COLORS:].sum(0)) / np.sqrt(5)  # c0's direction and every shape's
+    acts[:, : COLORS + SHAPES] *= 0.5
+    acts = np.concatenate([acts, np.full((len(acts), 1), 1.5, np.float32)], 1)
+    dec = np.concatenate([dec, parent[None]])
+    c0 = metrics.absorption(acts, x, labels, CONCEPTS, dec, np.zeros(D), test, probes)["concepts"]["c0"]
+    assert c0["absorption"] == 0 and c0["full_absorption"] == 0 and c0["main_missing"] == 0
+    assert c0["absorption_saebench"] > 0.3
+
+
 def test_conjunction_features_are_told_from_general_and_implied_ones(world):
     acts, _ = absorbed_dictionary(world)
     conj = acts.shape[1] - 1
@@ -133,7 +148,14 @@ def test_encode_sparse_equals_the_dense_encode():
 def test_dictionary_metrics_gives_every_benchmark_key(world):
     acts, dec = absorbed_dictionary(world)
     out = metrics.dictionary_metrics(acts, world["x"], world["labels"], CONCEPTS, dec, np.zeros(D), world["test"])
-    for key in ("absorption", "full_absorption", "sparse_probing_top1", "sparse_probing_top5", "mcc",
+    for key in ("absorption", "absorption_saebench", "full_absorption", "sparse_probing_top1", "sparse_probing_top5", "mcc",
                 "mean_max_cosine", "mean_split_features"):
         assert isinstance(out[key], float), key
     assert set(out["per_concept"]) == set(CONCEPTS)
+
+
+def test_features_per_concept_counts_the_splits(world):
+    acts, _ = separate_dictionary(world)
+    assert metrics.features_per_concept(acts, world["labels"]) == 1.0
+    acts, _ = absorbed_dictionary(world)  # "c0 s0" is a precise feature of both c0 and s0
+    assert metrics.features_per_concept(acts, world["labels"]) == pytest.approx(1 + 2 / 9, abs=1e-3)
