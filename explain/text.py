@@ -24,8 +24,9 @@ Two protocols (explainer and judge in one object, as explain.explainers):
 - generic: any OpenAI-compatible LMM (or local HF model): one request with all examples, the answer's
   `[EXPLANATION]:` line (else its first line); the judge answers yes or no per context (P(yes)
   from logprobs where the server gives them).
-- tokens: no model. The explanation is the marked words that at least `agree` of the examples
-  (weighted by their activation) share, as `the word "red"`; the judge says yes where the context
+- tokens: no model. The explanation is the fewest marked words that examples weighing at least
+  `agree` (by their activation) mark, as `the word "red"` or `the words "red", "blue"`; the judge says yes
+  where the context
   holds one of those words (detection) or where every marked token is one (fuzzing). It is what a
   word-level explainer can at best say, needs no ground truth, and works for any tokenizer and any
   world; a shapes organism cannot read free text, so this is the organism-side protocol.
@@ -234,13 +235,33 @@ def explanation_words(text: str) -> list[str]:
     return re.findall(r'"([^"]+)"', text)
 
 
-class TokenExplainer:
-    """The model-free protocol: the marked words most examples share, and a literal judge."""
+def cover(marked: list[list[str]], weights: np.ndarray, agree: float, max_words: int) -> list[str]:
+    """The fewest marked words (greedily, at most `max_words`) such that examples weighing at least `agree`
+    mark one of them: one word for a word feature, the category's words for a feature of a category
+    ("red", "blue", ... for any colour word); [] when no such set exists."""
+    chosen: list[str] = []
+    covered = np.zeros(len(marked), bool)
+    while covered @ weights < agree - 1e-9 and len(chosen) < max_words:
+        gain = Counter()
+        for words, w, done in zip(marked, weights, covered):
+            if not done:
+                for word in words:
+                    gain[word] += w
+        if not gain:
+            break
+        best = max(gain, key=lambda word: (gain[word], word))
+        chosen.append(best)
+        covered |= np.array([best in words for words in marked])
+    return chosen if covered @ weights >= agree - 1e-9 else []
 
-    def __init__(self, threshold: float = 0.3, agree: float = 0.5):
+
+class TokenExplainer:
+    """The model-free protocol: the fewest marked words that most examples mark, and a literal judge."""
+
+    def __init__(self, threshold: float = 0.3, agree: float = 0.5, max_words: int = 8):
         if not 0 < agree <= 1:
             raise ValueError(f"agree must be in (0, 1], got {agree}")
-        self.threshold, self.agree = threshold, agree
+        self.threshold, self.agree, self.max_words = threshold, agree, max_words
         self.name = "text-tokens"
         self.tokens_in = self.tokens_out = 0
 
@@ -249,14 +270,10 @@ class TokenExplainer:
             raise ValueError("no text examples to explain")
         t0 = time.time()
         weights = np.array([max(ex.value / (ex.vmax or 1.0), 0.0) for ex in examples]) + 1e-12
-        share: Counter = Counter()
-        marked_words = []
-        for ex, w in zip(examples, weights):
-            words = {_word(ex.tokens[i]) for i in np.flatnonzero(active(ex, self.threshold))} - {""}
-            marked_words.append(sorted(words))
-            for word in words:
-                share[word] += w / weights.sum()
-        keep = sorted((w for w, s in share.items() if s >= self.agree - 1e-9), key=lambda w: -share[w])
+        weights = weights / weights.sum()
+        marked_words = [sorted({_word(ex.tokens[i]) for i in np.flatnonzero(active(ex, self.threshold))} - {""})
+                        for ex in examples]
+        keep = cover(marked_words, weights, self.agree, self.max_words)
         if not keep:
             text = CANNOT_TELL
         else:

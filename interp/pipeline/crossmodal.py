@@ -122,6 +122,7 @@ def plot_sweep(sweep: dict, run: RunLayout) -> None:
     for col in range(1, 5):
         fig.update_xaxes(title_text="layer", row=1, col=col)
     fig.update_yaxes(range=[0, 1.02], row=1, col=1)
+    fig.update_xaxes(dtick=1)
     fig.update_layout(title=f"Cross-modal features of {sweep['model']} by layer (F1 >= {sweep['f1_min']} on both)",
                       template="plotly_white", width=1400, height=420)
     write_figure(fig, run.figure("crossmodal_sweep", "html"))
