@@ -62,8 +62,15 @@ def test_sharded_cache_reads_as_the_single_file(cache, tmp_path):
         assert torch.equal(one.read(0, s.n_rows), single.read(s.start, s.stop))
         assert one.tokens["sample"].min() == 0
     check_shards(index)
-    # the index holds the tables, not the activations
+    # the index holds the tables, not the activations; the shards take what the file took
     assert index.stat().st_size < 0.5 * cache.stat().st_size
+    shard_bytes = sum(s["file"].stat().st_size for s in shards)
+    assert shard_bytes < 1.02 * cache.stat().st_size + 4 * 8192  # plus a few KB of HDF5 headers per shard
+    # and an index can be re-sharded (other shard sizes) into another cache that reads the same
+    again = shard_cache(index, tmp_path / "again.h5", samples_per_shard=12)
+    with ActivationReader(cache) as single, ActivationReader(again) as resharded:
+        assert len(shard_files(again)) == 2
+        assert torch.equal(single.read(0, single.n_rows), resharded.read(0, resharded.n_rows))
 
 
 def test_moved_directory_still_reads(cache, tmp_path):
