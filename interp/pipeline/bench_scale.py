@@ -245,9 +245,14 @@ def _stage_shard(cfg: BenchScaleConfig, p: Paths) -> dict:
     from interp.cache.shards import check_shards, is_sharded, shard_cache, shard_files
 
     cache = p.layout.cache
-    if not is_sharded(cache):
-        index = shard_cache(cache, p.root / "activations.index.h5", cfg.shard_images)
+    if not is_sharded(cache) or cfg.redo:  # redo: re-shard the sharded cache (e.g. another shard size)
+        old = shard_files(cache)[0]["file"].parent if is_sharded(cache) else None
+        name = "activations.reshard.h5" if old is not None and old.name == "activations.index.h5.shards" \
+            else "activations.index.h5"
+        index = shard_cache(cache, p.root / name, cfg.shard_images)
         publish(index, cache)  # the index takes the cache's place; the shards' relative paths still hold
+        if old is not None:
+            shutil.rmtree(old)
     check_shards(cache)
     shards = shard_files(cache)
     t0 = time.perf_counter()
