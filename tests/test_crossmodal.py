@@ -387,3 +387,18 @@ def test_steering_one_feature_on_text_and_on_image_positions(swept):
         assert 0 <= row[side]["changed"] <= 1 and 0 <= row[side]["coherence"] <= 1
     assert json.loads(run.steering_crossmodal.read_text())["rows"] == out["rows"]
     assert run.figure("steering_crossmodal", "png").exists()
+
+
+def test_the_demos_cross_modal_stage_gives_its_summary_keys(swept):
+    from interp.pipeline.crossmodal import crossmodal_stage
+
+    layout = RunLayout(swept)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        keys = crossmodal_stage(layout, 3, samples=40, d_sae=32, k=4, steps=80, seed=0)
+    assert set(keys) == {"text_explanation_accuracy", "text_detection_balanced_accuracy", "text_features_explained",
+                         "cross_modal_fraction"}
+    sub = layout.crossmodal_run(3)
+    summary = json.loads(sub.text_score_summary.read_text())
+    assert keys["text_features_explained"] == summary["all"]["n"] > 0
+    assert keys["text_explanation_accuracy"] == summary["matched"]["text_explanation_accuracy"]
+    assert keys["cross_modal_fraction"] == json.loads(sub.crossmodal.read_text())["cross_modal_fraction"]
