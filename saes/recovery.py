@@ -38,6 +38,23 @@ def recover(sae, reader, f1_min: float = 0.9, threshold: float = 0.05, chunk_row
     return RecoveryReport(matches, f1_min)
 
 
+def recovery_across_seeds(reader, sae_cfg, train_cfg, seeds, known: dict | None = None,
+                          f1_min: float = 0.9) -> dict[int, RecoveryReport]:
+    """Concept recovery of one recipe trained with each of `seeds` (nothing written): whether recovery
+    holds for the recipe or only for a lucky seed. `known`: {seed: RecoveryReport} already measured (the
+    run's own SAE), not retrained."""
+    from dataclasses import replace
+
+    from saes.train import train
+
+    out = dict(known or {})
+    for seed in seeds:
+        if seed not in out:
+            sae = train(sae_cfg, replace(train_cfg, seed=int(seed), progress=False), reader, None).sae
+            out[seed] = recover(sae, reader, f1_min)
+    return {s: out[s] for s in seeds}
+
+
 def recovery_of(run, sae=None, reader=None, f1_min: float = 0.9) -> RecoveryReport:
     """The run's recovery report: RUN/recovery.json when it belongs to RUN/sae/ (same weights), else
     recovered now from the run's cache (ValueError "... no ground truth" for a cache of other data).

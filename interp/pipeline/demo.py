@@ -10,15 +10,17 @@ back, not redone.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from interp.infra.cli_config import Command, at_least, positional
+from interp.infra.cli_config import Command, at_least, choices, positional
 from interp.infra.durable import write_json
 from interp.infra.layout import RunLayout
+from saes import architectures
 
-SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concept_recovery", "explanation_accuracy",
-                "detection_balanced_accuracy", "steering_success", "attribution_top5", "attribution_top5_patching",
-                "text_explanation_accuracy", "text_detection_balanced_accuracy", "cross_modal_fraction", "seconds")
+SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concept_recovery", "concept_recovery_seeds",
+                "explanation_accuracy", "detection_balanced_accuracy", "steering_success", "attribution_top5",
+                "attribution_top5_patching", "text_explanation_accuracy", "text_detection_balanced_accuracy",
+                "cross_modal_fraction", "seconds")
 
 
 @dataclass
@@ -31,16 +33,21 @@ class DemoConfig:
     """shapes-world samples to cache"""
     layer: str = "2"
     """subject layer whose residual stream is cached"""
+    arch: str = field(default="batchtopk", metadata=choices(architectures.names))
+    """SAE architecture (batchtopk: its concept recovery holds across training seeds; topk's does not)"""
     d_sae: int = field(default=256, metadata=at_least(1))
     """features of the SAE"""
     k: int = field(default=4, metadata=at_least(1))
-    """TopK active features per row"""
+    """active features per row (batchtopk: on average over a batch)"""
     steps: int = field(default=3000, metadata=at_least(1))
     """SAE training steps"""
     questions: int = 100
     """held-out questions per task for the organisms' accuracy and the VQA with the SAE"""
     seed: int = 0
     """seed of the world samples and of the SAE"""
+    recovery_seeds: int = field(default=5, metadata=at_least(1))
+    """SAE training seeds (seed, seed + 1, ...) whose concept recovery summary.json reports as
+    concept_recovery_seeds (1: the run's own SAE only)"""
 
 
 def _stage(name: str):
@@ -59,7 +66,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from interp.shapes.organisms.eval import evaluate
     from interp.shapes.world import WorldConfig, contact_sheet
     from saes.evaluate import EvalConfig, evaluate_sae
-    from saes.recovery import RecoveryConfig, run_recovery
+    from saes.recovery import RecoveryConfig, recovery_across_seeds, run_recovery
     from saes.sae import SAEConfig
     from saes.train import TrainConfig, train
 
@@ -82,11 +89,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                             seed=cfg.seed, batch_size=32))
     summary["stages"]["cache"] = round(time.time() - t, 1)
 
-    t = _stage(f"train: TopK SAE, {cfg.d_sae} features, k={cfg.k}")
-    sae_cfg = SAEConfig(arch="topk", d_sae=cfg.d_sae, k=cfg.k)
+    t = _stage(f"train: {cfg.arch} SAE, {cfg.d_sae} features, k={cfg.k}")
+    sae_cfg = SAEConfig(arch=cfg.arch, d_sae=cfg.d_sae, k=cfg.k)
     if not (run.sae / "cfg.json").exists():
         with ActivationReader(run.cache) as reader:
-            train(SAEConfig(arch="topk", d_in=reader.d, d_sae=cfg.d_sae, k=cfg.k, model_name="shapes-subject",
+            train(SAEConfig(arch=cfg.arch, d_in=reader.d, d_sae=cfg.d_sae, k=cfg.k, model_name="shapes-subject",
                             hook_name=reader.meta["module_path"]),
                   TrainConfig(steps=cfg.steps, batch_size=1024, seed=cfg.seed), reader, run)
     summary["stages"]["train"] = round(time.time() - t, 1)
@@ -109,6 +116,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"  {m.concept:9s} feature {m.feature:4d}  F1 {m.f1:.3f}  (best raw neuron {m.neuron_f1:.3f})")
     summary["concept_recovery"] = rec.concept_recovery
     summary["stages"]["recovery"] = round(time.time() - t, 1)
+
+    t = _stage(f"recovery across {cfg.recovery_seeds} SAE training seeds: the recipe's, not a lucky seed's")
+    seeds = list(range(cfg.seed, cfg.seed + max(1, cfg.recovery_seeds)))
+    with ActivationReader(run.cache) as reader:
+        by_seed = recovery_across_seeds(reader, replace(sae_cfg, d_in=reader.d),
+                                        TrainConfig(steps=cfg.steps, batch_size=1024), seeds, known={cfg.seed: rec})
+    summary["concept_recovery_seeds"] = [by_seed[s].concept_recovery for s in seeds]
+    print("  " + ", ".join(f"seed {s}: {by_seed[s].concept_recovery:.2f}" for s in seeds))
+    summary["stages"]["recovery_seeds"] = round(time.time() - t, 1)
 
     t = _stage("explain and score: shapes-explainer describes each live feature, then judges held-out samples")
     scores = explain_and_score(run)
