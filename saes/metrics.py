@@ -383,7 +383,7 @@ def dictionary_metrics(acts, raw: np.ndarray, labels: np.ndarray, concepts, deco
     ab = absorption(acts, raw, labels, concepts, decoder, b_dec, test, probes)
     m = mcc(decoder, probes.directions, concepts)
     return {"absorption": ab["absorption"], "absorption_saebench": ab["absorption_saebench"],
-            "full_absorption": ab["full_absorption"],
+            "full_absorption": ab["full_absorption"], "main_missing": ab["main_missing"],
             "mean_split_features": ab["mean_split_features"],
             "sparse_probing_top1": sp["sparse_probing_top1"], "sparse_probing_top5": sp["sparse_probing_top5"],
             "sparse_probing_neurons_top1": sp["sparse_probing_neurons_top1"],
