@@ -33,7 +33,7 @@ class CrossModalSweepConfig:
     layers: tuple[int, ...] | None = None
     """layers to sweep (none: every layer of the model)"""
     samples: int = 1500
-    """question-answer scenes cached per layer"""
+    """question-answer samples (scenes) cached per layer"""
     d_sae: int = 256
     """features of every SAE"""
     k: int = 4
