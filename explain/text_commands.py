@@ -40,7 +40,8 @@ def _text_features(stats, selection: FeatureSelection) -> list[int]:
     live, _ = select_features(stats, selection.features, None, selection.filter)
     table = stats.summary_table()
     if not selection.features and not selection.filter:
-        live = [f for f in live if table["n_active_text"][f] > 0 and stats.modalities()[f] != "image"]
+        modality = stats.modalities()  # once: [d_sae]
+        live = [f for f in live if table["n_active_text"][f] > 0 and modality[f] != "image"]
     if selection.densest:
         live = sorted(live, key=lambda f: -float(table["density_text"][f]))[: selection.densest]
     return live
