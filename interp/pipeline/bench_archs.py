@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from interp.infra.durable import write_text
 from interp.infra.layout import RunLayout
 
 EXTERNAL = ("sae-lens", "sparsify")  # trainers of other libraries (saes.external); the rest are ours
@@ -279,9 +280,7 @@ def paste_into(path, report: dict) -> bool:
     sweep = render_sweep(report)
     if sweep:
         body += "\n\nWidth sweep (feature splitting):\n\n" + sweep
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(head + README_BEGIN + "\n" + body + "\n" + README_END + tail)
-    tmp.replace(path)
+    write_text(path, head + README_BEGIN + "\n" + body + "\n" + README_END + tail)
     return True
 
 
