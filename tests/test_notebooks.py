@@ -51,6 +51,7 @@ def jupyter_path(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first one also makes the small demo run: minutes more on a shared machine
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, small_demo_run, jupyter_path, tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
@@ -63,7 +64,8 @@ def test_notebook_runs(name, small_demo_run, jupyter_path, tmp_path, monkeypatch
     nb = _read(name)
     probe = new_code_cell("import sys\nprint(sys.executable)")
     nb.cells.insert(0, probe)
-    client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=300,
+    # a cell may train several SAEs: about a minute on a quiet 2-core machine, several on a shared one
+    client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=900,
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})
     client.execute()  # a failing cell (its assertions included) raises CellExecutionError with the traceback
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
