@@ -61,15 +61,16 @@ def reconstruction_metrics(sae, reader, chunk_rows: int = 16384, max_rows: int |
 def _eval_samples(reader, n: int):
     """The first `n` cached samples re-loaded, the prompt template to render them with, and on the
     shapes world the ground-truth captions as answers (else None)."""
-    from interp.cache.data import Sample, load_image
+    from interp.cache.data import Sample, data_roots, load_image
     from interp.shapes.ground_truth import parse_shapes_ref, scene_of
     from interp.shapes.world import caption
 
     template = reader.meta["prompt_template"]
+    roots = data_roots(reader.meta.get("data"))
     samples, answers = [], []
     for i in range(min(n, reader.n_samples)):
         s = reader.sample(i)
-        image = load_image(s.image_ref) if s.has_image else None
+        image = load_image(s.image_ref, roots) if s.has_image else None
         samples.append(Sample(s.source_index, s.image_ref, image, text=s.prompt))
         answers.append(caption(scene_of(s.image_ref)) if parse_shapes_ref(s.image_ref) else None)
     if "{image}" not in template:
@@ -253,19 +254,19 @@ def evaluate_sae(cfg: EvalConfig) -> dict:
     layout.eval_dir.mkdir(parents=True, exist_ok=True)
     write_json(layout.eval, result, indent=1)
     write_run_info(layout.run_info("eval"), {"command": "eval", "config": asdict(cfg)})
-    _figures(density, layout)
+    _figures(density, result["rows"], layout)
     return result
 
 
-def _figures(density: np.ndarray, layout: RunLayout) -> None:
-    import plotly.graph_objects as go
+def _figures(density: np.ndarray, rows: int, layout: RunLayout) -> None:
+    """density.html (plotly.js inside) and density.png, and density.json for the app."""
+    from interp.infra.durable import write_text
+    from interp.infra.plots import write_figure
+    from saes.figures import density_histogram
 
-    alive = density[density > 0]
-    fig = go.Figure(go.Histogram(x=np.log10(alive), nbinsx=40))
-    fig.update_layout(title=f"Feature density ({(density == 0).mean():.1%} dead)", xaxis_title="log10 firing rate",
-                      yaxis_title="features", template="plotly_white")
-    fig.write_html(layout.density_figure("html"), include_plotlyjs="cdn")
-    fig.write_json(layout.density_figure("json"))
+    fig = density_histogram(density, rows)
+    write_figure(fig, layout.density_figure("html"))
+    write_text(layout.density_figure("json"), fig.to_json())
 
 
 def _report(r: dict, cfg: EvalConfig) -> None:

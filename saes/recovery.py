@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,7 +98,16 @@ def run_recovery(cfg: RecoveryConfig) -> RecoveryReport:
         report = recover(sae, reader, cfg.f1_min)
     report.extra["sae_sha256"] = sae_fingerprint(layout.sae)
     write_recovery(report, layout.recovery)
+    write_recovery_figure(report, layout)
     return report
+
+
+def write_recovery_figure(report: RecoveryReport, run) -> Path:
+    """RUN/recovery.html (plotly.js inside) and recovery.png: best feature against best neuron per concept."""
+    from interp.infra.plots import write_figure
+    from saes.figures import recovery_bars
+
+    return write_figure(recovery_bars(report.to_json()["concepts"]), RunLayout.of(run).recovery_figure("html"))[0]
 
 
 def _report(report: RecoveryReport, cfg: RecoveryConfig) -> None:

@@ -394,6 +394,8 @@ class Trainer:
             extra = {"l0": last.get("l0"), "num_dead_features": int((self.steps_since_fired >= cfg.dead_window).sum()),
                      "training_steps": self.step, "training_rows": self.rows_seen}
             path = final.save(self.run.sae, extra_metadata=extra, sparsity=freq)
+            if self.run.metrics.exists():
+                write_training_figure(self.run, cfg.dead_window)  # train/curves.html and .png
         if self.world > 1:
             import torch.distributed as dist
 
@@ -661,11 +663,22 @@ def run_train(cfg: TrainRunConfig) -> TrainResult:
             close()
 
 
+def write_training_figure(run: str | Path | RunLayout, dead_window: int | None = None) -> Path:
+    """RUN/train/curves.html (plotly.js inside) and curves.png from RUN/train/metrics.jsonl."""
+    from interp.infra.plots import write_figure
+    from interp.infra.records import read_records
+    from saes.figures import training_curves
+
+    layout = RunLayout.of(run)
+    return write_figure(training_curves(read_records(layout.metrics), dead_window), layout.training_figure("html"))[0]
+
+
 def _report(result: TrainResult, cfg: TrainRunConfig) -> None:
     if result.path is not None:
         last, nan = result.last, float("nan")
         print(f"saved SAE: {result.path} (FVU {last.get('fvu', nan):.4f}, L0 {last.get('l0', nan):.1f}, "
-              f"dead {last.get('dead_frac', nan):.1%}); loads with sae_lens.SAE.load_from_disk")
+              f"{last.get('dead_frac', nan):.1%} silent for the last {cfg.train.dead_window} steps); loads with "
+              f"sae_lens.SAE.load_from_disk; curves: {RunLayout.of(cfg.run).training_figure('png')}")
 
 
 COMMANDS = [Command("train", TrainRunConfig, run_train, "train a sparse autoencoder on a run's activations (resumable)",

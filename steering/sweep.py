@@ -509,6 +509,9 @@ def plot(rows: list[dict], best: list[dict], sweep: SweepDir) -> None:
                               row=i + 1, col=1)
     fig.update_xaxes(title_text="strength (★ = chosen)", row=len(METRICS), col=1)
     fig.update_layout(height=260 * len(METRICS), template="plotly_white", title="Steering sweep")
-    fig.write_html(sweep.figure("html"), include_plotlyjs="cdn")
-    fig.write_json(sweep.figure("json"))
+    from interp.infra.durable import write_text
+    from interp.infra.plots import write_figure
+
+    write_figure(fig, sweep.figure("html"))  # plotly.js inside (offline) and sweep.png
+    write_text(sweep.figure("json"), fig.to_json())
 

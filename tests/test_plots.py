@@ -84,6 +84,20 @@ def test_every_supported_trace_type_draws(name, fig, color):
     assert count(rgb, color) > 300, name
 
 
+def test_the_stages_write_their_figures_offline_with_a_png(shapes_run):
+    """interp train, eval and recovery (the shared run was made by them) each leave an offline page and a PNG."""
+    from interp.infra.layout import RunLayout
+
+    run = RunLayout(shapes_run)
+    for html in (run.training_figure("html"), run.density_figure("html"), run.recovery_figure("html")):
+        page = html.read_text()
+        assert "src=\"https://cdn.plot.ly" not in page and len(page) > 3_000_000, html  # plotly.js is inside
+        rgb = pixels(html.with_suffix(".png").read_bytes())
+        assert rgb.shape[0] >= 300 and count(rgb, (76, 120, 168)) > 200, html  # the data, in the figures' blue
+    assert "dead in training (no firing in the last 1,000 steps)" in run.training_figure("html").read_text()
+    assert "never fire on 1,080 rows" in run.density_figure("html").read_text()
+
+
 def test_an_unsupported_trace_type_is_refused_by_name_and_the_html_stays(tmp_path):
     with pytest.raises(ValueError, match="cannot draw a 'pie' trace as PNG.*png=False"):
         write_figure(go.Figure(go.Pie(values=[1, 2])), tmp_path / "pie.html")

@@ -290,8 +290,10 @@ def test_sweep_records_metrics_and_plots(setup, run):
     assert all(row["coherence"] is not None and row["n"] == 6 for row in r.rows)
     assert {b["feature"] for b in r.best} == {3, 5}
     assert sweep.summary_csv.read_text().count("\n") == 5
-    for path in (sweep.figure("html"), sweep.figure("json"), sweep.summary, sweep.spec, sweep.identity, sweep.run_info):
+    for path in (sweep.figure("html"), sweep.figure("png"), sweep.figure("json"), sweep.summary, sweep.spec,
+                 sweep.identity, sweep.run_info):
         assert path.exists(), path
+    assert "src=\"https://cdn.plot.ly" not in sweep.figure("html").read_text()  # plotly.js inside: renders offline
     again = run_sweep(_spec(), run, "records", setup, progress=False)
     assert again.n_generated == 0 and again.rows == r.rows
     with pytest.raises(IdentityError, match=r"the sweep in .*records was made with other settings \(mode: recorded "

@@ -10,10 +10,11 @@ shared by several runs). The spec, with the formats of the files, is docs/format
     RUN/activations.h5.parts/   the cache while it is written (part files, manifest.json)
     RUN/activations.safetensors a [rows, d] tensor to train on instead of a cache (optional)
     RUN/sae/                    the final SAE, SAELens format (interp train)
-    RUN/train/checkpoint/       the training checkpoint; RUN/train/metrics.jsonl its metrics
-    RUN/eval/eval.json          SAE evaluation, with density.html / density.json (interp eval)
+    RUN/train/checkpoint/       the training checkpoint; RUN/train/metrics.jsonl its metrics, curves.html/.png
+    RUN/eval/eval.json          SAE evaluation, with density.html / .png / .json (interp eval)
     RUN/features.h5             feature statistics and example samples (interp features)
-    RUN/recovery.json           ground-truth recovery, shapes world (interp recovery)
+    RUN/recovery.json           ground-truth recovery, shapes world (interp recovery), recovery.html/.png
+    RUN/notebooks/NAME.ipynb    executed copies of the notebooks, with outputs (interp notebooks)
     RUN/crossmodal.json         per concept, the best feature on its patches and on its word (interp crossmodal)
     RUN/explanations.jsonl      explanations; RUN/explainer_cache.jsonl the explainer's replies (interp explain)
     RUN/scores.jsonl            scores; RUN/score_summary.json their summary (interp score)
@@ -124,6 +125,10 @@ class RunLayout:
     def metrics(self) -> Path:
         return self.training / "metrics.jsonl"
 
+    def training_figure(self, ext: str = "html") -> Path:
+        """The training curves (loss, FVU, L0, dead fraction) `interp train` draws from metrics.jsonl."""
+        return self.training / f"curves.{ext}"
+
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
@@ -138,6 +143,10 @@ class RunLayout:
     @property
     def recovery(self) -> Path:
         return self.root / "recovery.json"
+
+    def recovery_figure(self, ext: str = "html") -> Path:
+        """Best SAE feature against best raw neuron per concept (`interp recovery`)."""
+        return self.root / f"recovery.{ext}"
 
     @property
     def crossmodal(self) -> Path:
@@ -213,6 +222,10 @@ class RunLayout:
 
     def figure(self, name: str, ext: str) -> Path:
         return self.root / f"{name}.{ext}"
+
+    def notebook(self, name: str) -> Path:
+        """An executed copy of notebooks/NAME.ipynb run on this run directory, with its outputs."""
+        return self.root / "notebooks" / f"{name}.ipynb"
 
     @property
     def crossmodal_sweep(self) -> Path:
