@@ -1,40 +1,26 @@
-"""Plotly figures of the app (built from plain arrays and dicts, so they are tested without Streamlit)."""
+"""Plotly figures of the app (built from plain arrays and dicts, so they are tested without Streamlit).
+The training curves, the density histogram and the recovery bars are the SAE stage's own figures
+(saes.figures), the ones `interp train`, `interp eval` and `interp recovery` write as HTML and PNG."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
-CURVES = (("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead fraction"))
-
-
-def training_curves(metrics: pd.DataFrame) -> go.Figure:
-    """Loss, FVU, L0 and dead fraction against the training step (those metrics.jsonl has)."""
-    curves = [(c, t) for c, t in CURVES if c in metrics]
-    x = metrics["step"] if "step" in metrics else metrics.index
-    fig = make_subplots(rows=1, cols=max(1, len(curves)), subplot_titles=[t for _, t in curves])
-    for i, (col, _) in enumerate(curves, start=1):
-        fig.add_trace(go.Scatter(x=x, y=metrics[col], mode="lines", name=col, showlegend=False), row=1, col=i)
-        fig.update_xaxes(title_text="step", row=1, col=i)
-        if col == "loss":
-            fig.update_yaxes(type="log", row=1, col=i)
-        else:
-            fig.update_yaxes(rangemode="tozero", row=1, col=i)
-    fig.update_layout(height=300, margin=dict(t=40, b=40, l=40, r=20))
-    return fig
+from saes import figures
+from saes.figures import density_histogram  # noqa: F401  (the pages draw it from here)
 
 
-def density_histogram(density: np.ndarray) -> go.Figure:
-    """Histogram of log10 firing rates of the live features, with the dead count in the title."""
-    density = np.asarray(density, np.float64)
-    live = density[density > 0]
-    fig = go.Figure(go.Histogram(x=np.log10(live), nbinsx=40, marker_color="#4c78a8"))
-    dead = int((density == 0).sum())
-    fig.update_layout(title=f"Feature density: {len(live)} live, {dead} dead ({dead / max(len(density), 1):.1%})",
-                      xaxis_title="log10 firing rate", yaxis_title="features", height=300,
-                      margin=dict(t=40, b=40, l=40, r=20))
+def recovery_bars(concepts: list[dict]) -> go.Figure:
+    """F1 of the best SAE feature per concept against the best raw neuron, at the page's width."""
+    return figures.recovery_bars(concepts).update_layout(width=None, title=None)
+
+
+def training_curves(metrics: pd.DataFrame, dead_window: int | None = None) -> go.Figure:
+    """Loss, FVU, L0 and dead fraction (training's: silent for the last `dead_window` steps) per step."""
+    fig = figures.training_curves(metrics.to_dict("records"), dead_window)
+    fig.update_layout(width=None)  # the page's width
     return fig
 
 
@@ -54,19 +40,6 @@ def score_histogram(values: np.ndarray, name: str = "balanced accuracy") -> go.F
     return fig
 
 
-def recovery_bars(concepts: list[dict]) -> go.Figure:
-    """F1 of the best SAE feature per concept against the best raw neuron."""
-    names = [c["concept"] for c in concepts]
-    fig = go.Figure([
-        go.Bar(name="best SAE feature", x=names, y=[c.get("f1") for c in concepts], marker_color="#4c78a8",
-               text=[f"#{c.get('feature')}" for c in concepts], textposition="outside"),
-        go.Bar(name="best raw neuron", x=names, y=[c.get("neuron_f1") for c in concepts], marker_color="#bab0ac"),
-    ])
-    fig.update_layout(barmode="group", yaxis=dict(title="F1", range=[0, 1.1]), height=320,
-                      margin=dict(t=30, b=40, l=40, r=20), legend=dict(orientation="h", y=1.12))
-    return fig
-
-
 def activation_histogram(edges: np.ndarray, counts: np.ndarray) -> go.Figure:
     """The feature's histogram of active values (log-spaced bins; the open end bins are dropped)."""
     edges, counts = np.asarray(edges, np.float64), np.asarray(counts)
@@ -82,10 +55,22 @@ def activation_histogram(edges: np.ndarray, counts: np.ndarray) -> go.Figure:
 
 
 def token_effect_bars(promoted: list, suppressed: list) -> go.Figure:
-    """Horizontal bars of the most promoted and suppressed tokens (TokenEffect lists)."""
+    """Horizontal bars of the most promoted and suppressed tokens (TokenEffect lists), every bar labelled
+    with its token: the bars sit at integer positions with one tick each (plotly's automatic ticks
+    thinned the labels to every other token), and the height leaves each label its own line."""
     items = sorted(promoted + suppressed, key=lambda e: e.logit)
-    fig = go.Figure(go.Bar(x=[e.logit for e in items], y=[repr(e.token) for e in items], orientation="h",
-                           marker_color=["#e45756" if e.logit < 0 else "#4c78a8" for e in items]))
-    fig.update_layout(height=max(240, 18 * len(items)), xaxis_title="logit change per unit of the direction",
+    labels = [token_label(e.token) for e in items]
+    fig = go.Figure(go.Bar(x=[e.logit for e in items], y=list(range(len(items))), orientation="h",
+                           marker_color=["#e45756" if e.logit < 0 else "#4c78a8" for e in items],
+                           hovertext=labels, hoverinfo="x+text"))
+    fig.update_layout(height=max(240, 24 * len(items) + 70), xaxis_title="logit change per unit of the direction",
+                      yaxis=dict(tickmode="array", tickvals=list(range(len(items))), ticktext=labels,
+                                 automargin=True, tickfont=dict(size=12, family="monospace")),
                       margin=dict(t=10, b=40, l=10, r=10))
     return fig
+
+
+def token_label(token: str, width: int = 16) -> str:
+    """A token as a readable tick label: quoted (spaces show), control characters escaped, long ones cut."""
+    text = repr(str(token))
+    return text if len(text) <= width else text[: width - 2] + "…" + text[-1]

@@ -3,6 +3,9 @@
 Heavy objects (open HDF5 files, the SAE, the model) are `st.cache_resource`, shared by all
 sessions; small derived data are `st.cache_data`. Cache keys carry each file's modification
 time, so a stage that writes while the app runs (e.g. "explain and score now") is picked up.
+Those arguments must not start with an underscore: Streamlit leaves `_name` arguments out of the
+cache key (that is how it skips unhashable ones, like an open reader), so a `_mtime` key never
+changes and the page keeps showing the file as it first read it.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _mtime_of_dir(path: str) -> int:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _run(path: str, _mtime: int) -> RunDir:
+def _run(path: str, mtime_ns: int) -> RunDir:
     return RunDir(path)
 
 
@@ -62,7 +65,7 @@ def mtime(path: Path | None) -> int:
 
 
 @st.cache_resource(show_spinner="Opening features.h5 …", max_entries=4)
-def _stats(path: str, _mtime: int):
+def _stats(path: str, mtime_ns: int):
     from explain.feature_reader import FeatureReader
 
     return FeatureReader(path)
@@ -74,7 +77,7 @@ def stats(run: RunDir):
 
 
 @st.cache_resource(show_spinner="Opening the cache and the SAE …", max_entries=4)
-def _sources(run_dir: str, _mtimes: tuple[int, ...]):
+def _sources(run_dir: str, mtimes: tuple[int, ...]):
     from explain.feature_reader import FeatureSources
 
     return FeatureSources.open(run_dir, device="cpu")
@@ -89,7 +92,7 @@ def sources(run: RunDir):
 
 
 @st.cache_resource(show_spinner="Loading the SAE …", max_entries=4)
-def _sae(path: str, _mtime: int):
+def _sae(path: str, mtime_ns: int):
     from saes.sae import SAE
 
     return SAE.load(path, device="cpu").eval()
@@ -100,7 +103,7 @@ def sae(run: RunDir):
 
 
 @st.cache_resource(show_spinner="Opening the activation cache …", max_entries=4)
-def _reader(path: str, _mtime: int):
+def _reader(path: str, mtime_ns: int):
     from interp.cache.reader import ActivationReader
 
     return ActivationReader(path)
@@ -111,7 +114,7 @@ def reader(run: RunDir):
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _json(path: str, _mtime: int) -> dict:
+def _json(path: str, mtime_ns: int) -> dict:
     return read_json(Path(path))
 
 
@@ -120,7 +123,7 @@ def json_file(path: Path | None) -> dict:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _store(path: str, _mtime: int) -> dict[int, dict]:
+def _store(path: str, mtime_ns: int) -> dict[int, dict]:
     return read_store(path)
 
 
@@ -133,7 +136,7 @@ def scores(run: RunDir) -> dict[int, dict]:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _metrics(path: str, _mtime: int) -> pd.DataFrame:
+def _metrics(path: str, mtime_ns: int) -> pd.DataFrame:
     from interp.infra.records import read_records
 
     return pd.DataFrame(list(read_records(path)))
@@ -144,9 +147,9 @@ def metrics(run: RunDir) -> pd.DataFrame | None:
 
 
 @st.cache_data(show_spinner="Building the feature table …", max_entries=8)
-def _table(features: str, _mtimes: tuple[int, ...], explanations_path: str | None, scores_path: str | None,
+def _table(features: str, mtimes: tuple[int, ...], explanations_path: str | None, scores_path: str | None,
            ) -> pd.DataFrame:
-    return build_table(_stats(features, _mtimes[0]).summary_table(), read_store(explanations_path),
+    return build_table(_stats(features, mtimes[0]).summary_table(), read_store(explanations_path),
                        read_store(scores_path))
 
 
@@ -160,7 +163,7 @@ def feature_table(run: RunDir) -> pd.DataFrame | None:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _recovery(path: str, _mtime: int):
+def _recovery(path: str, mtime_ns: int):
     from interp.shapes.concepts import load_recovery
 
     try:
@@ -191,10 +194,10 @@ def model(name: str):
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _unit_decoder(path: str, _mtime: int):
+def _unit_decoder(path: str, mtime_ns: int):
     from app.analysis import unit_rows
 
-    return unit_rows(_sae(path, _mtime).W_dec)
+    return unit_rows(_sae(path, mtime_ns).W_dec)
 
 
 def unit_decoder(run: RunDir):
@@ -202,11 +205,11 @@ def unit_decoder(run: RunDir):
 
 
 @st.cache_resource(show_spinner="Labelling cached tokens with the shapes world's ground truth …", max_entries=2)
-def _ground_truth(path: str, _mtime: int):
+def _ground_truth(path: str, mtime_ns: int):
     from interp.shapes.ground_truth import token_concepts
 
     try:
-        return token_concepts(_reader(path, _mtime), with_object=False)
+        return token_concepts(_reader(path, mtime_ns), with_object=False)
     except ValueError:  # not a shapes-world cache
         return None
 
@@ -215,14 +218,14 @@ CHEAP_ROWS = 500_000  # cached rows up to which a feature's per-concept scores a
 
 
 @st.cache_data(show_spinner="Scoring the feature against every ground-truth concept …", max_entries=256)
-def _concept_scores(cache: str, sae_dir: str, _mtimes: tuple[int, int], feature: int) -> pd.DataFrame | None:
+def _concept_scores(cache: str, sae_dir: str, mtimes: tuple[int, int], feature: int) -> pd.DataFrame | None:
     from app.analysis import feature_column
     from interp.shapes.concepts import concept_scores
 
-    gt = _ground_truth(cache, _mtimes[0])
+    gt = _ground_truth(cache, mtimes[0])
     if gt is None:
         return None
-    values = feature_column(_sae(sae_dir, _mtimes[1]), _reader(cache, _mtimes[0]), feature, gt.rows)
+    values = feature_column(_sae(sae_dir, mtimes[1]), _reader(cache, mtimes[0]), feature, gt.rows)
     return pd.DataFrame(concept_scores(values, gt.labels(), gt.concepts))
 
 
@@ -235,8 +238,8 @@ def concept_scores(run: RunDir, feature: int) -> pd.DataFrame | None:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _labels(run_path: str, _mtimes: tuple[int, ...]) -> dict[int, str]:
-    run = _run(run_path, _mtimes[0])
+def _labels(run_path: str, mtimes: tuple[int, ...]) -> dict[int, str]:
+    run = _run(run_path, mtimes[0])
     out = {f: "/".join(c.concept for c in cs) for f, cs in recovery_by_feature(run).items()}
     table = feature_table(run)
     if table is not None:

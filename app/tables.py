@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 DENSE = 0.1  # firing rate above which a feature counts as dense (as saes.evaluate)
+VAGUE = ("cannot tell", "nothing")  # explain.prompts.CANNOT_TELL and NOTHING: answers that name no concept
 SORTS = {"density": "density", "max activation": "max", "score": "score", "feature": "feature",
          "mean when active": "mean_active"}
 
@@ -79,6 +80,7 @@ def build_table(summary: dict[str, np.ndarray], explanations: dict[int, dict],
             if not text[f]:
                 text[f] = explanation_text(rec)
     df["explanation"] = text
+    df["vague"] = pd.Series(text).str.strip().str.lower().isin(VAGUE).to_numpy()
     df["score"] = score
     if "modality" in summary:  # features/3: where the feature fires (image, text, both, dead)
         from explain.feature_reader import MODALITIES
@@ -98,6 +100,8 @@ class Query:
     only_dense: bool = False
     only_unexplained: bool = False
     only_explained: bool = False
+    hide_vague: bool = False  # drop "cannot tell" / "nothing" explanations
+    vague_last: bool = True  # whatever the sort, "cannot tell" / "nothing" after the explanations that name something
     modality: str = "all"  # all, or one of image, text, both (features that fire there)
 
 
@@ -114,6 +118,9 @@ def select(df: pd.DataFrame, q: Query) -> np.ndarray:
         keep &= ~explained
     if q.only_explained:
         keep &= explained
+    vague = df["vague"].to_numpy(dtype=bool) if "vague" in df else np.zeros(len(df), bool)
+    if q.hide_vague:
+        keep &= ~vague
     if q.modality != "all" and "modality" in df:
         keep &= df["modality"].to_numpy() == q.modality
     text = q.search.strip()
@@ -125,7 +132,8 @@ def select(df: pd.DataFrame, q: Query) -> np.ndarray:
     rows = np.flatnonzero(keep)
     values = df[SORTS[q.sort]].to_numpy(dtype=np.float64)[rows]
     key = np.where(np.isnan(values), -np.inf if q.descending else np.inf, values)
-    order = np.argsort(-key if q.descending else key, kind="stable")
+    key = -key if q.descending else key
+    order = np.lexsort((key, vague[rows])) if q.vague_last else np.argsort(key, kind="stable")
     return rows[order]
 
 

@@ -9,8 +9,13 @@ import streamlit as st
 from app.run_dir import RunDir
 
 FEATURE_PAGE = "views/feature.py"  # relative to app/main.py, as st.page_link and st.switch_page take it
-VIEW_NAMES = {"overlay": "heatmap overlay", "heatmap": "heatmap", "masked": "mask", "crop": "crop",
-              "original": "original"}
+# the default first: an outline keeps every pixel's colour (a colour overlay turns red objects orange)
+VIEW_NAMES = {"contour": "outline", "overlay": "heatmap overlay", "heatmap": "heatmap", "masked": "mask",
+              "crop": "crop", "original": "original"}
+VAGUE = {"cannot tell": "the explainer found nothing its examples have in common; the judge is never told an image "
+                        "shows it, so detection sits near chance (0.5)",
+         "nothing": "the feature fires on empty background (image regions with no object in them): the explainer "
+                    "describes what is there, which is nothing"}
 
 
 def need(run: RunDir, *stages: str) -> bool:
@@ -28,6 +33,48 @@ def facts(items: dict[str, str]) -> None:
     for col, (label, value) in zip(st.columns(len(items)), items.items()):
         col.caption(label)
         col.markdown(f"**{value}**")
+
+
+def url_number(key: str, lo: int, hi: int, default: int, what: str) -> None:
+    """Let ?KEY= drive the number input `key` (drawn after this, without a `value`): a link, a typed URL or
+    the browser's back button sets it; an id that is not a number in lo..hi gets a warning and `default`.
+    `follow_url` then writes the input's value back, so the URL follows every change."""
+    raw = st.query_params.get(key)
+    if raw is not None and (raw != st.session_state.get(f"url_{key}") or key not in st.session_state):
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            st.warning(f"?{key}={raw} is not a {what} of this run ({lo} .. {hi}): showing {what} "
+                       f"{st.session_state.get(key, default)} instead.")
+        else:
+            st.session_state[key] = value
+    st.session_state.setdefault(key, default)
+
+
+def follow_url(key: str, value: int) -> None:
+    """Put the shown number into the URL (?KEY=value), so it can be shared, reloaded and gone back to."""
+    text = str(int(value))
+    st.query_params[key] = text  # even when unchanged here: the browser's address bar is updated by this message
+    st.session_state[f"url_{key}"] = text
+
+
+def explanation_note(text: str) -> str | None:
+    """What a "cannot tell" / "nothing" explanation means (None for any other text)."""
+    return VAGUE.get((text or "").strip().lower())
+
+
+def open_image(ref: str, cache_meta: dict):
+    """The image of a cached sample, read only under the cache's recorded data roots; None after a warning
+    naming the reference when it cannot be read or points elsewhere."""
+    from interp.cache.data import data_roots, load_image
+
+    try:
+        return load_image(ref, data_roots(cache_meta.get("data")))
+    except Exception as e:  # unreadable, moved, or outside the data roots: say which and keep the page
+        st.warning(f"Cannot show image `{ref}`: {e}")
+        return None
 
 
 def feature_link(feature: int, label: str = "") -> None:
@@ -51,7 +98,7 @@ def open_sources(run: RunDir):
 
 
 @st.cache_resource(show_spinner=False, max_entries=4096)
-def _view(features: str, _mtime: int, _sources, feature: int, sample: int):
+def _view(features: str, mtime_ns: int, _sources, feature: int, sample: int):
     from explain.render import render_example
 
     return render_example(_sources, feature, sample, display_size=160)

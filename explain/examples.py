@@ -117,12 +117,13 @@ def _round_robin(lists: list[list[Picked]], n: int) -> list[Picked]:
 
 def load_marked(sources: FeatureSources, feature: int, picked: list[Picked]) -> list[MarkedExample]:
     """The images of the samples behind `picked` with the feature's per-token activations (re-encoded)."""
-    from interp.cache.data import load_image
+    from interp.cache.data import data_roots, load_image
 
     vmax = sources.features.stats(feature).max
-    out = []
+    roots = data_roots(sources.reader.meta.get("data"))  # only images of the cache's own data (a remote
+    out = []  # explainer would be sent whatever a crafted reference points at)
     for p in picked:
         tokens, acts = sources.token_activations(feature, p.example.sample)
         out.append(MarkedExample(p.example.sample, p.example.source_index, p.example.image_ref, p.source,
-                                 load_image(p.example.image_ref), tokens, acts, vmax))
+                                 load_image(p.example.image_ref, roots), tokens, acts, vmax))
     return out

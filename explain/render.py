@@ -6,8 +6,10 @@ boxes): a pixel takes the max activation over the boxes that contain its centre.
 scale is shared across a feature's examples (`vmax`, by default the feature's max over the whole
 cache) so that brighter means more active from one example to the next.
 
-Views (PIL images, for the app and for explainer prompts): the original, the coloured heatmap,
-the heatmap blended over the image, the image dimmed outside the active tokens (as the
+Views (PIL images, for the app and for explainer prompts): the original, the image with the outline
+of where the feature fires (every pixel keeps its colour: the app's default, since a colour overlay
+turns a red object orange and a blue one grey, in a world whose features are colours), the coloured
+heatmap, the heatmap blended over the image, the image dimmed outside the active tokens (as the
 explainer's marked views, interp.shapes.world.dim_outside), and a crop around the active tokens.
 Images smaller than `display_size` are upscaled with nearest-neighbour so patches stay crisp.
 """
@@ -25,7 +27,8 @@ from explain.feature_reader import FeatureSources
 from interp.shapes.world import dim_outside
 
 MODES = ("nearest", "bilinear")
-VIEWS = ("original", "heatmap", "overlay", "masked", "crop")
+VIEWS = ("original", "contour", "heatmap", "overlay", "masked", "crop")
+CONTOUR_LEVELS = (0.2, 0.6)  # outlines at these fractions of vmax: where it fires, and where it fires strongly
 # inferno, sampled at 0, 1/4, 1/2, 3/4, 1: dark for weak, bright for strong, readable in greyscale
 _ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=float)
 
@@ -33,6 +36,7 @@ _ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [25
 @dataclass
 class FeatureView:
     original: Image.Image
+    contour: Image.Image  # the original, untouched inside, with white-on-black outlines at CONTOUR_LEVELS
     heatmap: Image.Image
     overlay: Image.Image
     masked: Image.Image
@@ -101,6 +105,26 @@ def active_box(tokens: np.ndarray, acts: np.ndarray, cutoff: float, size: tuple[
     return max(0, math.floor(x0)), max(0, math.floor(y0)), min(w, math.ceil(x1)), min(h, math.ceil(y1))
 
 
+def outline(img: np.ndarray, value_map: np.ndarray, levels: tuple[float, ...] = CONTOUR_LEVELS,
+            width: int = 2) -> np.ndarray:
+    """`img` [H, W, 3] with the outline of each region `value_map` >= level drawn on it: a white line
+    `width - 1` pixels wide just inside the region's edge and a black one `width` pixels wide just outside
+    it, readable on every colour. Pixels that are neither keep their colour exactly; the strongest level is drawn last."""
+    from PIL import ImageFilter
+
+    out = img.copy()
+    for level in levels:
+        region = Image.fromarray(((value_map >= level) * 255).astype(np.uint8))
+        inside = np.asarray(region) > 0
+        if not inside.any():
+            continue
+        inner = inside & ~(np.asarray(region.filter(ImageFilter.MinFilter(2 * width - 1))) > 0)
+        outer = ~inside & (np.asarray(region.filter(ImageFilter.MaxFilter(2 * width + 1))) > 0)
+        out[outer] = 0
+        out[inner] = 255
+    return out
+
+
 def _upscaled(image: Image.Image, display_size: int) -> Image.Image:
     """Nearest-neighbour upscale so the longer side reaches `display_size` (never downscales)."""
     s = display_size / max(image.size)
@@ -115,7 +139,8 @@ def render_feature(image: Image.Image, tokens: np.ndarray, acts: np.ndarray, *, 
     tokens: the image's token table rows (boxes in `image`'s pixels); acts: the feature's
     activation on each. vmax: top of the colour scale (pass the feature's max to share it across
     examples; default this image's max). Active region: tokens above `threshold` * vmax.
-    The overlay blends the colour in proportion to the activation (`alpha` at vmax).
+    The overlay blends the colour in proportion to the activation (`alpha` at vmax); the contour view
+    outlines the tokens at CONTOUR_LEVELS of vmax and changes no other pixel.
     """
     image = image.convert("RGB")
     acts = np.asarray(acts, np.float32)
@@ -132,22 +157,25 @@ def render_feature(image: Image.Image, tokens: np.ndarray, acts: np.ndarray, *, 
     a = alpha * np.clip(norm, 0, 1)[..., None]
     overlay = np.rint(img * (1 - a) + color * a).astype(np.uint8)
     cutoff = threshold * vmax
-    inside = activation_map(tokens, acts, image.size, out_size, "nearest") > cutoff
+    exact = activation_map(tokens, acts, image.size, out_size, "nearest")
+    contour = outline(img, exact / vmax if vmax > 0 else np.zeros_like(exact), width=max(2, round(max(out_size) / 80)))
+    inside = exact > cutoff
     masked = np.where(inside[..., None], img, dim_outside(img, (0, 0, 0, 0), dim))  # empty box: all dimmed
     box = active_box(tokens, acts, cutoff, image.size, margin)
     crop = _upscaled(image.crop(box), display_size) if box else original
-    return FeatureView(original, Image.fromarray(color), Image.fromarray(overlay), Image.fromarray(masked), crop,
-                       box, float(vmax), scale)
+    return FeatureView(original, Image.fromarray(contour), Image.fromarray(color), Image.fromarray(overlay),
+                       Image.fromarray(masked), crop, box, float(vmax), scale)
 
 
 def render_example(sources: FeatureSources, feature: int, sample: int, **kwargs) -> FeatureView:
     """`render_feature` for the image of one sample of the cache (a row of its samples table), with
     the colour scale at the feature's max over the cache unless `vmax` is given."""
-    from interp.cache.data import load_image
+    from interp.cache.data import data_roots, load_image
 
     tokens, acts = sources.token_activations(feature, sample)
     kwargs.setdefault("vmax", sources.features.stats(feature).max)
-    return render_feature(load_image(sources.reader.image_refs[sample]), tokens, acts, **kwargs)
+    image = load_image(sources.reader.image_refs[sample], data_roots(sources.reader.meta.get("data")))
+    return render_feature(image, tokens, acts, **kwargs)
 
 
 def write_feature_pngs(sources: FeatureSources, feature: int, out_dir: str | Path, *, by: str | None = None,

@@ -135,7 +135,14 @@ def test_feature_table_queries_are_vectorised_and_fast_for_100k_features():
     assert (df["density"].to_numpy()[rows] > 0).all()
     s = df["score"].to_numpy()[first]
     assert (np.diff(s[np.isfinite(s)]) <= 0).all() and np.isfinite(s[0])  # best score first, unscored last
-    assert (df["status"].to_numpy()[dense] == "dense").all() and (np.diff(df["max"].to_numpy()[dense]) >= 0).all()
+    assert (df["status"].to_numpy()[dense] == "dense").all()
+    vague = df["vague"].to_numpy()[dense]  # "cannot tell" sorts after every explanation that names something
+    assert vague.any() and not vague[: (~vague).sum()].any()
+    for part in (~vague, vague):
+        assert (np.diff(df["max"].to_numpy()[dense][part]) >= 0).all()
+    plain = tables.select(df, tables.Query(only_dense=True, sort="max activation", descending=False, vague_last=False))
+    assert (np.diff(df["max"].to_numpy()[plain]) >= 0).all()
+    assert len(tables.select(df, tables.Query(hide_vague=True, hide_dead=False))) == n - int(df["vague"].sum())
     assert len(unexplained) == n - len(explanations)
     assert list(tables.select(df, tables.Query(search="12", hide_dead=False))[:1]) == [12]
     assert len(tables.page(rows, 10**6, 50)) <= 50  # past the end: the last page
@@ -221,7 +228,16 @@ def test_feature_list_page(demo_run, monkeypatch):
     at = app_test(monkeypatch, demo_run, "views/feature_list.py")
     df = at.dataframe[0].value
     assert len(df) > 0 and (df["status"] != "dead").all()
-    assert list(df["density"]) == sorted(df["density"], reverse=True)
+    vague = df["explanation"].str.lower().isin(["cannot tell", "nothing"]).to_numpy()
+    assert vague.any() and not vague[: (~vague).sum()].any()  # "cannot tell" / "nothing" out of the way, last
+    for part in (df[~vague], df[vague]):
+        assert list(part["density"]) == sorted(part["density"], reverse=True)
+    assert "“cannot tell” or “nothing”" in texts(at.caption)
+    at.checkbox(key="vague_last").uncheck().run()
+    assert list(at.dataframe[0].value["density"]) == sorted(df["density"], reverse=True)
+    at.checkbox(key="hide_vague").check().run()
+    assert len(at.dataframe[0].value) == (~vague).sum()
+    at.checkbox(key="hide_vague").uncheck().run()
     _, concept = recovered_feature(demo_run)
     at.text_input(key="search").set_value(concept).run()
     hit = at.dataframe[0].value
@@ -365,6 +381,166 @@ def test_pages_on_another_family_without_eval_or_explanations(qwen_run, monkeypa
     if page.endswith("steering.py"):
         at.button(key="steer_go").click().run()
         assert not at.exception and not at.error and len(at.main.code) == 2
+
+
+# ---------------------------------------------------------------- staleness, URLs, images, trust
+
+
+def test_a_page_shows_an_explanation_written_while_the_app_runs(shapes_run_copy, monkeypatch):
+    """The readers' cache keys carry the files' mtimes; named `_mtime`, Streamlit left them out of the key."""
+    import json
+
+    feature, _ = recovered_feature(shapes_run_copy)
+    at = app_test(monkeypatch, shapes_run_copy, "views/feature.py", {"feature": str(feature)})
+    new = "a purple glow written while the app runs"
+    assert new not in at.title[0].value
+    with open(shapes_run_copy / "explanations.jsonl", "a") as f:  # as `interp explain` appends it
+        f.write(json.dumps({"feature": feature, "status": "ok", "explanation": new}) + "\n")
+    at.run()
+    assert not at.exception and at.title[0].value == f"Feature {feature} · {new}"
+    at.switch_page("views/feature_list.py").run()
+    at.text_input(key="search").set_value("purple glow").run()
+    assert list(at.dataframe[0].value["feature"]) == [feature]
+
+
+def test_the_url_follows_the_feature_and_an_invalid_id_warns(demo_run, monkeypatch):
+    at = app_test(monkeypatch, demo_run, "views/feature.py", {"feature": "3"})
+    assert at.title[0].value.startswith("Feature 3") and at.query_params["feature"] == "3" and not at.warning
+    at.number_input(key="feature").set_value(5).run()
+    assert at.title[0].value.startswith("Feature 5") and at.query_params["feature"] == "5"
+    at.query_params["feature"] = "7"  # a link or a typed URL to another feature, on the same page
+    at.run()
+    assert at.title[0].value.startswith("Feature 7") and at.number_input(key="feature").value == 7
+    for bad in ("999", "-1", "red"):
+        at = app_test(monkeypatch, demo_run, "views/feature.py", {"feature": bad})
+        shown = int(at.title[0].value.split()[1])
+        assert f"?feature={bad} is not a feature of this run (0 .. 31): showing feature {shown} instead" in \
+            texts(at.warning)
+        assert at.query_params["feature"] == str(shown)  # the URL says what the page shows
+    at = app_test(monkeypatch, demo_run, "views/samples.py", {"sample": "500"})
+    assert "?sample=500 is not a cached sample of this run" in texts(at.warning) and not at.exception
+
+
+def test_explanations_that_name_nothing_are_explained(demo_run, monkeypatch):
+    from app.tables import read_store
+
+    vague = next(f for f, r in read_store(demo_run / "explanations.jsonl").items() if r["explanation"] == "nothing")
+    at = app_test(monkeypatch, demo_run, "views/feature.py", {"feature": str(vague)})
+    assert "“nothing”: the feature fires on empty background" in texts(at.caption)
+
+
+def test_every_label_of_the_logit_chart_is_shown():
+    from app.analysis import TokenEffect
+    from app.charts import token_effect_bars
+
+    effects = [TokenEffect(t, i, float(i) - 7.5) for i, t in enumerate("abcdefghijklmnop")]
+    fig = token_effect_bars(effects[8:], effects[:8])
+    y = fig.layout.yaxis
+    assert y.tickmode == "array" and list(y.ticktext) == [repr(t) for t in "abcdefghijklmnop"]
+    assert list(y.tickvals) == list(range(16)) and fig.layout.height >= 16 * 20
+
+
+def test_the_app_fetches_nothing_from_another_host():
+    """The favicon is an emoji (a ':material/...:' favicon is fetched from fonts.gstatic.com); the browser
+    test checks every request of a rendered page."""
+    import ast
+
+    from streamlit.string_util import is_emoji
+
+    tree = ast.parse(MAIN.read_text())
+    icon = next(n.value.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "PAGE_ICON")
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "set_page_config")
+    assert is_emoji(icon) and any(k.arg == "page_icon" and getattr(k.value, "id", "") == "PAGE_ICON" for k in call.keywords)
+
+
+def retarget_images(run: Path, ref, data: dict | None = None) -> None:
+    """Point every sample of the run's cache and features file at `ref(i)`, optionally recording another data
+    source, keeping the features file matched to its cache (as a run directory from elsewhere could)."""
+    import json
+
+    import h5py
+
+    from explain.feature_reader import cache_fingerprint, cache_identity
+    from interp.cache.reader import ActivationReader
+
+    for name in ("activations.h5", "features.h5"):
+        with h5py.File(run / name, "r+") as f:
+            samples = f["samples"][:]
+            samples["image_ref"] = [ref(i).encode() for i in range(len(samples))]
+            f["samples"][...] = samples
+            if data is not None and name == "activations.h5":
+                f.attrs["data"] = json.dumps(data, sort_keys=True)
+    with ActivationReader(run / "activations.h5") as r:
+        identity = cache_identity(r.meta)
+    with h5py.File(run / "features.h5", "r+") as f:
+        f.attrs["cache_identity"] = json.dumps(identity, default=str)
+        f.attrs["cache_fingerprint"] = cache_fingerprint(identity)
+
+
+@pytest.fixture
+def unreadable_run(shapes_run_copy, tmp_path) -> Path:
+    """The run with every image a broken file inside the cache's recorded image folder."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(200):
+        (folder / f"{i}.png").write_bytes(b"\x89PNG cut short")
+    retarget_images(shapes_run_copy, lambda i: f"file:{folder / f'{i}.png'}", {"kind": "folder", "root": str(folder)})
+    return shapes_run_copy
+
+
+@pytest.mark.parametrize("page", PAGES[2:])
+def test_an_unreadable_image_is_a_warning_on_every_page(unreadable_run, monkeypatch, page):
+    feature, _ = recovered_feature(unreadable_run)
+    at = app_test(monkeypatch, unreadable_run, page, {"feature": str(feature)})
+    assert not at.exception and not at.get("image"), [e.value for e in at.exception]
+    assert "cannot identify image file" in texts(at.warning), texts(at.warning) + texts(at.error)
+
+
+def test_an_image_outside_the_data_roots_is_refused_by_the_app_and_the_explainer(shapes_run_copy, tmp_path,
+                                                                               monkeypatch):
+    """A run directory from elsewhere names images by path: a crafted one must not show or send what it points at."""
+    import json
+
+    from PIL import Image
+
+    from explain.commands import ExplainConfig, FeatureSelection, run_explain
+
+    secret = tmp_path / "private" / "holiday.png"
+    secret.parent.mkdir()
+    Image.new("RGB", (48, 48), (255, 0, 0)).save(secret)
+    retarget_images(shapes_run_copy, lambda i: f"file:{secret}")  # the cache still records the shapes world
+    feature, _ = recovered_feature(shapes_run_copy)
+    for page in PAGES[2:4]:
+        at = app_test(monkeypatch, shapes_run_copy, page, {"feature": str(feature)})
+        assert not at.exception and not at.get("image")
+        assert f"refusing to read image file:{secret}: {secret} is outside the data roots recorded with the cache" \
+            in texts(at.warning)
+    result = run_explain(ExplainConfig(run=str(shapes_run_copy), selection=FeatureSelection(features=(feature,)),
+                                       progress=False, redo=True))
+    assert result.failed == [feature]
+    last = [json.loads(line) for line in (shapes_run_copy / "explanations.jsonl").read_text().splitlines()][-1]
+    assert last["status"] == "error" and "refusing to read image" in last["error"] and "is outside" in last["error"]
+
+
+def test_load_image_reads_only_under_the_roots(tmp_path):
+    from PIL import Image
+
+    from interp.cache.data import UntrustedImageError, data_roots, load_image
+
+    inside, outside = tmp_path / "data" / "a" / "x.png", tmp_path / "elsewhere.png"
+    inside.parent.mkdir(parents=True)
+    for p in (inside, outside):
+        Image.new("RGB", (8, 8), (0, 0, 255)).save(p)
+    (tmp_path / "data" / "link.png").symlink_to(outside)
+    roots = data_roots({"kind": "folder", "root": str(tmp_path / "data")})
+    assert load_image(f"file:{inside}", roots).size == (8, 8) and load_image(f"file:{outside}").size == (8, 8)
+    for ref in (f"file:{outside}", f"file:{tmp_path / 'data' / 'link.png'}", f"file:{tmp_path}/data/../elsewhere.png"):
+        with pytest.raises(UntrustedImageError, match="is outside the data roots recorded with the cache"):
+            load_image(ref, roots)
+    with pytest.raises(UntrustedImageError, match=r"\(none \(the cache records no image folder or dataset\)\)"):
+        load_image(f"file:{inside}", data_roots({"kind": "shapes"}))
+    assert load_image("shapes:test:0:0", ()).size == (48, 48)  # generated scenes need no root
+    assert data_roots('{"kind": "hf", "path": "/d"}') == (Path("/d").resolve(),) and data_roots(None) == ()
 
 
 def test_interp_app_on_a_missing_directory_is_one_line(tmp_path, cli):

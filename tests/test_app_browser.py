@@ -31,3 +31,39 @@ def test_feature_page_renders_heatmaps_and_charts_in_a_browser(shapes_run, tmp_p
         open_page(page, url, (PLOTLY,))
         assert page.locator(PLOTLY).count() >= 3 and page.locator("h1").first.inner_text() == "Overview"
     assert (tmp_path / "feature.png").stat().st_size > 10_000
+
+
+def test_the_url_follows_navigation_unknown_paths_land_on_the_overview_and_nothing_is_fetched_elsewhere(shapes_run):
+    requests: list[str] = []
+    with serve(shapes_run) as url, browser(height=1600) as page:
+        page.on("request", lambda r: requests.append(r.url))
+        open_page(page, f"{url}/feature?feature=3", (IMAGES, PLOTLY))
+
+        def shown(feature: str) -> tuple[str, str]:
+            """(the URL's query, the page's title) once the page has caught up with the URL (or timed out)."""
+            try:
+                page.wait_for_function("f => (document.querySelector('h1') || {}).innerText?.startsWith('Feature ' + f)"
+                                       " && !document.querySelector('[data-testid=\"stStatusWidget\"]')", arg=feature,
+                                       timeout=60_000)
+            except Exception:  # the assertion below says what the page shows instead
+                pass
+            return page.url.split("?")[-1], page.locator("h1").first.inner_text().split(" · ")[0]
+
+        link = page.locator("[data-testid='stPageLink'] a").first  # a nearest feature
+        target = link.inner_text().split(" · ")[0].split()[-1]
+        link.click()
+        page.wait_for_url(f"**/feature?feature={target}", timeout=60_000)
+        assert shown(target) == (f"feature={target}", f"Feature {target}")
+        box = page.locator("input[type='number']").first
+        box.fill("5")
+        box.press("Enter")
+        page.wait_for_url("**/feature?feature=5", timeout=60_000)
+        assert shown("5") == ("feature=5", "Feature 5")
+        page.go_back()
+        page.wait_for_url(f"**/feature?feature={target}", timeout=60_000)
+        assert shown(target) == (f"feature={target}", f"Feature {target}")
+        for path in ("overview", "no-such-page"):
+            open_page(page, f"{url}/{path}", (PLOTLY,))
+            assert page.locator("h1").first.inner_text() == "Overview" and "Page not found" not in page.content()
+    elsewhere = sorted({r for r in requests if not r.startswith((url, "data:", "blob:"))})
+    assert requests and not elsewhere, elsewhere

@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import actions, analysis, charts, state
 from app.tables import explanation_text
-from app.ui import VIEW_NAMES, feature_link, image_row, need, open_sources
+from app.ui import VIEW_NAMES, explanation_note, feature_link, follow_url, image_row, need, open_sources, url_number
 
 run = state.current_run()
 if not need(run, "features"):
@@ -21,8 +21,9 @@ d_sae = len(table)
 recovered = [g for g in state.recovery_by_feature(run) if 0 <= g < d_sae]
 default = recovered[0] if recovered else int(table["density"].to_numpy().argmax())
 pick, _ = st.columns([1, 3])
-f = int(pick.number_input(f"Feature (0 .. {d_sae - 1})", min_value=0, max_value=d_sae - 1, value=default, step=1,
-                          key="feature", bind="query-params"))
+url_number("feature", 0, d_sae - 1, default, "feature")
+f = int(pick.number_input(f"Feature (0 .. {d_sae - 1})", min_value=0, max_value=d_sae - 1, step=1, key="feature"))
+follow_url("feature", f)
 row = table.iloc[f]
 explanations, scores = state.explanations(run), state.scores(run)
 text = explanation_text(explanations.get(f, {})) or row["explanation"]
@@ -48,6 +49,9 @@ with left:
         rec = explanations[f]
         by = f" — {rec['explainer']}" if rec.get("explainer") else ""
         st.markdown(f"**{explanation_text(rec) or '(empty)'}**{by}")
+        note = explanation_note(explanation_text(rec))
+        if note:
+            st.caption(f"“{explanation_text(rec)}”: {note}.")
     elif run.explanations is None:
         st.info(run.message("explanations"))
     else:

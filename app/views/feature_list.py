@@ -9,7 +9,9 @@ from __future__ import annotations
 import streamlit as st
 
 from app import state, tables
-from app.ui import FEATURE_PAGE, need
+from app.ui import FEATURE_PAGE, VAGUE, need
+
+VAGUE_HELP = " · ".join(f"“{k}”: {v}" for k, v in VAGUE.items())
 
 run = state.current_run()
 st.title("Feature list")
@@ -25,19 +27,26 @@ search = c1.text_input("Search explanations (or a feature index)", key="search")
 sort = c2.selectbox("Sort by", list(tables.SORTS), key="sort")
 descending = c3.toggle("Descending", value=True, key="descending")
 size = c4.selectbox("Per page", [25, 50, 100, 250], index=1, key="page_size")
-f1, f2, f3, f4 = st.columns(4)
+f1, f2, f3, f4, f5, f6 = st.columns(6)
 modality = (st.segmented_control("Modality", ["all", "image", "text", "both"], default="all", key="modality",
                                  required=True) or "all") if "modality" in table else "all"
 query = tables.Query(search=search, sort=sort, descending=descending, modality=modality,
-                     hide_dead=f1.checkbox("Hide dead", value=True, key="hide_dead"),
+                     hide_dead=f1.checkbox("Hide dead", value=True, key="hide_dead",
+                                           help="features that never fire on any cached token (features.h5)"),
                      only_dense=f2.checkbox(f"Only dense (> {tables.DENSE:.0%} of tokens)", key="only_dense"),
                      only_unexplained=f3.checkbox("Only unexplained", key="only_unexplained"),
-                     only_explained=f4.checkbox("Only explained", key="only_explained"))
+                     only_explained=f4.checkbox("Only explained", key="only_explained"),
+                     vague_last=f5.checkbox("“cannot tell” / “nothing” last", value=True, key="vague_last",
+                                            help=VAGUE_HELP),
+                     hide_vague=f6.checkbox("Hide “cannot tell” / “nothing”", key="hide_vague", help=VAGUE_HELP))
 rows = tables.select(table, query)
 n_pages = max(1, -(-len(rows) // size))
 counts = table["status"].value_counts()
+vague = int(table["vague"].sum()) if "vague" in table else 0
 st.caption(f"{len(rows):,} of {len(table):,} features match · {counts.get('live', 0):,} live, "
-           f"{counts.get('dense', 0):,} dense, {counts.get('dead', 0):,} dead")
+           f"{counts.get('dense', 0):,} dense, {counts.get('dead', 0):,} dead (never fire on the cache)"
+           + (f" · {vague:,} explained as “cannot tell” or “nothing” (hover the checkboxes for what they mean)"
+              if vague else ""))
 number = st.number_input(f"Page (of {n_pages})", min_value=1, max_value=n_pages, value=1, key="page") - 1
 shown = table.iloc[tables.page(rows, number, size)].copy()
 shown.insert(1, "open", [f"feature?feature={f}" for f in shown["feature"]])

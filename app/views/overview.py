@@ -9,6 +9,7 @@ import streamlit as st
 
 from app import charts, state
 from app.ui import facts, need
+from saes import figures
 
 run = state.current_run()
 st.title("Overview")
@@ -43,12 +44,14 @@ st.header("Evaluation")
 ev = state.json_file(run.eval)
 if need(run, "eval"):
     spliced = ev.get("spliced") or {}
-    items = [("FVU", ev.get("fvu")), ("L0", ev.get("l0")), ("dead", ev.get("dead_fraction")),
+    items = [("FVU", ev.get("fvu")), ("L0", ev.get("l0")), ("never fire (eval)", ev.get("dead_fraction")),
              ("dense", ev.get("dense_fraction")), ("CE loss recovered", spliced.get("ce_loss_recovered")),
              ("KL (SAE spliced)", spliced.get("kl_spliced"))]
     items = [(k, v) for k, v in items if isinstance(v, (int, float))]
+    helps = {"never fire (eval)": figures.eval_dead_label(ev.get("rows")) + "; the training curves' dead "
+                                 "fraction counts features silent for the last dead-window steps instead"}
     for col, (k, v) in zip(st.columns(len(items) or 1), items):
-        col.metric(k, f"{v:.3g}" if abs(v) < 1e-3 else f"{v:.4g}")
+        col.metric(k, f"{v:.3g}" if abs(v) < 1e-3 else f"{v:.4g}", help=helps.get(k))
     vqa = ev.get("vqa")
     if isinstance(vqa, dict) and vqa:
         st.caption("Organism VQA accuracy, clean and with the SAE spliced in")
@@ -60,13 +63,19 @@ if need(run, "eval"):
 st.header("Training curves")
 metrics = state.metrics(run)
 if need(run, "metrics") and metrics is not None and len(metrics):
-    st.plotly_chart(charts.training_curves(metrics), key="training")
+    trained = (run.run_info.get("train_run.json") or {}).get("run") or {}
+    window = (trained.get("train") or {}).get("dead_window")
+    st.plotly_chart(charts.training_curves(metrics, window), key="training")
+    st.caption(f"Training's dead fraction: {figures.training_dead_label(window)}; the evaluation's (above) and "
+               "the feature list's: never fires on the cache. A feature can be silent for a window of "
+               "training and still fire somewhere in the cache, and the other way round.")
 left, right = st.columns(2)
 with left:
     st.header("Feature density")
     stats = state.stats(run)
     if stats is not None:
-        st.plotly_chart(charts.density_histogram(stats.summary_table()["density"]), key="density")
+        st.plotly_chart(charts.density_histogram(stats.summary_table()["density"], stats.meta.get("n_rows")),
+                        key="density")
     elif run.density_figure is not None:
         st.plotly_chart(pio.from_json(run.density_figure.read_text()), key="density")
     elif ev.get("density_histogram"):

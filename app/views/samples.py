@@ -14,7 +14,7 @@ import streamlit as st
 from PIL import Image, ImageDraw
 
 from app import analysis, state
-from app.ui import FEATURE_PAGE, need
+from app.ui import FEATURE_PAGE, follow_url, need, open_image, url_number
 
 MAX_BUTTON_GRID = 64  # patches above which the patch picker is a select box only
 
@@ -29,7 +29,7 @@ if not reader.has_images:
 
 
 @st.cache_data(show_spinner="Encoding the image's patches …", max_entries=64)
-def cached_patches(cache: str, sample: int, _reader, _sae) -> analysis.PatchFeatures:
+def cached_patches(cache: str, sample: int, mtimes: tuple[int, int], _reader, _sae) -> analysis.PatchFeatures:
     rows, tokens = analysis.cached_rows(_reader, sample)
     return analysis.patch_features(_sae, rows, tokens)
 
@@ -45,12 +45,14 @@ def model_patches(cache: str, image_bytes: bytes, prompt: str, _sae) -> analysis
 source = st.radio("Image", ["cached sample", "upload"], horizontal=True, key="source")
 if source == "cached sample":
     pick, _ = st.columns([1, 3])
+    url_number("sample", 0, reader.n_samples - 1, 0, "cached sample")
     sample_index = int(pick.number_input(f"Cached sample (0 .. {reader.n_samples - 1})", min_value=0,
-                                         max_value=reader.n_samples - 1, value=0, key="sample", bind="query-params"))
+                                         max_value=reader.n_samples - 1, key="sample"))
+    follow_url("sample", sample_index)
     sample = reader.sample(sample_index)
-    from interp.cache.data import load_image
-
-    image = load_image(sample.image_ref)
+    image = open_image(sample.image_ref, run.cache_meta)
+    if image is None:
+        st.stop()
     cached_prompt = sample.prompt
     st.caption(f"`{sample.image_ref}` · source index {sample.source_index} · cached prompt: `{cached_prompt}`")
     prompt = st.text_input("Prompt", value=cached_prompt, key="prompt_cached")
@@ -64,7 +66,8 @@ else:
     prompt = st.text_input("Prompt", value=reader.prompts[0], key="prompt_upload")
 
 if source == "cached sample" and prompt == cached_prompt:
-    pf = cached_patches(str(run.cache), sample_index, reader, sae)
+    stamps = (state.mtime(run.cache), state.mtime(run.sae / "sae_weights.safetensors"))
+    pf = cached_patches(str(run.cache), sample_index, stamps, reader, sae)
 else:
     if not run.model_name:
         st.error("The SAE and the cache do not record their model: cannot run it on a new image or prompt.")
@@ -127,10 +130,11 @@ with left:
 
     acts = pf.column(shown) if shown is not None else np.zeros(n, np.float32)
     view = render_feature(image, pf.tokens, acts, display_size=384)
-    img = view.overlay.copy()
+    img = view.contour.copy()  # an outline: the objects keep their colours
     box = np.array([pf.tokens[k][patch] for k in ("x0", "y0", "x1", "y1")], float) * view.scale
     ImageDraw.Draw(img).rectangle(box.round().tolist(), outline=(0, 200, 255), width=3)
-    st.image(img, caption=f"feature {shown} over the image; the selected patch is outlined", width="content")
+    st.image(img, caption=f"where feature {shown} fires (black and white outlines at 20% and 60% of its max "
+                          "here); the selected patch is framed in cyan", width="content")
     if shown is not None:
         st.page_link(FEATURE_PAGE, label=f"Open feature {shown}", query_params={"feature": str(shown)})
 

@@ -33,12 +33,13 @@ if not run.model_name:
 
 
 @st.cache_resource(show_spinner="Loading the model and checking the SAE against it …", max_entries=2)
-def setup(model: str, run_dir: str, layer: str | None, _mtime: int):
+def setup(model: str, run_dir: str, layer: str | None, mtimes: tuple[int, int]):
     return setup_for(state.model(model), state.sae(run), run.layout, layer)
 
 
 try:  # the layer: the cache's (the SAE need not record it); it must match the SAE's own where it does
-    steer = setup(run.model_name, str(run.root), run.cache_meta.get("layer"), state.mtime(run.features))
+    steer = setup(run.model_name, str(run.root), run.cache_meta.get("layer"),
+                  (state.mtime(run.features), state.mtime(run.sae / "sae_weights.safetensors")))
 except Exception as e:  # the SAE does not fit the model, or the model cannot load here
     st.error(f"Cannot steer {run.model_name} with this SAE: {e}")
     st.stop()
@@ -50,13 +51,13 @@ image, ref, default_prompt = None, "", "describe the image ."
 if multimodal:
     source = st.radio("Image", ["cached sample", "upload"], horizontal=True, key="steer_source")
     if source == "cached sample" and reader is not None and reader.n_samples:
-        from interp.cache.data import load_image
+        from app.ui import open_image
 
         i = int(st.number_input(f"Cached sample (0 .. {reader.n_samples - 1})", 0, reader.n_samples - 1, 0,
                                 key="steer_sample"))
         sample = reader.sample(i)
         ref, default_prompt = sample.image_ref, sample.prompt
-        image = load_image(ref)
+        image = open_image(ref, run.cache_meta)  # None after a warning: the "Choose an image" note follows
     else:
         if source == "cached sample":
             need(run, "cache")

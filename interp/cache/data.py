@@ -2,6 +2,13 @@
 
 Every sample carries a stable `image_ref` from which `load_image` gets the same image back
 later (the explain stage and the app re-render top images from it), and a content hash.
+
+Image references in a cache are paths (`file:/abs/path.png`, `hf:/abs/dataset:split:row`), and a run
+directory may come from someone else. Whatever reads a cache's references (the app, the explainers,
+which may send the images to a remote server) passes the cache's data roots, `data_roots(meta["data"])`:
+the folder or dataset recorded when the cache was made. A reference outside them is refused
+(UntrustedImageError) instead of read, so a crafted `file:/home/you/private.png` cannot make the app
+show, or an explainer send, an image the cache was not made from.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 class DataError(ValueError):
     pass
+
+
+class UntrustedImageError(DataError):
+    """An image reference that points outside the data roots recorded with its cache."""
 
 
 @dataclass
@@ -227,9 +238,37 @@ def open_source(spec: str, n: int | None = None, seed: int = 0) -> DataSource:
     raise DataError(f"unknown data source {spec!r}: use shapes[:SPLIT], folder:PATH or hf:PATH[:IMAGE_COLUMN]")
 
 
-def load_image(ref: str) -> Image.Image:
-    """The image behind an `image_ref` written by any source above."""
+def data_roots(data) -> tuple[Path, ...]:
+    """The folders a cache's image references may point into, from its recorded data source (the cache's
+    `data` attribute, a source's describe()): a folder source's root, a dataset's path; none for the
+    shapes world (its references name generated scenes, not files)."""
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError:
+            return ()
+    if not isinstance(data, dict):
+        return ()
+    where = data.get("root") if data.get("kind") == "folder" else data.get("path") if data.get("kind") == "hf" else None
+    return (Path(where).resolve(),) if where else ()
+
+
+def _check_inside(path: str, ref: str, roots) -> None:
+    real = Path(path).resolve()  # symlinks followed: a link inside a root to a file outside is outside
+    allowed = [Path(r).resolve() for r in roots]
+    if not any(real == r or real.is_relative_to(r) for r in allowed):
+        where = ", ".join(map(str, allowed)) or "none (the cache records no image folder or dataset)"
+        raise UntrustedImageError(f"refusing to read image {ref}: {real} is outside the data roots recorded with the "
+                                  f"cache ({where}); a run directory is trusted input, so check where this one "
+                                  "came from (re-cache the images to use them)")
+
+
+def load_image(ref: str, roots=None) -> Image.Image:
+    """The image behind an `image_ref` written by any source above. With `roots` (`data_roots` of the
+    cache the reference came from), a `file:` or `hf:` reference outside them raises UntrustedImageError."""
     kind, _, rest = ref.partition(":")
+    if kind in ("file", "hf") and roots is not None:
+        _check_inside(rest if kind == "file" else rest.rsplit(":", 2)[0], ref, roots)
     if kind == "shapes":
         from interp.shapes.world import WorldConfig, sample_scene
 
