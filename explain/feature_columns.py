@@ -63,16 +63,18 @@ def supports(sae) -> bool:
 @torch.no_grad()
 def pre_activation_column(sae, x: torch.Tensor, feature: int, with_slack: bool = False):
     """(x - b_dec) @ W_enc[:, f] + b_enc[f] for rows x; with `with_slack`, also a bound on how far the batched
-    encoder's rounding can differ from it: 8 sigma of float rounding over d_in terms, sqrt(d_in) * eps
-    * (sum |terms| + |b_enc[f]|), since the terms can cancel (pre-activations near 0 from large ones)."""
+    encoder's rounding can differ from it: 8 sigma of float rounding over d_in terms, sqrt(d_in) * eps *
+    (sum |terms| + |b_enc[f]|), the sum bounded by |x - b_dec| |W_enc[:, f]| (Cauchy-Schwarz; about 1.6x
+    the sum for spread-out vectors), since the terms can cancel (pre-activations near 0 from large ones)."""
     x = x.to(sae.dtype)
     sae_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
-    w, b = sae.W_enc[:, feature], sae.b_enc[feature]
+    w, b = sae.W_enc[:, feature].contiguous(), sae.b_enc[feature]  # a saved SAE's column is strided by d_sae
     pre = sae_in @ w + b
     if not with_slack:
         return pre
     eps = torch.finfo(pre.dtype).eps
-    return pre, (sae_in.abs() @ w.abs() + b.abs()) * (8 * sae.cfg.d_in ** 0.5 * eps)
+    terms = torch.linalg.vector_norm(sae_in, dim=1) * torch.linalg.vector_norm(w)
+    return pre, (terms + b.abs()) * (8 * sae.cfg.d_in ** 0.5 * eps)
 
 
 def _topk(sae, pre, slack, feature, stats):

