@@ -105,14 +105,21 @@ class SAEConfig:
 class SAE(nn.Module):
     """A sparse autoencoder. `encode`/`decode`/`forward` work on raw activations of width d_in."""
 
-    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None, *, init: bool = True):
+        """`init=False` leaves W_enc and W_dec uninitialised, for weights about to be loaded (a 131072 x 4096
+        SAE's random initialisation costs seconds and, while the loaded copy arrives, twice its 4.3 GB)."""
         super().__init__()
         self.cfg = cfg
         dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
-        w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float32)
-        w_dec = (w_dec / w_dec.norm(dim=1, keepdim=True)).to(device=device, dtype=dtype)
+        if init:
+            w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float32)
+            w_dec = (w_dec / w_dec.norm(dim=1, keepdim=True)).to(device=device, dtype=dtype)
+            w_enc = w_dec.t().contiguous()
+        else:  # untouched pages: no memory until written, and the loaded tensors replace them
+            w_dec = torch.empty(cfg.d_sae, cfg.d_in, device=device, dtype=dtype)
+            w_enc = torch.empty(cfg.d_in, cfg.d_sae, device=device, dtype=dtype)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.t().contiguous())
+        self.W_enc = nn.Parameter(w_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
         self.arch = architectures.get(cfg.arch)
@@ -314,8 +321,8 @@ class SAE(nn.Module):
         if dtype is not None:
             cfg.dtype = dtype
         cfg.__post_init__()
-        sae = cls(cfg)
-        expected = set(sae.sae_lens_state())
+        sae = cls(cfg, init=False)
+        expected = {"W_enc", "b_enc", "W_dec", "b_dec", *sae.arch.state_names()}  # the keys of sae_lens_state()
         missing, unexpected = expected - set(weights), set(weights) - expected
         if missing or unexpected:
             raise ValueError(f"{path / WEIGHTS_FILENAME}: weights do not match a {cfg.arch} SAE "

@@ -264,7 +264,7 @@ def load_sparsify(cfg: SparsifyLoadConfig) -> SAE:
                         hook_layer=layer_index(layer),
                         metadata={"source_format": FORMAT_SPARSIFY, "sparsify_hookpoint": folder.resolve().name,
                                   "sparsify_cfg": {k: sp[k] for k in CFG_KEYS}})
-    sae = SAE(sae_cfg)
+    sae = SAE(sae_cfg, init=False)
     target = {"device": sae_cfg.device, "dtype": DTYPES[dtype]}
     with torch.no_grad():
         # W_enc as the transpose of sparsify's [latents, d_in] encoder: the encoder matmul is the same call
