@@ -509,7 +509,7 @@ def _stage_steer(cfg: BenchScaleConfig, p: Paths) -> dict:
     t0 = time.perf_counter()
     setup = load_setup(p.features_run.root, model=str(p.model), device="cpu")
     load_s = time.perf_counter() - t0
-    iv = Intervention(f, "clamp", 2.0, "max", "image")
+    iv = Intervention(f, "clamp", 2.0, "max", "all")  # the hooked layer is the last: only "all" reaches the logits
     t0 = time.perf_counter()
     result = steer_one(setup, Query.load("describe the image .", image), [iv], max_new_tokens=cfg.steer_tokens)
     steer_s = time.perf_counter() - t0
