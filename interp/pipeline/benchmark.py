@@ -57,7 +57,7 @@ class BenchmarkConfig:
     """the width sweep's dictionary sizes (empty: no sweep)"""
     sweep_archs: tuple[str, ...] = ("topk", "matryoshka")
     """architectures of the width sweep"""
-    sweep_steps: int = field(default=1500, metadata=at_least(1))
+    sweep_steps: int = field(default=1000, metadata=at_least(1))
     """training steps per SAE of the width sweep"""
     ce_samples: int = field(default=64, metadata=at_least(0))
     """samples for CE loss recovered with each SAE spliced in (0: skip)"""
