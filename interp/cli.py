@@ -26,7 +26,7 @@ STAGES = ["interp.shapes.world", "interp.shapes.organisms.cli", "interp.model.la
           "interp.pipeline.speed", "saes.train", "saes.bench_train", "saes.evaluate", "saes.recovery", "saes.crossmodal", "explain.features",
           "explain.bench_features", "explain.commands", "explain.text_commands", "steering.commands", "steering.crossmodal", "steering.bench", "app.commands",
           "interp.pipeline.benchmark", "interp.pipeline.crossmodal", "interp.pipeline.demo",
-          "interp.pipeline.bench_scale"]
+          "interp.pipeline.bench_scale", "interp.pipeline.notebooks"]
 REGISTERS = ["explain.server"]  # `interp serve-explainer` registers itself (argparse) until it moves onto a config
 GROUPS = {"bench": "speed benchmarks, as ratios against baselines measured in the same run"}
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)

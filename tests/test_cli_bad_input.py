@@ -145,6 +145,9 @@ CASES = {
     "an empty feature list": (["explain", "{root}/run", "--features", ""], "argument --features: --features was given "
                                                                            "no values (''): give at least one, or "
                                                                            "leave --features out"),
+    "notebooks on a run without a cache": (["notebooks", "{root}/nowhere-cache"], "no activation cache at "
+                                           "{root}/nowhere-cache/activations.h5: the notebooks read a run made by "
+                                           "`interp demo"),
     "the app on a directory that does not exist": (["app", "{root}/nowhere"], "no run directory at {root}/nowhere: "
                                                                               "make one with `interp demo"),
     # exit code 1: the run finished, the failure is recorded per feature and retried on the next run

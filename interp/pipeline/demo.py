@@ -48,6 +48,9 @@ class DemoConfig:
     recovery_seeds: int = field(default=5, metadata=at_least(1))
     """SAE training seeds (seed, seed + 1, ...) whose concept recovery summary.json reports as
     concept_recovery_seeds (1: the run's own SAE only)"""
+    notebooks: bool = False
+    """then run the analysis notebooks on the run and keep executed copies with their outputs in
+    RUN/notebooks/ (as `interp notebooks RUN`; minutes more)"""
 
 
 def _stage(name: str):
@@ -160,6 +163,13 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     summary["seconds"] = round(time.time() - t0, 1)
     write_json(run.summary, summary, indent=1)
+    if cfg.notebooks:
+        from interp.pipeline.notebooks import NotebooksConfig, execute_notebooks
+
+        _stage("notebooks: executed copies with their outputs in RUN/notebooks/")
+        executed = execute_notebooks(NotebooksConfig(run=str(run.root)))
+        summary["notebooks"] = {r.name: {"path": str(r.path), "seconds": r.seconds, "error": r.error} for r in executed}
+        write_json(run.summary, summary, indent=1)
     return summary
 
 
