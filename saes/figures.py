@@ -21,7 +21,7 @@ BLUE, GREY = "#4c78a8", "#bab0ac"
 def training_dead_label(dead_window: int | None = None) -> str:
     """What training's dead fraction counts."""
     window = f"the last {dead_window:,} steps" if dead_window else "the dead window"
-    return f"dead in training (no firing in {window})"
+    return f"dead (silent for {window})"
 
 
 def eval_dead_label(rows: int | None = None) -> str:
@@ -39,7 +39,8 @@ def training_curves(records: Iterable[Mapping], dead_window: int | None = None):
     names = {k for r in records for k in r}
     curves = [(c, training_dead_label(dead_window) if c == "dead_frac" else t) for c, t in CURVES if c in names]
     x = [r.get("step", i) for i, r in enumerate(records)]
-    fig = make_subplots(rows=1, cols=max(1, len(curves)), subplot_titles=[t for _, t in curves])
+    fig = make_subplots(rows=1, cols=max(1, len(curves)), subplot_titles=[t for _, t in curves],
+                        horizontal_spacing=0.07)
     for i, (col, _) in enumerate(curves, start=1):
         y = [r.get(col) for r in records]
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=col, showlegend=False, line=dict(color=BLUE)),
@@ -49,7 +50,7 @@ def training_curves(records: Iterable[Mapping], dead_window: int | None = None):
             fig.update_yaxes(type="log", row=1, col=i)
         else:
             fig.update_yaxes(rangemode="tozero", row=1, col=i)
-    fig.update_layout(height=300, width=max(600, 300 * len(curves)), margin=dict(t=40, b=40, l=50, r=20),
+    fig.update_layout(height=300, width=max(600, 320 * len(curves)), margin=dict(t=40, b=40, l=90, r=40),
                       template="plotly_white")
     fig.update_annotations(font_size=11)  # the subplot titles
     return fig

@@ -8,7 +8,7 @@ import pytest
 from app.browser import IMAGES, PLOTLY, browser, chromium_missing, open_page, serve
 
 MISSING = chromium_missing()  # checked before the run is built: a missing browser costs nothing
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 
 def test_feature_page_renders_heatmaps_and_charts_in_a_browser(shapes_run, tmp_path):

@@ -94,7 +94,7 @@ def test_the_stages_write_their_figures_offline_with_a_png(shapes_run):
         assert "src=\"https://cdn.plot.ly" not in page and len(page) > 3_000_000, html  # plotly.js is inside
         rgb = pixels(html.with_suffix(".png").read_bytes())
         assert rgb.shape[0] >= 300 and count(rgb, (76, 120, 168)) > 200, html  # the data, in the figures' blue
-    assert "dead in training (no firing in the last 1,000 steps)" in run.training_figure("html").read_text()
+    assert "dead (silent for the last 1,000 steps)" in run.training_figure("html").read_text()
     assert "never fire on 1,080 rows" in run.density_figure("html").read_text()
 
 

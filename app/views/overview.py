@@ -66,9 +66,10 @@ if need(run, "metrics") and metrics is not None and len(metrics):
     trained = (run.run_info.get("train_run.json") or {}).get("run") or {}
     window = (trained.get("train") or {}).get("dead_window")
     st.plotly_chart(charts.training_curves(metrics, window), key="training")
-    st.caption(f"Training's dead fraction: {figures.training_dead_label(window)}; the evaluation's (above) and "
-               "the feature list's: never fires on the cache. A feature can be silent for a window of "
-               "training and still fire somewhere in the cache, and the other way round.")
+    st.caption(f"The training curves' dead fraction counts features silent for the last "
+               f"{f'{window:,}' if window else 'dead-window'} steps; the evaluation's (above) and the feature list's "
+               "count features that never fire on the cache. A feature can be silent for a window of training and "
+               "still fire somewhere in the cache, and the other way round.")
 left, right = st.columns(2)
 with left:
     st.header("Feature density")
