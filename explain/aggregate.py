@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from interp.shapes.world_v2 import WorldConfig, phrase_attributes
+from interp.shapes.world import WorldConfig, phrase_attributes
 
 CANNOT_TELL = "cannot tell"
 CONTEXT = " ; the image also holds "

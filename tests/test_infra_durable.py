@@ -14,7 +14,6 @@ PACKAGES = ("interp", "saes", "explain", "steering", "app")
 ALLOWED = {
     "interp/infra/durable.py": "the helper itself",
     "interp/infra/checkpoint.py": "moves the previous checkpoint aside (to .old) before publish() puts the new one",
-    "interp/shapes/organisms_v2.py": "fsyncs each file before its own rename (world v2's code, owned elsewhere)",
 }
 
 

@@ -1,9 +1,15 @@
-"""The shapes world: seeded images of coloured shapes with exact ground truth.
+"""Shapes world v2: an open-vocabulary world whose every patch has a name.
 
-Every object sits inside one cell of a coarse position grid, so each object has a
-well-defined position word, and (with the default 16-px patches, one per cell)
-every image patch has clean concept labels. Patch coverage is still computed from
-the pixel masks, so any other patch size gets correct fractional labels too.
+Scenes are 64x64 images on an 8x8 grid of 8-px patches, with a 2x2 grid of position cells
+(32 px each) holding at most one object each. Objects have a colour (8), a shape (5 geometric
+shapes and 3 letters drawn as glyphs), a size (small objects span about 2x2 patches, large ones
+3x3 to 4x4, so patches hold object edges and interiors) and a fill (solid, outline, striped;
+glyphs are always solid). Backgrounds vary in tone (light, dark) and texture (plain, noisy).
+
+Ground truth is exact: every object keeps an anti-aliased coverage mask (drawn at 4x and box
+filtered), so each patch gets the fraction of it covered by every concept, including the
+background, the object part (edge or interior) and the position cell. The vocabulary names
+every kind of thing an SAE could find here (`concept_names`).
 """
 
 from __future__ import annotations
@@ -11,15 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
-from interp.infra.cli_config import Command, choices
-
-ALL_SHAPES = ("circle", "square", "triangle", "cross", "diamond", "star")
-ALL_COLORS = {
+COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
     "blue": (40, 80, 225),
@@ -27,10 +29,22 @@ ALL_COLORS = {
     "purple": (150, 60, 200),
     "orange": (245, 130, 20),
     "cyan": (30, 200, 210),
+    "pink": (245, 120, 185),
 }
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+GEOMETRIC = ("circle", "square", "triangle", "diamond", "star")
+LETTERS = ("e", "k", "t")  # shape words "letter e", ...: text inside images
+SHAPES = GEOMETRIC + tuple(f"letter {c}" for c in LETTERS)
+SIZES = ("small", "large")
+FILLS = ("solid", "outline", "striped")
+TONES = {"light": (200, 235), "dark": (45, 80)}  # background grey-level ranges
+TEXTURES = ("plain", "noisy")
+PARTS = ("edge", "interior")
+POSITIONS = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
+RELATIONS = ("left of", "right of", "above", "below")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = {"train": 0, "test": 1, "val": 2}
-SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered: anti-aliased edges, fractional masks
+SUPERSAMPLE = 4
+INTERIOR = 0.95  # a patch this fully covered by one object is its interior; less, its edge
 
 
 class WorldConfigError(ValueError):
@@ -39,47 +53,46 @@ class WorldConfigError(ValueError):
 
 @dataclass(frozen=True)
 class WorldConfig:
-    image_size: int = 48
-    grid: int = 3
-    shapes: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-    colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
+    image_size: int = 64
+    patch: int = 8  # patch size of the organisms' vision tower: an 8x8 grid of image tokens
+    grid: int = 2  # position cells per side; one object per cell at most
+    colors: tuple[str, ...] = tuple(COLORS)
+    shapes: tuple[str, ...] = SHAPES
     min_objects: int = 1
-    max_objects: int = 3
-    min_scale: float = 0.6  # object size as a fraction of its cell
-    max_scale: float = 0.9
-    color_jitter: int = 12  # per-object RGB noise, so colour is a range, not one value
-    background: tuple[int, int] = (215, 250)  # grey level range of the background
+    max_objects: int = 4
+    small: tuple[float, float] = (0.38, 0.48)  # object diameter as a fraction of its cell
+    large: tuple[float, float] = (0.78, 0.92)
+    color_jitter: int = 12
+    noise: int = 18  # amplitude of the noisy background texture
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.shapes if s not in ALL_SHAPES]
+        unknown = [c for c in self.colors if c not in COLORS]
         if unknown:
-            raise WorldConfigError(f"unknown shapes {unknown}; known: {list(ALL_SHAPES)}")
-        unknown = [c for c in self.colors if c not in ALL_COLORS]
+            raise WorldConfigError(f"unknown colors {unknown}; known: {list(COLORS)}")
+        unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown:
-            raise WorldConfigError(f"unknown colors {unknown}; known: {list(ALL_COLORS)}")
-        if self.grid != 3:
-            raise WorldConfigError(f"grid={self.grid}: position words exist for a 3x3 grid only; use grid=3")
+            raise WorldConfigError(f"unknown shapes {unknown}; known: {list(SHAPES)}")
+        if self.grid != 2:
+            raise WorldConfigError(f"grid={self.grid}: position words exist for a 2x2 grid only; use grid=2")
         if not 1 <= self.min_objects <= self.max_objects:
             raise WorldConfigError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
-        if self.max_objects > self.grid * self.grid:
-            raise WorldConfigError(
-                f"cannot place {self.max_objects} non-overlapping objects in a {self.grid}x{self.grid} grid "
-                f"(one object per cell): set max_objects <= {self.grid * self.grid}"
-            )
-        if self.image_size % self.grid:
-            raise WorldConfigError(f"image_size {self.image_size} is not a multiple of grid {self.grid}")
-        if self.cell < 8:
-            raise WorldConfigError(f"cells of {self.cell} px are too small to draw shapes: use image_size >= {8 * self.grid}")
-        if not 0.2 <= self.min_scale <= self.max_scale <= 1.0:
-            raise WorldConfigError(f"need 0.2 <= min_scale <= max_scale <= 1, got {self.min_scale}, {self.max_scale}")
+        if self.max_objects > self.grid ** 2:
+            raise WorldConfigError(f"cannot place {self.max_objects} objects in {self.grid ** 2} cells "
+                                   f"(one object per cell): set max_objects <= {self.grid ** 2}")
+        if self.image_size % self.patch or self.image_size % self.grid:
+            raise WorldConfigError(f"image_size {self.image_size} must be a multiple of patch {self.patch} "
+                                   f"and of grid {self.grid}")
+        if self.cell * self.small[0] < 8:
+            raise WorldConfigError(f"small objects of {self.cell * self.small[0]:.1f} px are too small to draw: "
+                                   f"use image_size >= {int(np.ceil(8 / self.small[0])) * self.grid}")
 
     @property
     def cell(self) -> int:
         return self.image_size // self.grid
 
     @property
-    def concepts(self) -> tuple[str, ...]:
-        return tuple(self.colors) + tuple(self.shapes)
+    def patches(self) -> int:
+        return self.image_size // self.patch
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -88,169 +101,224 @@ class WorldConfig:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-POSITION_WORDS = {
-    (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
-    (1, 0): "left", (1, 1): "center", (1, 2): "right",
-    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
-}  # fmt: skip
-
-
 @dataclass
 class WorldObject:
     shape: str
     color: str
+    size: str
+    fill: str
     row: int
     col: int
-    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, exclusive end
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1, exclusive end
     rgb: tuple[int, int, int]
-    coverage: np.ndarray = field(repr=False)  # [H, W] float in [0, 1]: how much of each pixel it covers
+    coverage: np.ndarray = field(repr=False)  # [H, W] in [0, 1]: painted fraction of each pixel
+    silhouette: np.ndarray = field(repr=False)  # [H, W] in [0, 1]: the filled shape (outline and stripes included)
 
     @property
     def position(self) -> str:
-        return POSITION_WORDS[(self.row, self.col)]
+        return POSITIONS[(self.row, self.col)]
 
     @property
     def name(self) -> str:
-        return f"{self.color} {self.shape}"
-
-    @property
-    def mask(self) -> np.ndarray:
-        return self.coverage >= 0.5
+        """Its description: size, fill, colour, shape ("small striped red circle", "large red letter k")."""
+        fill = "" if self.shape.startswith("letter") else f"{self.fill} "
+        return f"{self.size} {fill}{self.color} {self.shape}"
 
     def to_json(self) -> dict:
-        return {"shape": self.shape, "color": self.color, "row": self.row, "col": self.col,
-                "position": self.position, "bbox": list(self.bbox), "rgb": list(self.rgb)}
+        return {"shape": self.shape, "color": self.color, "size": self.size, "fill": self.fill, "row": self.row,
+                "col": self.col, "position": self.position, "bbox": list(self.bbox), "rgb": list(self.rgb)}
 
 
 @dataclass
 class Scene:
     config: WorldConfig
     objects: list[WorldObject]
-    background: int
-    split: str
-    index: int
-    seed: int
+    tone: str
+    texture: str
+    background: np.ndarray = field(repr=False)  # [H, W] grey levels
+    split: str = "train"
+    index: int = 0
+    seed: int = 0
 
-    def render(self, highlight: tuple[int, int, int, int] | None = None) -> Image.Image:
-        """RGB image; `highlight` (x0, y0, x1, y1) dims everything outside that box."""
-        s = self.config.image_size
-        img = np.full((s, s, 3), float(self.background))
+    def render(self, highlight: np.ndarray | None = None) -> Image.Image:
+        """RGB image; `highlight` (a [patches, patches] mask in [0, 1]) dims everything outside it."""
+        img = np.repeat(self.background[..., None], 3, axis=2).astype(float)
         for obj in self.objects:
             a = obj.coverage[..., None]
             img = img * (1 - a) + np.asarray(obj.rgb, float) * a
         img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
         if highlight is not None:
-            img = dim_outside(img, highlight)
+            img = dim_outside_patches(img, highlight, self.config.patch)
         return Image.fromarray(img, "RGB")
-
-    def patch_coverage(self, patch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Fraction of each patch covered by each concept: {concept: [rows, cols]}.
-
-        Colour and shape concepts, plus "object" (any object). Fractions come from the
-        anti-aliased coverage, so they are exact up to the 4x supersampling.
-        """
-        p = patch_size or self.config.cell
-        s = self.config.image_size
-        if s % p:
-            raise ValueError(f"patch size {p} does not divide image size {s}")
-        n = s // p
-        out = {c: np.zeros((n, n)) for c in (*self.config.concepts, "object")}
-        for obj in self.objects:
-            frac = obj.coverage.reshape(n, p, n, p).mean(axis=(1, 3))
-            for c in (obj.color, obj.shape, "object"):  # objects never overlap: sums are exact
-                out[c] += frac
-        return out
-
-    def patch_labels(self, patch_size: int | None = None, threshold: float = 0.05) -> dict[str, np.ndarray]:
-        """Boolean concept labels per patch: covered by more than `threshold` of its area."""
-        return {c: v > threshold for c, v in self.patch_coverage(patch_size).items()}
 
     def object_at(self, row: int, col: int) -> WorldObject | None:
         return next((o for o in self.objects if (o.row, o.col) == (row, col)), None)
 
-    def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
-        c = self.config.cell
-        return (col * c, row * c, (col + 1) * c, (row + 1) * c)
+    def object_patch_fractions(self) -> list[np.ndarray]:
+        """Per object, the fraction of each patch inside its silhouette: [patches, patches]."""
+        p, n = self.config.patch, self.config.patches
+        return [o.silhouette.reshape(n, p, n, p).mean(axis=(1, 3)) for o in self.objects]
+
+    def patch_coverage(self) -> dict[str, np.ndarray]:
+        """Fraction of each patch belonging to each concept: {concept: [patches, patches]}.
+
+        Object attributes (colour, shape, size, fill, "object") count the object's silhouette;
+        "edge"/"interior" mark patches partly/fully inside one; "background" and its tone and
+        texture count the rest; "cell <position>" is where the patch lies, whatever it holds.
+        """
+        cfg, n = self.config, self.config.patches
+        out = {c: np.zeros((n, n)) for c in concept_names(cfg)}
+        occupied = np.zeros((n, n))
+        for obj, frac in zip(self.objects, self.object_patch_fractions()):
+            for attr in ("color", "shape", "size", "fill"):
+                out[f"{attr}:{getattr(obj, attr)}"] += frac
+            out["object"] += frac
+            inside = frac >= INTERIOR
+            out["part:interior"] += np.where(inside, frac, 0)
+            out["part:edge"] += np.where(inside, 0, frac)
+            occupied += frac
+        bg = np.clip(1 - occupied, 0, 1)
+        out["background"] = bg
+        out[f"tone:{self.tone}"] = bg.copy()
+        out[f"texture:{self.texture}"] = bg.copy()
+        centres = (np.arange(n) + 0.5) * cfg.patch // cfg.cell
+        for (r, c), word in POSITIONS.items():
+            out[f"cell:{word}"] = np.outer(centres == r, centres == c).astype(float)
+        return out
+
+    def patch_labels(self, threshold: float = 0.05) -> dict[str, np.ndarray]:
+        """Boolean concept labels per patch: the concept covers more than `threshold` of it."""
+        return {c: v > threshold for c, v in self.patch_coverage().items()}
 
     def to_json(self) -> dict:
-        return {"split": self.split, "index": self.index, "seed": self.seed, "background": self.background,
-                "objects": [o.to_json() for o in self.objects]}
+        return {"split": self.split, "index": self.index, "seed": self.seed, "tone": self.tone,
+                "texture": self.texture, "objects": [o.to_json() for o in self.objects]}
 
 
-def dim_outside(img: np.ndarray, box: tuple[int, int, int, int], keep: float = 0.25) -> np.ndarray:
-    """Blend everything outside `box` towards black, as the explainer's marked views do."""
-    x0, y0, x1, y1 = box
-    out = img.astype(float) * keep
-    out[y0:y1, x0:x1] = img[y0:y1, x0:x1]
+def concept_names(config: WorldConfig = WorldConfig()) -> list[str]:
+    """Every patch-level concept of the world, as `kind:value` (plus "object" and "background")."""
+    names = [f"color:{c}" for c in config.colors] + [f"shape:{s}" for s in config.shapes]
+    names += [f"size:{s}" for s in SIZES] + [f"fill:{f}" for f in FILLS] + [f"part:{p}" for p in PARTS]
+    names += ["object", "background"] + [f"tone:{t}" for t in TONES] + [f"texture:{t}" for t in TEXTURES]
+    names += [f"cell:{p}" for p in POSITIONS.values()]
+    return names
+
+
+def check_concepts(names, config: WorldConfig = WorldConfig()) -> list[str]:
+    """`names` if every one is a concept of the world; else a WorldConfigError listing the known ones."""
+    known = concept_names(config)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise WorldConfigError(f"unknown concepts {unknown}; known: {', '.join(known)}")
+    return list(names)
+
+
+def dim_outside_patches(img: np.ndarray, mask: np.ndarray, patch: int, keep: float = 0.25) -> np.ndarray:
+    """Blend each patch towards black by how little of `mask` it has, as the explainer's views do."""
+    m = np.kron(np.clip(np.asarray(mask, float), 0, 1), np.ones((patch, patch)))[..., None]
+    out = img.astype(float) * (keep + (1 - keep) * m)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+# ---------------------------------------------------------------- drawing
+
+_GLYPHS = {  # strokes in a unit box, (x0, y0, x1, y1)
+    "e": [(0.2, 0.0, 0.2, 1.0), (0.2, 0.0, 0.85, 0.0), (0.2, 0.5, 0.75, 0.5), (0.2, 1.0, 0.85, 1.0)],
+    "k": [(0.2, 0.0, 0.2, 1.0), (0.2, 0.55, 0.85, 0.0), (0.38, 0.42, 0.85, 1.0)],
+    "t": [(0.1, 0.0, 0.9, 0.0), (0.5, 0.0, 0.5, 1.0)],
+}
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if shape == "triangle":
         return [(cx, cy - r), (cx + r, cy + r * 0.85), (cx - r, cy + r * 0.85)]
     if shape == "diamond":
         return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
-    if shape == "cross":
-        t = r / 3
-        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
-                (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
-                (cx - r, cy - t), (cx - t, cy - t)]
-    if shape == "star":
-        pts = []
-        for i in range(10):
-            ang = -np.pi / 2 + i * np.pi / 5
-            rad = r if i % 2 == 0 else r * 0.45
-            pts.append((cx + rad * np.cos(ang), cy + rad * np.sin(ang)))
-        return pts
-    return None
+    pts = []  # star
+    for i in range(10):
+        ang = -np.pi / 2 + i * np.pi / 5
+        rad = r if i % 2 == 0 else r * 0.45
+        pts.append((cx + rad * np.cos(ang), cy + rad * np.sin(ang)))
+    return pts
 
 
-def _draw_coverage(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
-    big = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
-    d = ImageDraw.Draw(big)
+def _draw(shape: str, fill: str, size: int, cx: float, cy: float, r: float) -> tuple[np.ndarray, np.ndarray]:
+    """(painted coverage, silhouette) of one object on a `size`-px square canvas, anti-aliased."""
     S = SUPERSAMPLE
+    big = Image.new("L", (size * S, size * S), 0)
+    d = ImageDraw.Draw(big)
     cx, cy, r = cx * S, cy * S, r * S
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     elif shape == "square":
         q = r * 0.85
         d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=255)
+    elif shape.startswith("letter"):
+        w = max(2.2 * S, r * 0.42)
+        x0, y0, side = cx - r * 0.8, cy - r * 0.85, r * 1.7
+        for a, b, c, e in _GLYPHS[shape.split()[1]]:
+            d.line([(x0 + a * side * 0.94, y0 + b * side), (x0 + c * side * 0.94, y0 + e * side)], fill=255,
+                   width=int(round(w)))
     else:
-        d.polygon(_shape_polygon(shape, cx, cy, r), fill=255)
-    small = np.asarray(big, float).reshape(size, S, size, S).mean(axis=(1, 3)) / 255.0
-    return small
+        d.polygon(_polygon(shape, cx, cy, r), fill=255)
+    solid = np.asarray(big, float) / 255.0
+    painted = solid
+    if fill == "outline":
+        border = max(5, int(round(r * 0.28)) | 1)  # odd filter size, at least ~1.3 px at 1x
+        inner = np.asarray(big.filter(ImageFilter.MinFilter(border)), float) / 255.0
+        painted = solid - inner
+    elif fill == "striped":
+        yy, xx = np.mgrid[0: size * S, 0: size * S]
+        stripes = ((xx + yy) // (2 * S)) % 2 == 0  # diagonal stripes of 2 px, period 4 px
+        painted = solid * stripes
+    down = lambda a: a.reshape(size, S, size, S).mean(axis=(1, 3))  # noqa: E731
+    return down(painted), down(solid)
 
 
 def sample_scene(config: WorldConfig, index: int, split: str = "train", seed: int = 0) -> Scene:
     """Scene number `index` of a split: the same arguments always give the same scene."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
-    rng = np.random.default_rng([seed, SPLITS[split], index])
+    rng = np.random.default_rng([seed, SPLITS[split], index, 2])
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
-    cells = rng.choice(config.grid * config.grid, size=n, replace=False)
-    c = config.cell
+    cells = sorted(int(x) for x in rng.choice(config.grid ** 2, size=n, replace=False))
+    c, s = config.cell, config.image_size
     objects = []
-    for cell in sorted(int(x) for x in cells):
+    for cell in cells:
         row, col = divmod(cell, config.grid)
         shape = str(rng.choice(config.shapes))
         color = str(rng.choice(config.colors))
-        r = c * float(rng.uniform(config.min_scale, config.max_scale)) / 2
-        slack = c / 2 - r
+        size = str(rng.choice(SIZES))
+        fill = "solid" if shape.startswith("letter") else str(rng.choice(FILLS))
+        lo, hi = config.small if size == "small" else config.large
+        r = c * float(rng.uniform(lo, hi)) / 2
+        slack = max(0.0, c / 2 - r - 1)
         cx = col * c + c / 2 + float(rng.uniform(-slack, slack))
         cy = row * c + c / 2 + float(rng.uniform(-slack, slack))
-        base = np.asarray(ALL_COLORS[color])
-        rgb = tuple(int(v) for v in np.clip(base + rng.integers(-config.color_jitter, config.color_jitter + 1, 3), 0, 255))
-        cov = _draw_coverage(shape, config.image_size, cx, cy, r)
-        ys, xs = np.nonzero(cov > 0)
+        rgb = tuple(int(v) for v in np.clip(np.asarray(COLORS[color]) + rng.integers(
+            -config.color_jitter, config.color_jitter + 1, 3), 0, 255))
+        # drawn on its own cell's canvas (4x cheaper than the whole image), then placed
+        y0, x0 = row * c, col * c
+        painted, solid = np.zeros((s, s)), np.zeros((s, s))
+        painted[y0:y0 + c, x0:x0 + c], solid[y0:y0 + c, x0:x0 + c] = _draw(shape, fill, c, cx - x0, cy - y0, r)
+        ys, xs = np.nonzero(solid > 0)
         bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        objects.append(WorldObject(shape, color, row, col, bbox, rgb, cov))
-    bg = int(rng.integers(config.background[0], config.background[1] + 1))
-    return Scene(config, objects, bg, split, index, seed)
+        objects.append(WorldObject(shape, color, size, fill, row, col, bbox, rgb, painted, solid))
+    tone = str(rng.choice(list(TONES)))
+    texture = str(rng.choice(TEXTURES))
+    level = float(rng.integers(*TONES[tone]))
+    bg = np.full((s, s), level)
+    if texture == "noisy":
+        bg = bg + rng.integers(-config.noise, config.noise + 1, (s, s))
+    return Scene(config, objects, tone, texture, np.clip(bg, 0, 255), split, index, seed)
 
 
-# ---------------------------------------------------------------- text tasks
+# ---------------------------------------------------------------- questions
 
-TASKS = ("caption", "color", "shape", "where", "count", "exists", "region")
+TASKS = ("color", "shape", "size", "fill", "at", "where", "count", "exists", "relation", "letter",
+         "caption", "region", "judge")
+SUBJECT_TASKS = TASKS[:10]  # the subject answers questions; the explainer also describes
+EXPLAINER_TASKS = ("region", "caption", "judge", "color", "shape", "count", "where")
 
 
 @dataclass
@@ -258,116 +326,236 @@ class QA:
     task: str
     question: str
     answer: str
-    highlight: tuple[int, int, int, int] | None = None  # region marked in the image, for "region"
+    highlight: np.ndarray | None = None  # [patches, patches] mask shown to the model, for "region"
 
 
 def caption(scene: Scene) -> str:
-    names = [o.name for o in scene.objects]  # objects are in reading order
-    if len(names) == 1:
-        return names[0]
-    return " , ".join(names[:-1]) + " and " + names[-1]
+    """Every object with its position, in reading order."""
+    return " , ".join(f"{o.name} at {o.position}" for o in scene.objects)
+
+
+def describe_region(scene: Scene, mask: np.ndarray) -> str:
+    """What a highlighted set of patches shows, in the world's compositional vocabulary.
+
+    "large striped red circle at top left" when it covers (most of) an object;
+    "edge of ..." / "interior of ..." when only part of one; "empty <texture> <tone> background at
+    <position>" when it holds no object."""
+    cfg = scene.config
+    mask = np.asarray(mask, float) > 0.5
+    fracs = scene.object_patch_fractions()
+    best, best_cov = None, 0.0
+    for obj, frac in zip(scene.objects, fracs):
+        cov = float((frac * mask).sum())
+        if cov > best_cov:
+            best, best_cov = (obj, frac), cov
+    if best is None or best_cov < 0.05:
+        rows, cols = np.nonzero(mask)
+        r = int(((rows.mean() + 0.5) * cfg.patch) // cfg.cell)
+        c = int(((cols.mean() + 0.5) * cfg.patch) // cfg.cell)
+        return f"empty {scene.texture} {scene.tone} background at {POSITIONS[(r, c)]}"
+    obj, frac = best
+    total = float(frac.sum())
+    if best_cov >= 0.6 * total:
+        return f"{obj.name} at {obj.position}"
+    seen = (frac > 0.05) & mask
+    part = "interior" if (frac[seen] >= INTERIOR).mean() > 0.5 else "edge"
+    return f"{part} of {obj.name} at {obj.position}"
+
+
+def region_mask(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """A highlighted region like the ones a feature's activation draws: a whole object, part of one
+    (edge or interior patches), or empty patches within one cell."""
+    cfg, n = scene.config, scene.config.patches
+    fracs = scene.object_patch_fractions()
+    occupied = np.sum(fracs, axis=0) if fracs else np.zeros((n, n))
+    kind = rng.random()
+    if scene.objects and kind < 0.75:
+        i = int(rng.integers(len(scene.objects)))
+        frac = fracs[i]
+        if kind < 0.45:
+            return (frac > 0.05).astype(float)
+        want_interior = rng.random() < 0.4 and (frac >= INTERIOR).any()
+        pool = np.argwhere(frac >= INTERIOR) if want_interior else np.argwhere((frac > 0.15) & (frac < INTERIOR))
+        if not len(pool):
+            pool = np.argwhere(frac > 0.05)
+        pick = pool[rng.choice(len(pool), size=min(len(pool), int(rng.integers(1, 4))), replace=False)]
+        m = np.zeros((n, n))
+        m[pick[:, 0], pick[:, 1]] = 1
+        return m
+    empty = np.argwhere(occupied < 0.02)
+    if not len(empty):
+        return (fracs[0] > 0.05).astype(float)
+    r0, c0 = empty[rng.integers(len(empty))]
+    cell = lambda rc: (int(rc[0]) * cfg.patch // cfg.cell, int(rc[1]) * cfg.patch // cfg.cell)  # noqa: E731
+    same = [rc for rc in empty if cell(rc) == cell((r0, c0))]
+    pick = [same[j] for j in rng.choice(len(same), size=min(len(same), int(rng.integers(1, 5))), replace=False)]
+    m = np.zeros((n, n))
+    for r, c in pick:
+        m[r, c] = 1
+    return m
+
+
+def _holds(rel: str, a: WorldObject, b: WorldObject) -> bool:
+    return {"left of": a.col < b.col, "right of": a.col > b.col, "above": a.row < b.row, "below": a.row > b.row}[rel]
 
 
 def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> list[QA]:
-    """One question of each requested task that this scene supports, answers from ground truth."""
-    cfg = scene.config
-    objs = scene.objects
+    """One question of each requested task this scene supports, with the ground-truth answer."""
+    cfg, objs = scene.config, scene.objects
+    by_shape = {s: [o for o in objs if o.shape == s] for s in cfg.shapes}
+    by_color = {c: [o for o in objs if o.color == c] for c in cfg.colors}
+    unique = [o for o in objs if len(by_shape[o.shape]) == 1]  # objects a shape word picks out
+    unique_color = [o for o in objs if len(by_color[o.color]) == 1]
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
     out: list[QA] = []
-    shape_counts = {s: sum(o.shape == s for o in objs) for s in cfg.shapes}
-    unique_shape = [o for o in objs if shape_counts[o.shape] == 1]
     for task in tasks:
-        if task == "caption":
-            out.append(QA(task, "describe the image .", caption(scene)))
-        elif task == "color" and unique_shape:
-            o = unique_shape[rng.integers(len(unique_shape))]
-            out.append(QA(task, f"what color is the {o.shape} ?", o.color))
-        elif task == "shape":
-            o = objs[rng.integers(len(objs))]
-            out.append(QA(task, f"what shape is at the {o.position} ?", o.shape))
-        elif task == "where" and unique_shape:
-            o = unique_shape[rng.integers(len(unique_shape))]
-            out.append(QA(task, f"where is the {o.shape} ?", o.position))
+        if task in ("color", "size", "fill", "where") and unique:
+            o = pick(unique)
+            q = {"color": "what color is the {} ?", "size": "what size is the {} ?",
+                 "fill": "what fill is the {} ?", "where": "where is the {} ?"}[task].format(o.shape)
+            a = {"color": o.color, "size": o.size, "fill": o.fill, "where": o.position}[task]
+            out.append(QA(task, q, a))
+        elif task == "shape" and unique_color:
+            o = pick(unique_color)
+            out.append(QA(task, f"what shape is the {o.color} object ?", o.shape))
+        elif task == "at":
+            pos = pick(list(POSITIONS))
+            if objs and rng.random() < 0.75:
+                pos = (o := pick(objs)).row, o.col
+            o = scene.object_at(*pos)
+            out.append(QA(task, f"what is at the {POSITIONS[pos]} ?", o.name if o else "nothing"))
         elif task == "count":
             out.append(QA(task, "how many objects are there ?", NUMBER_WORDS[len(objs)]))
         elif task == "exists":
             if rng.random() < 0.5:
-                o = objs[rng.integers(len(objs))]
-                shape, color = o.shape, o.color
+                o = pick(objs)
+                color, shape = o.color, o.shape
             else:
-                present = {(o.shape, o.color) for o in objs}
-                absent = [(s, c) for s in cfg.shapes for c in cfg.colors if (s, c) not in present]
-                shape, color = absent[rng.integers(len(absent))]
-            ans = "yes" if any(o.shape == shape and o.color == color for o in objs) else "no"
+                color, shape = pick(list(cfg.colors)), pick(list(cfg.shapes))
+                if rng.random() < 0.5:  # near misses: a present colour or a present shape
+                    o = pick(objs)
+                    color, shape = (o.color, shape) if rng.random() < 0.5 else (color, o.shape)
+            ans = "yes" if any(o.color == color and o.shape == shape for o in objs) else "no"
             out.append(QA(task, f"is there a {color} {shape} ?", ans))
+        elif task == "relation" and len(unique) >= 2:
+            i, j = rng.choice(len(unique), size=2, replace=False)
+            a, b = unique[int(i)], unique[int(j)]
+            rel = pick(list(RELATIONS))
+            out.append(QA(task, f"is the {a.shape} {rel} the {b.shape} ?", "yes" if _holds(rel, a, b) else "no"))
+        elif task == "letter":
+            letters = [o for o in objs if o.shape.startswith("letter")]
+            if len(letters) == 1:
+                out.append(QA(task, "what letter is in the image ?", letters[0].shape.split()[1]))
+        elif task == "caption":
+            out.append(QA(task, "describe the image .", caption(scene)))
+        elif task == "judge":
+            phrase = judge_phrase(scene, rng)
+            out.append(QA(task, f"is there {phrase} ?", "yes" if shows(scene, phrase) else "no"))
         elif task == "region":
-            row, col = divmod(int(rng.integers(cfg.grid * cfg.grid)), cfg.grid)
-            if rng.random() < 0.8 and objs:  # mostly occupied cells; empty ones teach "nothing"
-                o = objs[rng.integers(len(objs))]
-                row, col = o.row, o.col
-            o = scene.object_at(row, col)
-            out.append(QA(task, "what is in the highlighted region ?", o.name if o else "nothing",
-                          highlight=scene.cell_box(row, col)))
+            m = region_mask(scene, rng)
+            out.append(QA(task, "what is in the highlighted region ?", describe_region(scene, m), highlight=m))
     return out
 
 
+def phrase_attributes(phrase: str, config: WorldConfig = WorldConfig()) -> dict[str, str]:
+    """The attributes a phrase of the world's grammar names: {"color": "red", "shape": "letter k", ...}.
+
+    Works on any text: it picks out the world's words ("a small red object", "red circles",
+    "something at top left", "empty dark background")."""
+    text = " " + " ".join(phrase.lower().replace(",", " ").split()) + " "
+    out: dict[str, str] = {}
+    for kind, values in (("color", config.colors), ("size", SIZES), ("fill", FILLS), ("part", PARTS),
+                         ("tone", tuple(TONES)), ("texture", TEXTURES)):
+        for v in values:
+            if f" {v} " in text:
+                out[kind] = v
+    for s in sorted(config.shapes, key=len, reverse=True):
+        if f" {s} " in text or f" {s}s " in text or (s.startswith("letter") and f" the {s} " in text):
+            out["shape"] = s
+            break
+    for p in sorted(POSITIONS.values(), key=len, reverse=True):
+        if f" {p} " in text:
+            out["cell"] = p
+            break
+    if " empty " in text or " background " in text:
+        out["background"] = "yes"
+    return out
+
+
+def shows(scene: Scene, phrase: str) -> bool:
+    """Ground truth: does the scene show what the phrase describes (all its attributes on one thing)?"""
+    attrs = phrase_attributes(phrase, scene.config)
+    if not attrs:
+        return False
+    if "background" in attrs:
+        if attrs.get("tone", scene.tone) != scene.tone or attrs.get("texture", scene.texture) != scene.texture:
+            return False
+        cells = [(r, c) for (r, c), p in POSITIONS.items() if attrs.get("cell", p) == p]
+        return any(scene.object_at(r, c) is None for r, c in cells)
+    for o in scene.objects:
+        if all(getattr(o, k) == v if k in ("color", "shape", "size", "fill") else
+               (o.position == v if k == "cell" else True) for k, v in attrs.items()):
+            return True
+    return False
+
+
+def judge_phrase(scene: Scene, rng: np.random.Generator) -> str:
+    """A phrase of the explanation grammar, about half of them true of the scene."""
+    cfg = scene.config
+    kind = rng.random()
+    if kind < 0.2:
+        tone = str(rng.choice(list(TONES))) if rng.random() < 0.5 else scene.tone
+        cell = f" at {rng.choice(list(POSITIONS.values()))}" if rng.random() < 0.5 else ""
+        return f"empty {tone} background{cell}"
+    if scene.objects and rng.random() < 0.5:
+        o = scene.objects[int(rng.integers(len(scene.objects)))]
+        attrs = {"size": o.size, "fill": o.fill, "color": o.color, "shape": o.shape, "cell": o.position}
+    else:
+        attrs = {"size": str(rng.choice(SIZES)), "fill": str(rng.choice(FILLS)), "color": str(rng.choice(cfg.colors)),
+                 "shape": str(rng.choice(cfg.shapes)), "cell": str(rng.choice(list(POSITIONS.values())))}
+    keys = [k for k in attrs if rng.random() < 0.4] or [str(rng.choice(list(attrs)))]
+    if attrs["shape"].startswith("letter") and "fill" in keys:
+        keys.remove("fill")
+        keys = keys or ["shape"]
+    words = [attrs[k] for k in ("size", "fill", "color") if k in keys]
+    noun = attrs["shape"] if "shape" in keys else ("object" if words else "something")
+    cell = f" at {attrs['cell']}" if "cell" in keys else ""
+    article = "an" if (words or [noun])[0][0] in "aeiou" else "a"
+    lead = "" if noun == "something" and not words else f"{article} "
+    return f"{lead}{' '.join(words + [noun])}{cell}".strip()
+
+
 def vocabulary(config: WorldConfig = WorldConfig()) -> list[str]:
-    """Every word any question or answer of this world can use (the organisms' tokenizer)."""
+    """Every word a question or answer of this world can use (the organisms' tokenizer)."""
     words = set()
-    for q in ("describe the image .", "what color is the ?", "what shape is at the ?", "where is the ?",
-              "how many objects are there ?", "is there a ?", "what is in the highlighted region ?",
-              "yes no nothing and ,", "what do the highlighted regions have in common ?"):
+    for q in ("what color is the ?", "what size is the ?", "what fill is the ?", "where is the ?",
+              "what shape is the object ?", "what is at the ?", "how many objects are there ?",
+              "is there a ?", "what letter is in the image ?", "describe the image .",
+              "what is in the highlighted region ?", "yes no nothing and , of at empty background",
+              "what do the highlighted regions have in common ? cannot tell any something in cell the image "
+              "also holds ; a an object objects"):
         words.update(q.split())
-    words.update(config.shapes)
-    words.update(config.colors)
-    for p in POSITION_WORDS.values():
-        words.update(p.split())
-    words.update(NUMBER_WORDS[: config.max_objects + 1])
+    for group in (config.colors, config.shapes, SIZES, FILLS, TONES, TEXTURES, PARTS, RELATIONS,
+                  POSITIONS.values(), NUMBER_WORDS):
+        for w in group:
+            words.update(w.split())
     return sorted(words)
 
 
 def contact_sheet(config: WorldConfig = WorldConfig(), n: int = 8, split: str = "test", seed: int = 0,
-                  scale: int = 4, highlight: bool = True) -> Image.Image:
-    """Scenes with their captions (and a highlighted-region view of each): a picture of the world."""
+                  scale: int = 4) -> Image.Image:
+    """Scenes with their captions, and a highlighted-region view of each: a picture of the world."""
     rng = np.random.default_rng(seed)
     tile = config.image_size * scale
-    cols = 2 if highlight else 1
-    sheet = Image.new("RGB", (n * (tile + 8), cols * (tile + 22) + 4), "white")
+    sheet = Image.new("RGB", (n * (tile + 8), 2 * (tile + 34) + 4), "white")
     draw = ImageDraw.Draw(sheet)
     for i in range(n):
         scene = sample_scene(config, i, split, seed)
         x = i * (tile + 8)
         sheet.paste(scene.render().resize((tile, tile), Image.NEAREST), (x, 0))
-        draw.text((x + 2, tile + 4), caption(scene).replace(" , ", ", "), fill="black")
-        if highlight:
-            (qa,) = scene_questions(scene, rng, ("region",))
-            sheet.paste(scene.render(qa.highlight).resize((tile, tile), Image.NEAREST), (x, tile + 22))
-            draw.text((x + 2, 2 * tile + 26), f"region: {qa.answer}", fill="black")
+        for k, line in enumerate(caption(scene).split(" , ")[:2]):
+            draw.text((x + 2, tile + 2 + 11 * k), line, fill="black")
+        (qa,) = scene_questions(scene, rng, ("region",))
+        sheet.paste(scene.render(qa.highlight).resize((tile, tile), Image.NEAREST), (x, tile + 34))
+        draw.text((x + 2, 2 * tile + 36), qa.answer[:40], fill="black")
     return sheet
-
-
-@dataclass
-class WorldSheetConfig:
-    """`interp world`: a contact sheet of scenes with their ground truth."""
-
-    samples: int = 8
-    """number of samples (scenes) on the sheet"""
-    split: str = field(default="test", metadata=choices(list(SPLITS)))
-    """world split"""
-    seed: int = 0
-    """world seed"""
-    out: str = "shapes-world.png"
-    """PNG contact sheet to write"""
-    json: bool = False
-    """also print each scene's ground truth as JSON lines"""
-
-
-def world_sheet(cfg: WorldSheetConfig) -> Path:
-    contact_sheet(WorldConfig(), cfg.samples, cfg.split, cfg.seed).save(cfg.out)
-    if cfg.json:
-        for i in range(cfg.samples):
-            print(json.dumps(sample_scene(WorldConfig(), i, cfg.split, cfg.seed).to_json()))
-    return Path(cfg.out)
-
-
-COMMANDS = [Command("world", WorldSheetConfig, world_sheet, "render samples of the shapes world with their ground truth",
-                    report=lambda out, cfg: print(f"wrote {out}"))]
