@@ -10,7 +10,7 @@ Views (PIL images, for the app and for explainer prompts): the original, the ima
 of where the feature fires (every pixel keeps its colour: the app's default, since a colour overlay
 turns a red object orange and a blue one grey, in a world whose features are colours), the coloured
 heatmap, the heatmap blended over the image, the image dimmed outside the active tokens (as the
-explainer's marked views, interp.shapes.world.dim_outside), and a crop around the active tokens.
+explainer's marked views, interp.shapes.world.dim_outside_patches), and a crop around the active tokens.
 Images smaller than `display_size` are upscaled with nearest-neighbour so patches stay crisp.
 """
 
@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 from explain.feature_reader import FeatureSources
-from interp.shapes.world import dim_outside
 
 MODES = ("nearest", "bilinear")
 VIEWS = ("original", "contour", "heatmap", "overlay", "masked", "crop")
@@ -160,7 +159,7 @@ def render_feature(image: Image.Image, tokens: np.ndarray, acts: np.ndarray, *, 
     exact = activation_map(tokens, acts, image.size, out_size, "nearest")
     contour = outline(img, exact / vmax if vmax > 0 else np.zeros_like(exact), width=max(2, round(max(out_size) / 80)))
     inside = exact > cutoff
-    masked = np.where(inside[..., None], img, dim_outside(img, (0, 0, 0, 0), dim))  # empty box: all dimmed
+    masked = np.where(inside[..., None], img, np.clip(np.rint(img.astype(float) * dim), 0, 255).astype(np.uint8))
     box = active_box(tokens, acts, cutoff, image.size, margin)
     crop = _upscaled(image.crop(box), display_size) if box else original
     return FeatureView(original, Image.fromarray(contour), Image.fromarray(color), Image.fromarray(overlay),

@@ -189,8 +189,8 @@ def load_crossmodal(path: str | Path) -> CrossModalReport:
 
 
 def image_truth(reader, world=None, threshold: float = 0.05) -> TokenConcepts:
-    """Labels of the cache's image patches: each concept covers > `threshold` of a patch's box (the shapes
-    world v1; another world passes its own TokenConcepts)."""
+    """Labels of the cache's image patches: each concept of the shapes world covers > `threshold` of a
+    patch's box (another world passes its own TokenConcepts)."""
     from interp.cache.format import is_image_patch
     from interp.shapes.ground_truth import token_concepts
     from interp.shapes.world import WorldConfig
@@ -198,6 +198,15 @@ def image_truth(reader, world=None, threshold: float = 0.05) -> TokenConcepts:
     gt = token_concepts(reader, world or WorldConfig(), with_object=False)
     keep = is_image_patch(reader.tokens["role"][gt.rows])
     return TokenConcepts(gt.concepts, (gt.coverage[keep] > threshold).astype(np.float64), gt.rows[keep])
+
+
+WORDED_KINDS = ("color", "shape", "size", "fill", "cell")
+"""Kinds of world concepts that questions and answers name with a word ("red", "letter k", "top left")."""
+
+
+def world_words(concepts) -> dict[str, str]:
+    """concept -> the words naming it in text, for the concepts questions and answers can name."""
+    return {c: c.split(":", 1)[1] for c in concepts if c.split(":", 1)[0] in WORDED_KINDS}
 
 
 def word_variants(tokenizer, word: str) -> list[list[int]]:
@@ -246,11 +255,12 @@ def _chunks(sae, reader, rows: np.ndarray, chunk_rows: int = 32768) -> Chunks:
 
 def crossmodal(sae, reader, tokenizer, f1_min: float = 0.9, words: dict[str, str] | None = None,
                image_gt: TokenConcepts | None = None, candidates: int = 8) -> CrossModalReport:
-    """The cross-modal report of `sae` over `reader`'s cache. `words`: concept -> word (default: every
-    concept of the v1 world, named by itself); `image_gt`: the patches' labels (default: the v1 world's)."""
+    """The cross-modal report of `sae` over `reader`'s cache. `words`: concept -> word (default: the
+    world's concepts that text names, `world_words`); `image_gt`: the patches' labels (default: the
+    shapes world's)."""
     sae.check_width(torch.zeros(1, reader.d))
     image_gt = image_gt if image_gt is not None else image_truth(reader)
-    words = words or {c: c for c in image_gt.concepts}
+    words = words or world_words(image_gt.concepts)
     missing = [c for c in words if c not in image_gt.concepts]
     if missing:
         raise ValueError(f"concepts {missing} have no image labels; labelled: {list(image_gt.concepts)}")

@@ -59,11 +59,17 @@ def reconstruction_metrics(sae, reader, chunk_rows: int = 16384, max_rows: int |
 
 
 def _eval_samples(reader, n: int):
-    """The first `n` cached samples re-loaded, the prompt template to render them with, and on the
-    shapes world the ground-truth captions as answers (else None)."""
-    from interp.cache.data import Sample, data_roots, load_image
+    """The first `n` cached samples re-loaded, the prompt template to render them with, and the
+    answers to score (else None).
+
+    On the shapes world each image gets one of the subject's questions (cycling through its
+    tasks) and its ground-truth answer is scored: the subject was trained on those answers, so
+    the spliced loss measures what the SAE keeps of what the model reads from the image."""
+    import numpy as np
+
+    from interp.cache.data import QA_TASKS, Sample, data_roots, load_image
     from interp.shapes.ground_truth import parse_shapes_ref, scene_of
-    from interp.shapes.world import caption
+    from interp.shapes.world import scene_questions
 
     template = reader.meta["prompt_template"]
     roots = data_roots(reader.meta.get("data"))
@@ -71,11 +77,19 @@ def _eval_samples(reader, n: int):
     for i in range(min(n, reader.n_samples)):
         s = reader.sample(i)
         image = load_image(s.image_ref, roots) if s.has_image else None
-        samples.append(Sample(s.source_index, s.image_ref, image, text=s.prompt))
-        answers.append(caption(scene_of(s.image_ref)) if parse_shapes_ref(s.image_ref) else None)
+        text, answer = s.prompt, None
+        if parse_shapes_ref(s.image_ref) and template == "{image}":
+            rng = np.random.default_rng([i, 0xE7A1])
+            qa = (scene_questions(scene_of(s.image_ref), rng, (QA_TASKS[i % len(QA_TASKS)],))
+                  or scene_questions(scene_of(s.image_ref), rng, ("at",)))[0]
+            text, answer = qa.question, qa.answer
+        samples.append(Sample(s.source_index, s.image_ref, image, text=text))
+        answers.append(answer)
     if "{image}" not in template:
         template = "{text}"  # text models: the stored prompt is the whole user text
-    return samples, template, (answers if all(a is not None for a in answers) else None)
+    if answers and all(a is not None for a in answers):
+        return samples, "{image} {text}", answers
+    return samples, template, None
 
 
 @torch.no_grad()
@@ -133,7 +147,7 @@ def spliced_metrics(sae, reader, lm=None, n_samples: int = 64, batch_size: int =
             "ce_zero_ablated": m["zero_ablated"],
             "ce_loss_recovered": (m["zero_ablated"] - m["spliced"]) / denom if abs(denom) > 1e-9 else float("nan"),
             "kl_spliced": m["kl_spliced"], "kl_zero_ablated": m["kl_zero"], "loss_tokens": count,
-            "loss_on": "ground-truth caption" if answers else "text after the image"}
+            "loss_on": "ground-truth answers to world questions" if answers else "text after the image"}
 
 
 def _reconstruct(sae):

@@ -8,11 +8,10 @@ from interp.shapes.organisms import ORGANISMS, UnknownOrganismError, organism_pa
 from interp.shapes.organisms.build import SPECS, build_processor, build_tokenizer
 from interp.shapes.organisms.eval import evaluate
 from interp.shapes.organisms.train import Batcher, TrainConfig, pixel_tensor, train
-from interp.shapes.world import WorldConfig, sample_scene
+from interp.shapes.world import NUMBER_WORDS, SUBJECT_TASKS, WorldConfig, sample_scene
 
-# a little under the targets (subject: colour, shape >= 0.95, where, count >= 0.90;
-# explainer: region >= 0.90, colour, shape >= 0.95), measured on 150 held-out questions each
-SUBJECT_MIN = {"color": 0.9, "shape": 0.9, "where": 0.85, "count": 0.85}
+# a little under what the shipped weights measure (docs/organisms.md), on 150 held-out questions each
+SUBJECT_MIN = {t: 0.9 for t in SUBJECT_TASKS}
 EXPLAINER_MIN = {"region": 0.85, "color": 0.9, "shape": 0.9}
 
 
@@ -29,15 +28,15 @@ def test_organisms_load_like_hub_models(name):
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many objects are there ?"}]}]
     inputs = processor(images=scene.render(), text=processor.apply_chat_template(msgs, add_generation_prompt=True),
                        return_tensors="pt")
-    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 9
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == WorldConfig().patches ** 2 == 64
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    assert answer == ["zero", "one", "two", "three"][len(scene.objects)]
+    assert answer == NUMBER_WORDS[len(scene.objects)]
 
 
 def test_shipped_weights_fit_the_budget():
     total = sum((organism_path(n) / "model.safetensors").stat().st_size for n in ORGANISMS)
-    assert total <= 30 * 2**20, f"shipped weights are {total / 2**20:.1f} MB"
+    assert total <= 60 * 2**20, f"shipped weights are {total / 2**20:.1f} MB"
 
 
 def test_subject_accuracy(subject):
@@ -94,6 +93,15 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_specs_are_what_the_docs_say():
-    assert SPECS["explainer"].text_layers > SPECS["subject"].text_layers
-    assert SPECS["explainer"].text_width > SPECS["subject"].text_width
-    assert "region" in SPECS["explainer"].tasks
+    sub, exp = SPECS["subject"], SPECS["explainer"]
+    assert sub.text_layers >= 8, "the subject needs a middle layer that still reads the image"
+    assert exp.text_layers >= sub.text_layers and exp.text_width > sub.text_width  # the explainer is larger
+    assert "region" in exp.tasks and set(sub.tasks) == set(SUBJECT_TASKS)
+
+
+def test_image_token_reach_rejects_a_layer_the_model_lacks():
+    from interp.shapes.organisms.build import build_model
+    from interp.shapes.organisms.eval import image_token_reach
+
+    with pytest.raises(ValueError, match="layer 8 is not an LLM layer of this model; it has layers 0 to 7"):
+        image_token_reach(build_model(SPECS["subject"]), build_processor(), 8)

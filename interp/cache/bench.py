@@ -25,7 +25,7 @@ def best_time(fn, repeat: int = 1) -> float:
     return best
 
 
-def bench_cache(model: str = "shapes-subject", layer: str = "2", samples: int = 2048, batch_size: int = 32,
+def bench_cache(model: str = "shapes-subject", layer: str = "4", samples: int = 2048, batch_size: int = 32,
                 engine: str = "nnsight", repeat: int = 2) -> dict:
     from interp.cache.data import open_source
     from interp.cache.writer import CacheConfig, CacheWriter, build_cache

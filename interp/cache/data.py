@@ -66,8 +66,8 @@ def fingerprint(source: DataSource) -> str:
 # ---------------------------------------------------------------- sources
 
 
-QA_TASKS = ("caption", "color", "shape", "where", "count", "exists")
-"""The world's question tasks a `qa` source draws from (their answers name colours, shapes, positions)."""
+QA_TASKS = ("color", "shape", "size", "fill", "at", "where", "count", "exists", "relation", "letter")
+"""The world's question tasks a `qa` source draws from: the subject's (interp.shapes.world.SUBJECT_TASKS)."""
 
 
 class ShapesSource:
@@ -76,7 +76,8 @@ class ShapesSource:
     With `qa`, each scene also carries one world question (the sample's text, for a template's
     {text} slot) and its ground-truth answer (appended after the prompt, role "answer"), so the
     cache holds text tokens that name the scene's colours and shapes next to its image patches.
-    The task is drawn per scene from `tasks` (a scene that cannot support it gets its caption)."""
+    The task is drawn per scene from `tasks` (a scene that cannot support it gets "what is at P ?",
+    which every scene supports)."""
 
     def __init__(self, n: int = 2000, split: str = "train", seed: int = 0, world=None, qa: bool = False,
                  tasks: tuple[str, ...] = QA_TASKS):
@@ -104,7 +105,7 @@ class ShapesSource:
 
         rng = np.random.default_rng([self.seed, SPLITS[self.split], i, 0x51A])  # not the scene's own stream
         task = str(self.tasks[int(rng.integers(len(self.tasks)))])
-        qas = scene_questions(scene, rng, (task,)) or scene_questions(scene, rng, ("caption",))
+        qas = scene_questions(scene, rng, (task,)) or scene_questions(scene, rng, ("at",))
         return Sample(i, ref, scene.render(), qas[0].question, answer=qas[0].answer)
 
     def describe(self) -> dict:

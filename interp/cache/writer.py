@@ -40,7 +40,7 @@ class CacheConfig:
     """run directory; the cache is written to RUN/activations.h5"""
     model: str = "shapes-subject"
     """organism name, HF hub id, local path, or tl:NAME for TransformerLens"""
-    layer: str = "2"
+    layer: str = "4"
     """layer index (negative counts from the end) or name; see `interp layers`"""
     site: str = field(default="resid", metadata=choices(["resid", "attn", "mlp"]))
     """residual output, attention output or MLP output of the layer"""

@@ -17,8 +17,9 @@ concept (live features firing >= 90% precisely on it) and SAEBench's main-featur
 width, recovery and absorption change with it.
 
 Which labels: `GROUND_TRUTH` maps a world's name to a function of the cache reader that gives the labelled
-rows; world v1 (`shapes`: 5 colours, 4 shapes) is there, world v2 adds its entry (its per-patch labels
-of 33 concepts) and the benchmark runs on it unchanged. `render_table` renders the README's table from
+rows; `shapes` labels the world's 32 patch concepts (colour, shape, size, fill, object part,
+background, tone, texture, position cell; the catch-all "object" left out), and another world adds
+its own entry. `render_table` renders the README's table from
 benchmark.json.
 """
 
@@ -45,15 +46,15 @@ class GroundTruth:
     groups: np.ndarray  # [n] the sample of each row: held-out splits keep a sample's rows together
 
 
-def shapes_v1(reader) -> GroundTruth:
-    """World v1's labels: each colour and shape covers more than 5% of the patch (as `interp recovery`)."""
+def shapes_truth(reader) -> GroundTruth:
+    """The shapes world's labels: the concept covers more than 5% of the patch (as `interp recovery`)."""
     from interp.shapes.ground_truth import token_concepts
 
     gt = token_concepts(reader, with_object=False)
     return GroundTruth(tuple(gt.concepts), gt.rows, gt.labels(), np.asarray(reader.tokens["sample"][gt.rows]))
 
 
-GROUND_TRUTH: dict[str, Callable] = {"shapes": shapes_v1}
+GROUND_TRUTH: dict[str, Callable] = {"shapes": shapes_truth}
 
 
 def all_names() -> list[str]:

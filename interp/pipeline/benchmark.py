@@ -37,7 +37,7 @@ class BenchmarkConfig:
     """whose ground-truth labels score the SAEs"""
     model: str = "shapes-subject"
     """the subject to cache (when the run has no cache yet)"""
-    layer: str = "2"
+    layer: str = "4"
     """the subject's layer to cache"""
     d_sae: int = field(default=256, metadata=at_least(1))
     """features of every SAE"""

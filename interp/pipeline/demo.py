@@ -17,10 +17,12 @@ from interp.infra.durable import write_json
 from interp.infra.layout import RunLayout
 from saes import architectures
 
-SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concept_recovery", "concept_recovery_seeds",
-                "explanation_accuracy", "detection_balanced_accuracy", "steering_success", "attribution_top5",
-                "attribution_top5_patching", "text_explanation_accuracy", "text_detection_balanced_accuracy",
-                "cross_modal_fraction", "seconds")
+SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concepts", "concept_recovery",
+                "concept_recovery_seeds", "live_features", "explained_live_fraction",
+                "detection_balanced_accuracy_all", "explanation_accuracy", "detection_balanced_accuracy", "sae_layer",
+                "steering_layer", "image_token_reach", "steering_success", "steering_success_shape",
+                "attribution_top5", "attribution_top5_patching", "text_explanation_accuracy",
+                "text_detection_balanced_accuracy", "cross_modal_fraction", "seconds")
 
 
 @dataclass
@@ -29,18 +31,19 @@ class DemoConfig:
 
     run: str = field(default="runs/demo", metadata=positional(required=False))
     """run directory to write"""
-    samples: int = field(default=3000, metadata=at_least(1))
-    """shapes-world samples to cache"""
-    layer: str = "2"
-    """subject layer whose residual stream is cached"""
+    samples: int = field(default=2000, metadata=at_least(1))
+    """shapes-world samples to cache (64 image tokens each)"""
+    layer: str = "4"
+    """subject layer whose residual stream is cached: its middle one (of 8), where the answers still
+    read the image tokens (summary: image_token_reach); steering runs at this layer too"""
     arch: str = field(default="batchtopk", metadata=choices(architectures.names))
     """SAE architecture (batchtopk: its concept recovery holds across training seeds; topk's does not)"""
     d_sae: int = field(default=256, metadata=at_least(1))
     """features of the SAE"""
     k: int = field(default=4, metadata=at_least(1))
     """active features per row (batchtopk: on average over a batch)"""
-    steps: int = field(default=3000, metadata=at_least(1))
-    """SAE training steps"""
+    steps: int = field(default=1000, metadata=at_least(1))
+    """SAE training steps (batches of 1024 rows)"""
     questions: int = 100
     """held-out questions per task for the organisms' accuracy and the VQA with the SAE"""
     seed: int = 0
@@ -48,6 +51,8 @@ class DemoConfig:
     recovery_seeds: int = field(default=5, metadata=at_least(1))
     """SAE training seeds (seed, seed + 1, ...) whose concept recovery summary.json reports as
     concept_recovery_seeds (1: the run's own SAE only)"""
+    crossmodal: bool = True
+    """run the cross-modal stage (image patches and question-answer text in one SAE; minutes)"""
     notebooks: bool = False
     """then run the analysis notebooks on the run and keep executed copies with their outputs in
     RUN/notebooks/ (as `interp notebooks RUN`; minutes more)"""
@@ -63,11 +68,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     from interp.cache.reader import ActivationReader
     from interp.cache.writer import CacheConfig, build_cache
     from interp.infra.runinfo import write_run_info
-    from interp.pipeline.stages import explain_and_score, steering_twin
+    from interp.pipeline.stages import explain_and_score, steer_and_attribute
     from interp.shapes.organisms import ORGANISMS, load_organism
     from interp.shapes.organisms.build import SPECS
-    from interp.shapes.organisms.eval import evaluate
-    from interp.shapes.world import WorldConfig, contact_sheet
+    from interp.shapes.organisms.eval import evaluate, image_token_reach
+    from interp.shapes.world import WorldConfig, concept_names, contact_sheet
     from saes.evaluate import EvalConfig, evaluate_sae
     from saes.recovery import RecoveryConfig, recovery_across_seeds, run_recovery
     from saes.sae import SAEConfig
@@ -77,7 +82,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     run = RunLayout.of(cfg.run).mkdir()
     write_run_info(run.run_info("demo"), {"command": "demo", "config": asdict(cfg), "world": WorldConfig().to_json()})
     contact_sheet(WorldConfig(), 6, "test", cfg.seed).save(run.world_sheet)
-    summary: dict = {"stages": {}}
+    summary: dict = {"stages": {}, "concepts": len(concept_names(WorldConfig())), "sae_layer": int(cfg.layer)}
 
     t = _stage("organisms: held-out accuracy")
     for name, which in ORGANISMS.items():
@@ -85,6 +90,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         acc = evaluate(model, processor, SPECS[which].tasks, n=cfg.questions, split="test", seed=cfg.seed)
         summary[name] = acc
         print(f"{name:17s} " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+        if name == "shapes-subject":
+            summary["image_token_reach"] = image_token_reach(model, processor, int(cfg.layer), n=cfg.questions * 2,
+                                                             seed=cfg.seed)
+            print(f"image_token_reach at layer {cfg.layer}: {summary['image_token_reach']:.2f} of answers change "
+                  "when the image tokens there come from another image")
     summary["stages"]["organisms"] = round(time.time() - t, 1)
 
     t = _stage(f"cache: shapes-subject layer {cfg.layer}, {cfg.samples} samples")
@@ -113,10 +123,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         compute_features(FeaturesConfig(run=str(run.root), seed=cfg.seed))
     summary["stages"]["features"] = round(time.time() - t, 1)
 
-    t = _stage("recovery: a feature for each colour and shape?")
+    t = _stage("recovery: a feature for each concept of the world?")
     rec = run_recovery(RecoveryConfig(run=str(run.root)))
     for m in rec.concepts:
-        print(f"  {m.concept:9s} feature {m.feature:4d}  F1 {m.f1:.3f}  (best raw neuron {m.neuron_f1:.3f})")
+        print(f"  {m.concept:18s} feature {m.feature:4d}  F1 {m.f1:.3f}  (best raw neuron {m.neuron_f1:.3f})")
     summary["concept_recovery"] = rec.concept_recovery
     summary["stages"]["recovery"] = round(time.time() - t, 1)
 
@@ -129,36 +139,26 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("  " + ", ".join(f"seed {s}: {by_seed[s].concept_recovery:.2f}" for s in seeds))
     summary["stages"]["recovery_seeds"] = round(time.time() - t, 1)
 
-    t = _stage("explain and score: shapes-explainer describes each live feature, then judges held-out samples")
+    t = _stage("explain and score: shapes-explainer describes each live feature's regions, then held-out ones")
     scores = explain_and_score(run)
-    matched = scores["matched"]
-    summary["explanation_accuracy"] = matched.get("concept_accuracy")
-    summary["detection_balanced_accuracy"] = matched.get("balanced_accuracy")
-    summary["explained_features"] = scores["all"]["n"]
+    for key in ("live_features", "explained_live_fraction", "detection_balanced_accuracy_all", "explanation_accuracy",
+                "detection_balanced_accuracy"):
+        summary[key] = scores.get(key)
     summary["stages"]["explain"] = round(time.time() - t, 1)
 
-    t = _stage(f"cross-modal: image patches and question-answer text together at layer {cfg.layer}")
-    from interp.pipeline.crossmodal import crossmodal_stage
+    if cfg.crossmodal:
+        t = _stage(f"cross-modal: image patches and question-answer text together at layer {cfg.layer}")
+        from interp.pipeline.crossmodal import crossmodal_stage
 
-    summary.update(crossmodal_stage(run, int(cfg.layer), min(cfg.samples, 1500), cfg.d_sae, cfg.k, cfg.steps, cfg.seed))
-    summary["stages"]["crossmodal"] = round(time.time() - t, 1)
+        summary.update(crossmodal_stage(run, int(cfg.layer), min(cfg.samples, 800), cfg.d_sae, cfg.k, cfg.steps,
+                                        cfg.seed))
+        summary["stages"]["crossmodal"] = round(time.time() - t, 1)
 
-    # By layer 2 the subject has copied each object's colour from the image tokens into the
-    # question's positions, so image-token steering there changes no answer (a measured fact of
-    # this model's circuit). Steering and attribution run on a layer-0 SAE, where colour still
-    # lives in the image tokens.
-    t = _stage("steering and attribution: a layer-0 SAE clamps colour features")
-    twin = run.steering_run(0)
-    build_cache(CacheConfig(run=str(twin.root), model="shapes-subject", layer="0", samples=cfg.samples, seed=cfg.seed,
-                            batch_size=32))
-    steering = steering_twin(twin, sae_cfg, TrainConfig(steps=cfg.steps, batch_size=1024, seed=cfg.seed, progress=False),
-                             cfg.seed)
-    summary["steering_success"] = round(steering["flip"]["overall"], 4)
-    attribution = steering["attribution"]
-    ig = next((v for k, v in attribution.items() if k.startswith("integrated_gradients")), None)
-    summary["attribution_top5"] = round((ig or attribution["patching"])["top5_rate"], 4)
-    summary["attribution_top5_patching"] = round(attribution["patching"]["top5_rate"], 4)
-    summary["steering_layer"] = steering["layer"]
+    t = _stage(f"steering and attribution: clamping the SAE's own colour and shape features at layer {cfg.layer}")
+    steering = steer_and_attribute(run, seed=cfg.seed)
+    for key in ("steering_layer", "steering_success", "steering_success_shape", "attribution_top5",
+                "attribution_top5_patching"):
+        summary[key] = steering.get(key)
     summary["stages"]["steering"] = round(time.time() - t, 1)
 
     summary["seconds"] = round(time.time() - t0, 1)
@@ -177,7 +177,7 @@ def _report(summary: dict, cfg: DemoConfig) -> None:
     run = RunLayout.of(cfg.run)
     print("\n== summary")
     for key in SUMMARY_KEYS:
-        print(f"  {key:28s} {summary[key]}")
+        print(f"  {key:32s} {summary.get(key)}")
     print(f"\nwrote {run.summary}")
     print(f"open the feature browser on this run with:  interp app {run.root}")
 

@@ -19,7 +19,7 @@ class BenchCacheConfig:
 
     model: str = "shapes-subject"
     """model to cache"""
-    layer: str = "2"
+    layer: str = "4"
     """layer to cache"""
     samples: int = 2048
     """samples per timed run"""

@@ -22,6 +22,8 @@ class OrganismTrainConfig:
     """training directory (none: runs/organism-WHICH)"""
     steps: int | None = None
     """training steps (none: the recorded recipe's)"""
+    vision_steps: int | None = None
+    """vision pretraining steps (none: the recorded recipe's)"""
     seed: int = 0
     """seed of the weights and of the data stream"""
     threads: int | None = None
@@ -40,6 +42,8 @@ def organism_train(cfg: OrganismTrainConfig) -> Path:
     recipe = replace(RECIPES[cfg.which], seed=cfg.seed)
     if cfg.steps:
         recipe = replace(recipe, steps=cfg.steps)
+    if cfg.vision_steps:
+        recipe = replace(recipe, vision_pretrain_steps=cfg.vision_steps)
     final = train(recipe, Path(cfg.out or f"runs/organism-{cfg.which}"), threads=cfg.threads)
     print(f"trained model: {final}")
     if cfg.install:
@@ -63,6 +67,9 @@ class OrganismEvalConfig:
     """held-out questions per task"""
     seed: int = 0
     """seed of the held-out split"""
+    reach_layer: int | None = None
+    """also measure image_token_reach at this LLM layer (the share of answers that change when the
+    image tokens' output there is swapped with another image's)"""
     json: bool = False
     """print one JSON object"""
 
@@ -72,12 +79,16 @@ def organism_eval(cfg: OrganismEvalConfig) -> dict[str, float]:
 
     from interp.shapes.organisms import organism_path
     from interp.shapes.organisms.build import SPECS
-    from interp.shapes.organisms.eval import evaluate
+    from interp.shapes.organisms.eval import evaluate, image_token_reach
 
     path = Path(cfg.model) if cfg.model else organism_path(f"shapes-{cfg.which}")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="float32").eval()
     processor = AutoProcessor.from_pretrained(path)
-    return evaluate(model, processor, SPECS[cfg.which].tasks, n=cfg.questions, split="test", seed=cfg.seed)
+    acc = evaluate(model, processor, SPECS[cfg.which].tasks, n=cfg.questions, split="test", seed=cfg.seed)
+    if cfg.reach_layer is not None:
+        acc["image_token_reach"] = image_token_reach(model, processor, cfg.reach_layer, n=cfg.questions,
+                                                     seed=cfg.seed)
+    return acc
 
 
 def _report_eval(acc: dict[str, float], cfg: OrganismEvalConfig) -> None:

@@ -68,6 +68,9 @@ def image_token_reach(model, processor, layer: int, n: int = 200, split: str = "
 
     Only questions whose true answer differs between the two images count, so an unchanged answer
     means the model no longer reads the image there."""
+    n_layers = len(decoder_layers(model))
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is not an LLM layer of this model; it has layers 0 to {n_layers - 1}")
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     per_task = max(1, n // len(tasks))
     items = []
