@@ -575,10 +575,16 @@ def run_stage(stage: str, cfg: BenchScaleConfig, partial: dict | None = None) ->
                 proc.join()
                 raise StageUnfinished(f"{time.perf_counter() - t0:.0f} s", peak)
     proc.join()
+    if status is None:  # the child may have put its result just before it exited: drain the queue
+        try:
+            status, payload = results.get(timeout=5)
+        except queue_mod.Empty:
+            pass
     seconds = time.perf_counter() - t0
     if status != "ok":
         why = payload or f"the process ended with exit code {proc.exitcode}" + (
-            " (killed: out of memory?)" if proc.exitcode in (-9, 137) else "")
+            " (killed: out of memory?)" if proc.exitcode in (-9, 137) else
+            " before it could report (its traceback is on stderr above)")
         raise RuntimeError(f"bench scale: stage {stage} failed: {why}")
     disk = payload.pop("_disk", [])
     partial = partial or {}
