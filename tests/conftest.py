@@ -24,7 +24,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-CONCEPTS = ("red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "cross")
+from interp.shapes.world import concept_names  # noqa: E402
+
+CONCEPTS = tuple(c for c in concept_names() if c != "object")  # what recovery scores: the world's patch concepts
+PLANTED = ("color:red", "color:green", "color:blue", "shape:circle", "shape:square", "shape:letter k", "size:large",
+           "background", "cell:top left")  # the planted run's features 0..8, in this order
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +49,7 @@ def explainer():
 
 
 def make_shapes_run(run: Path, samples: int = 120, d_sae: int = 32, steps: int = 150, explain: bool = True) -> Path:
-    """A run laid out as `interp demo` lays it out (cache of shapes-subject layer 2, a TopK SAE with its
+    """A run laid out as `interp demo` lays it out (cache of shapes-subject layer 4, a TopK SAE with its
     training metrics, eval, features, recovery, and with `explain` explanations and scores), made by the
     stages' own functions."""
     from explain.commands import ExplainConfig, ScoreConfig, run_explain, run_score
@@ -89,15 +93,16 @@ def shapes_run_copy(shapes_run, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def small_demo_run(tmp_path_factory) -> Path:
-    """`interp demo` with small settings: cache, SAE, features, recovery, explanations, layer-0 steering (~30 s
-    on a quiet machine; for slow tests)."""
+    """`interp demo` with small settings: cache, SAE, features, recovery, explanations, steering at the SAE's
+    own layer (for slow tests)."""
     from interp.infra.layout import RunLayout
     from interp.pipeline.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("small-demo") / "run"
-    run_demo(DemoConfig(run=str(out), samples=600, layer="2", d_sae=128, k=4, steps=600, questions=20, seed=0))
-    layout, twin = RunLayout(out), RunLayout(out).steering_run(0)
-    for need in (layout.cache, layout.features, layout.recovery, twin.recovery, twin.features, layout.summary):
+    run_demo(DemoConfig(run=str(out), samples=400, d_sae=128, k=8, steps=400, questions=20, recovery_seeds=2,
+                        crossmodal=False, seed=0))
+    layout = RunLayout(out)
+    for need in (layout.cache, layout.features, layout.recovery, layout.summary):
         assert need.exists(), need
     return out
 
@@ -106,8 +111,8 @@ def small_demo_run(tmp_path_factory) -> Path:
 
 
 def make_planted_run(run: Path, samples: int = 160) -> Path:
-    """A shapes-subject cache and an SAE whose features 0..8 are least-squares probes of the world's nine
-    concepts (ReLU at 0.5), 9 and 10 random directions, 11 dead; then its features.h5."""
+    """A shapes-subject cache and an SAE whose features 0..8 are least-squares probes of the concepts in
+    PLANTED (ReLU at 0.5), 9 and 10 random directions, 11 dead; then its features.h5."""
     from explain.features import FeaturesConfig, compute_features
     from interp.cache.reader import ActivationReader
     from interp.cache.writer import CacheConfig, build_cache
@@ -122,8 +127,9 @@ def make_planted_run(run: Path, samples: int = 160) -> Path:
         x = r.read(0, r.n_rows).numpy().astype(np.float64)[gt.rows]
         hook = r.meta["module_path"]
     assert gt.concepts == CONCEPTS
+    labels = gt.labels()[:, [gt.concepts.index(c) for c in PLANTED]].astype(np.float64)
     mu = x.mean(0)
-    w, *_ = np.linalg.lstsq(np.c_[x - mu, np.ones(len(x))], gt.labels().astype(np.float64), rcond=None)
+    w, *_ = np.linalg.lstsq(np.c_[x - mu, np.ones(len(x))], labels, rcond=None)
     sae = SAE(SAEConfig(arch="relu", d_in=x.shape[1], d_sae=12, normalize=False, model_name="shapes-subject",
                         hook_name=hook))
     g = torch.Generator().manual_seed(0)
@@ -166,7 +172,7 @@ def random_sae(tmp_path):
     return make
 
 
-def grid_token_table(n: int = 3, cell: float = 16) -> np.ndarray:
+def grid_token_table(n: int = 8, cell: float = 8) -> np.ndarray:
     from interp.cache.format import TOKEN_DTYPE
 
     t = np.zeros(n * n, TOKEN_DTYPE)
@@ -178,14 +184,14 @@ def grid_token_table(n: int = 3, cell: float = 16) -> np.ndarray:
 
 @pytest.fixture
 def grid_tokens():
-    """grid_tokens(n=3, cell=16): the token table of an n x n patch grid (row-major), as LLaVA's on 48 px."""
+    """grid_tokens(n=8, cell=8): the token table of an n x n patch grid (row-major), as the organisms' on 64 px."""
     return grid_token_table
 
 
 @pytest.fixture
 def red_examples(grid_tokens):
-    """red_examples(n=6): MarkedExamples of shapes scenes with the 'feature' on the cell of a red object, as a red
-    feature's examples look."""
+    """red_examples(n=6): MarkedExamples of shapes scenes with the 'feature' on the patches of a red object, as a
+    red feature's examples look."""
     from explain.examples import MarkedExample
     from interp.shapes.world import WorldConfig, sample_scene
 
@@ -195,8 +201,8 @@ def red_examples(grid_tokens):
             scene = sample_scene(WorldConfig(), i, "test", 0)
             red = [o for o in scene.objects if o.color == "red"]
             if red:
-                acts = np.zeros(9, np.float32)
-                acts[red[0].row * 3 + red[0].col] = 3.0
+                frac = scene.object_patch_fractions()[scene.objects.index(red[0])]
+                acts = np.where(frac.reshape(-1) > 0.05, 3.0, 0.0).astype(np.float32)
                 out.append(MarkedExample(i, i, f"shapes:test:{i}:0", "top", scene.render(), grid_tokens(), acts, 3.0))
             i += 1
         return out
