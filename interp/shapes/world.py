@@ -17,9 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from interp.infra.cli_config import Command, at_least, choices
 
 COLORS = {
     "red": (220, 40, 40),
@@ -559,3 +562,31 @@ def contact_sheet(config: WorldConfig = WorldConfig(), n: int = 8, split: str = 
         sheet.paste(scene.render(qa.highlight).resize((tile, tile), Image.NEAREST), (x, tile + 34))
         draw.text((x + 2, 2 * tile + 36), qa.answer[:40], fill="black")
     return sheet
+
+
+@dataclass
+class WorldSheetConfig:
+    """`interp world`: a contact sheet of scenes with their ground truth."""
+
+    samples: int = field(default=8, metadata=at_least(1))
+    """number of samples (scenes) on the sheet"""
+    split: str = field(default="test", metadata=choices(list(SPLITS)))
+    """world split"""
+    seed: int = 0
+    """world seed"""
+    out: str = "shapes-world.png"
+    """PNG contact sheet to write"""
+    json: bool = False
+    """also print each scene's ground truth as JSON lines"""
+
+
+def world_sheet(cfg: WorldSheetConfig) -> Path:
+    contact_sheet(WorldConfig(), cfg.samples, cfg.split, cfg.seed).save(cfg.out)
+    if cfg.json:
+        for i in range(cfg.samples):
+            print(json.dumps(sample_scene(WorldConfig(), i, cfg.split, cfg.seed).to_json()))
+    return Path(cfg.out)
+
+
+COMMANDS = [Command("world", WorldSheetConfig, world_sheet, "render samples of the shapes world with their ground truth",
+                    report=lambda out, cfg: print(f"wrote {out}"))]
