@@ -20,9 +20,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from explain.examples import SelectionConfig, explain_examples, heldout_examples, load_marked, negative_examples
+from explain.examples import (SelectionConfig, explain_examples, explain_negatives, heldout_examples, load_marked,
+                              negative_examples)
 from explain.explainers import ExplainerOptions, is_http
-from interp.infra.cli_config import Command, positional
+from interp.infra.cli_config import Command, at_least, check_bounds, positional
 from interp.infra.durable import write_json
 from interp.infra.layout import RunLayout
 
@@ -120,8 +121,12 @@ class ExplainConfig:
     """top samples shown to the explainer"""
     explain_quantile: int = SelectionConfig.explain_quantile
     """quantile-band samples shown to the explainer"""
+    explain_negatives: int = SelectionConfig.explain_negatives
+    """world protocol: images where the feature never fires, for silent regions and the context's base rate"""
     bands: int = SelectionConfig.bands
     """quantile bands the examples are spread over"""
+    batch_features: int = field(default=16, metadata=at_least(1))
+    """world protocol: features whose questions go to the explainer together (batched generate calls)"""
     redo: bool = False
     """redo features that are already done"""
     max_failures: int = 5
@@ -129,8 +134,12 @@ class ExplainConfig:
     progress: bool = True
     """progress bar"""
 
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
     def selection_config(self) -> SelectionConfig:
-        return SelectionConfig(explain_top=self.explain_top, explain_quantile=self.explain_quantile, bands=self.bands)
+        return SelectionConfig(explain_top=self.explain_top, explain_quantile=self.explain_quantile,
+                               explain_negatives=self.explain_negatives, bands=self.bands)
 
 
 @dataclass
@@ -182,55 +191,92 @@ def _report_explain(r: ExplainResult, cfg: ExplainConfig) -> int:
 
 
 def _explain_loop(sources, explainer, record: dict, sel, todo, store, workers, cfg: ExplainConfig) -> dict:
-    """Examples are read in this thread (the cache and SAE), explanations asked on `workers` threads."""
+    """Examples are read in this thread (the cache and SAE); a world explainer gets `batch_features`
+    features at a time (their questions batched), any other one feature at a time on `workers` threads."""
     from tqdm import tqdm
+
+    from explain.explainers import WorldExplainer
 
     tally = Counter(ok=0, tokens_in=0, tokens_out=0, aborted=0)
     streak = 0
     bar = tqdm(total=len(todo), desc="explain", unit="feature", disable=not cfg.progress, mininterval=1)
-    pending: dict[Future, tuple[int, list, float]] = {}
+    world = isinstance(explainer, WorldExplainer)
 
-    def finish(fut: Future) -> None:
+    def finish(f: int, picked: list, t0: float, result) -> None:
         nonlocal streak
-        f, picked, t0 = pending.pop(fut)
-        try:
-            e = fut.result()
+        if isinstance(result, Exception):  # any failure of one feature is recorded, and the run goes on
+            rec = {"feature": f, "status": "error", "error": f"{type(result).__name__}: {result}",
+                   "seconds": round(time.time() - t0, 3)}
+            streak += 1
+        else:
+            e = result
             rec = {"feature": f, "status": "ok", "explanation": e.text, "raw": e.raw, "tokens_in": e.tokens_in,
                    "tokens_out": e.tokens_out, "seconds": round(time.time() - t0, 3),
                    "model_seconds": round(e.seconds, 3), "examples": [p.example.sample for p in picked],
                    "sources": [p.source for p in picked]}
             tally.update(ok=1, tokens_in=e.tokens_in, tokens_out=e.tokens_out)
             streak = 0
-        except Exception as exc:  # any failure of one feature is recorded, and the run goes on
-            rec = {"feature": f, "status": "error", "error": f"{type(exc).__name__}: {exc}",
-                   "seconds": round(time.time() - t0, 3)}
-            streak += 1
         store.put({**rec, "explainer": explainer.name, "explainer_config": record})
         bar.update(1)
         bar.set_postfix(ok=tally["ok"], failed=bar.n - tally["ok"], tok_in=tally["tokens_in"])
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="explain") as pool:
-        for f in todo:
-            if cfg.max_failures and streak >= cfg.max_failures:
-                tally["aborted"] = 1
+    def load(f: int):
+        """(picked, marked examples, marked negatives), or the exception (e.g. an image that can no longer be
+        loaded: recorded like any failure)."""
+        try:
+            picked = explain_examples(sources.features, f, sel)
+            negs = explain_negatives(sources.features, f, sel) if world else []
+            return picked + negs, load_marked(sources, f, picked, pre=world), load_marked(sources, f, negs, pre=world)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    def stop() -> bool:
+        if cfg.max_failures and streak >= cfg.max_failures:
+            tally["aborted"] = 1
+            return True
+        return False
+
+    if world:
+        # a local model answers a chunk of features in batched generate calls; a server gets its requests
+        # concurrently anyway, so there each feature is recorded as soon as it is done
+        step = 1 if is_http(record.get("explainer", "")) else cfg.batch_features
+        for s in range(0, len(todo), step):
+            if stop():
                 break
             t0 = time.time()
+            chunk = todo[s: s + step]
+            loaded = {f: load(f) for f in chunk}
+            ready = [f for f in chunk if not isinstance(loaded[f], Exception)]
+            results = dict(zip(ready, explainer.explain_many([loaded[f][1:] for f in ready]))) if ready else {}
+            for f in chunk:
+                got = loaded[f]
+                finish(f, [] if isinstance(got, Exception) else got[0], t0, results.get(f, got))
+    else:
+        pending: dict[Future, tuple[int, list, float]] = {}
+
+        def drain(fut: Future) -> None:
+            f, picked, t0 = pending.pop(fut)
             try:
-                picked = explain_examples(sources.features, f, sel)
-                marked = load_marked(sources, f, picked)
-            except Exception as exc:  # e.g. an image that can no longer be loaded: recorded like any failure
-                failed: Future = Future()
-                failed.set_exception(exc)
-                pending[failed] = (f, [], t0)
-                finish(failed)
-                continue
-            pending[pool.submit(explainer.explain, marked)] = (f, picked, t0)
-            while len(pending) >= workers * 2:
+                finish(f, picked, t0, fut.result())
+            except Exception as exc:  # noqa: BLE001
+                finish(f, picked, t0, exc)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="explain") as pool:
+            for f in todo:
+                if stop():
+                    break
+                t0 = time.time()
+                got = load(f)
+                if isinstance(got, Exception):
+                    finish(f, [], t0, got)
+                    continue
+                pending[pool.submit(explainer.explain, got[1])] = (f, got[0], t0)
+                while len(pending) >= workers * 2:
+                    for fut in wait(list(pending), return_when=FIRST_COMPLETED).done:
+                        drain(fut)
+            while pending:
                 for fut in wait(list(pending), return_when=FIRST_COMPLETED).done:
-                    finish(fut)
-        while pending:
-            for fut in wait(list(pending), return_when=FIRST_COMPLETED).done:
-                finish(fut)
+                    drain(fut)
     bar.close()
     if tally["aborted"]:
         print(f"stopped after {cfg.max_failures} failures in a row (the explainer looks unusable: see the "
@@ -266,6 +312,11 @@ class ScoreConfig:
     """feature mask for IoU: tokens above this fraction of the feature's max"""
     f1_min: float = 0.9
     """recovery F1 at which a feature matches a concept"""
+    oracle: bool = True
+    """world protocol: also describe the scored regions with the world's ground truth (detection_oracle: the
+    explanation's accuracy without the judge's perception errors)"""
+    batch_features: int = field(default=16, metadata=at_least(1))
+    """world protocol: features whose regions go to the judge together (batched generate calls)"""
     redo: bool = False
     """redo features that are already done"""
     max_failures: int = 5
@@ -273,12 +324,15 @@ class ScoreConfig:
     progress: bool = True
     """progress bar"""
 
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
     def selection_config(self) -> SelectionConfig:
         return SelectionConfig(score_top=self.score_top, score_quantile=self.score_quantile,
                                score_negatives=self.score_negatives, bands=self.bands)
 
 
-_RECORDED = ("protocol", "api_model", "api_key_env", "agree", "threshold", "with_originals")
+_RECORDED = ("protocol", "api_model", "api_key_env", "agree", "cutoff", "threshold", "with_originals")
 
 
 def _judge(cfg: ScoreConfig, explanations: dict[int, dict]) -> tuple[str, ExplainerOptions]:
@@ -315,7 +369,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         spec, opts = _judge(cfg, explanations)
         judge = make_explainer(spec, opts, layout.explainer_cache)
         sel = cfg.selection_config()
-        scfg = ScoringConfig(iou_threshold=cfg.iou_threshold, f1_min=cfg.f1_min)
+        scfg = ScoringConfig(iou_threshold=cfg.iou_threshold, f1_min=cfg.f1_min, oracle=cfg.oracle)
         masks = MaskFolder(cfg.masks) if cfg.masks else None
         matched = _matches(sources, layout, scfg.f1_min)
         store = FeatureStore(layout.scores, {"store": "scores", **header})
@@ -329,7 +383,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         print(f"{len(live) - len(todo)} of {len(live)} features already scored by {judge.name}; {len(todo)} to do")
         _score_loop(sources, judge, sel, scfg, todo, explanations, matched, masks, store, cfg)
         scores = {f: r for f, r in store.ok().items() if f in set(live)}
-    summary = summarize(scores, {f: m for f, m in matched.items() if f in set(live)})
+    summary = summarize(scores, {f: m for f, m in matched.items() if f in set(live)}, live=len(live) + len(missing))
     summary.update(judge=judge.name, seconds=round(time.time() - t_start, 1), explanations=str(layout.explanations))
     write_json(layout.score_summary, summary, indent=1)
     _print_summary(summary, layout.score_summary)
@@ -354,43 +408,72 @@ def _matches(sources, layout: RunLayout, f1_min: float) -> dict[int, list[tuple[
 
 
 def _score_loop(sources, judge, sel, scfg, todo, explanations, matched, masks, store, cfg: ScoreConfig) -> None:
+    """Held-out samples are read here; a world judge gets `batch_features` features at a time."""
     from tqdm import tqdm
 
-    from explain.scoring import score_feature
+    from explain.scoring import score_feature, score_world_features
 
-    bar = tqdm(todo, desc="score", unit="feature", disable=not cfg.progress, mininterval=1)
+    bar = tqdm(total=len(todo), desc="score", unit="feature", disable=not cfg.progress, mininterval=1)
     streak = 0
-    for f in bar:
+    world = hasattr(judge, "describe")
+    step = cfg.batch_features if world else 1
+
+    def load(f: int):
+        exp = explanations[f]
+        try:
+            used = set(exp.get("examples", []))
+            pos = load_marked(sources, f, heldout_examples(sources.features, f, used, sel), pre=world)
+            neg = load_marked(sources, f, negative_examples(sources.features, f, sel, exclude=used), pre=world)
+            return exp["explanation"], pos, neg, [c for c, _ in matched.get(f, [])], f
+        except Exception as exc:  # noqa: BLE001  (recorded per feature; the run goes on)
+            return exc
+
+    for s in range(0, len(todo), step):
         if cfg.max_failures and streak >= cfg.max_failures:
             print(f"stopped after {cfg.max_failures} failures in a row: fix the judge and re-run to continue")
             break
         t0 = time.time()
-        exp = explanations[f]
-        try:
-            pos = load_marked(sources, f, heldout_examples(sources.features, f, set(exp.get("examples", [])), sel))
-            neg = load_marked(sources, f, negative_examples(sources.features, f, sel))
-            rec = score_feature(judge, exp["explanation"], pos, neg, [c for c, _ in matched.get(f, [])], scfg, masks)
-            rec = {"feature": f, "status": "ok", **rec}
-            streak = 0
-        except Exception as exc:  # recorded per feature; the run goes on
-            rec = {"feature": f, "status": "error", "explanation": exp["explanation"],
-                   "error": f"{type(exc).__name__}: {exc}", "seconds": round(time.time() - t0, 3)}
-            streak += 1
-        store.put({**rec, "judge": judge.name})
-        if rec["status"] == "ok":
-            bar.set_postfix(bal_acc=rec["detection"]["balanced_accuracy"], tok_in=rec["tokens_in"])
+        chunk = todo[s: s + step]
+        loaded = {f: load(f) for f in chunk}
+        ready = [f for f in chunk if not isinstance(loaded[f], Exception)]
+        results: dict = {}
+        if world and ready:
+            results = dict(zip(ready, score_world_features(judge, [loaded[f] for f in ready], scfg, masks)))
+        for f in ready if not world else []:
+            try:
+                results[f] = score_feature(judge, *loaded[f][:4], scfg, masks)
+            except Exception as exc:  # noqa: BLE001
+                results[f] = exc
+        for f in chunk:
+            got = results.get(f, loaded[f])
+            if isinstance(got, Exception):
+                rec = {"feature": f, "status": "error", "explanation": explanations[f]["explanation"],
+                       "error": f"{type(got).__name__}: {got}", "seconds": round(time.time() - t0, 3)}
+                streak += 1
+            else:
+                rec = {"feature": f, "status": "ok", **got}
+                streak = 0
+            store.put({**rec, "judge": judge.name})
+            bar.update(1)
+            if rec["status"] == "ok":
+                bar.set_postfix(bal_acc=rec["detection"]["balanced_accuracy"], tok_in=rec["tokens_in"])
+    bar.close()
 
 
 def _print_summary(summary: dict, path: Path) -> None:
     a, m = summary["all"], summary["matched"]
-    print(f"scored {a['n']} features: balanced accuracy {a['balanced_accuracy']}, F1 {a['f1']}, AUROC {a['auroc']}, "
-          f"IoU {a['iou_pixels']} (tokens {a['iou_tokens']})")
+    print(f"scored {a['n']} features: balanced accuracy {a['balanced_accuracy']} (oracle judge "
+          f"{a['balanced_accuracy_oracle']}), F1 {a['f1']}, AUROC {a['auroc']}, IoU {a['iou_pixels']} "
+          f"(tokens {a['iou_tokens']})")
+    print(f"{summary['explained_live_fraction']} of {summary['live_features']} live features have an explanation "
+          f"with detection balanced accuracy >= 0.85")
     if m["n"]:
         print(f"{m['n']} features match a ground-truth concept: explanation names it {m['concept_accuracy']}, "
               f"balanced accuracy {m['balanced_accuracy']} (min {m['balanced_accuracy_min']})")
         for f, r in m["features"].items():
-            print(f"  {int(f):5d} {'/'.join(r['concepts']):9s} -> {r['explanation']!r:24s} "
-                  f"named {str(r['names_concept']):5s} bal.acc {r['balanced_accuracy']:.3f}  IoU tokens {r['iou_tokens']}")
+            ba = "n/a" if r["balanced_accuracy"] is None else f"{r['balanced_accuracy']:.3f}"
+            print(f"  {int(f):5d} {'/'.join(r['concepts']):18s} -> {r['explanation']!r:36s} "
+                  f"named {str(r['names_concept']):5s} bal.acc {ba}  IoU tokens {r['iou_tokens']}")
     print(f"wrote {path}")
 
 

@@ -1,4 +1,5 @@
-"""Which samples an explainer sees and which are held out for scoring, and their per-token activations.
+"""Which samples an explainer sees and which are held out for scoring, their per-token activations,
+and (the world protocol) the highlighted regions cut from them.
 
 A feature's top samples alone describe its strongest mode only (the shapes world's "circle"
 feature peaks on yellow circles, so its top samples all say "yellow circle"), so an explainer
@@ -6,11 +7,23 @@ sees a few top samples plus examples spread over the quantile bands of the unifo
 sample of activating samples (`FeatureReader.quantile_samples`). Bands are split by alternating
 position, so the held-out activating samples the scorer uses cover the same bands, and the
 explainer's samples are recorded with each explanation, so the scorer never tests on them.
+
+Regions (the world protocol): a shapes-world explainer was trained to describe a highlighted set
+of patches within one position cell, so each example becomes one region: the feature's activation
+on the world's patch grid (the max over the token boxes covering each patch, whatever the
+subject's own patch geometry), cut at `cutoff` of the example's own max, split by position cell,
+the cell piece with the most activation kept, and within it its strongest patch (the world
+protocol's default: the grammar then names the part too, "edge of ..."). Silent regions are
+patch sets of the same size where the feature does not fire (at most `silent` of its max: 0),
+within one cell, drawn alternately from images where the feature never fires and from the silent
+patches of the activating images themselves, every other one at a near miss (where the
+feature's pre-activation came closest to firing): delphi's random and hard negatives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -36,16 +49,109 @@ class MarkedExample:
     tokens: np.ndarray  # token table rows (pixel boxes in `original`)
     acts: np.ndarray  # the feature's activation per token
     vmax: float  # the feature's max over the cache: one colour scale for all examples
+    pre: np.ndarray | None = None  # its pre-activation per token (how near it came to firing), when read
 
     @property
     def value(self) -> float:
         return float(self.acts.max()) if len(self.acts) else 0.0
 
 
+@dataclass(eq=False)
+class Region:
+    """A highlighted set of patches of one sample's image: what a world explainer describes."""
+
+    sample: int
+    image_ref: str
+    source: str  # as MarkedExample.source; negatives: "negative" (a silent image) or "silent" (an activating one)
+    image: Image.Image  # the original
+    mask: np.ndarray  # [patches, patches] bool, on the world's patch grid
+    weight: float  # the feature's activation there relative to its max (0 for negatives)
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def key(self) -> tuple[str, bytes]:
+        """What the region's description depends on: the image and the highlighted patches."""
+        return self.image_ref, np.packbits(self.mask).tobytes()
+
+
+def patch_activations(ex: MarkedExample, world, values: np.ndarray | None = None) -> np.ndarray:
+    """[patches, patches]: the feature's activation (or `values`, one per token) on the world's patch grid,
+    the max over the token boxes covering each patch. The world protocol reads shapes-world images only."""
+    from explain.render import activation_map
+
+    s, p = world.image_size, world.patch
+    if ex.original.size != (s, s):
+        raise ValueError(f"the world protocol describes regions of {s}x{s} shapes-world images, but sample "
+                         f"{ex.sample} ({ex.image_ref}) is {ex.original.size[0]}x{ex.original.size[1]}: "
+                         "use --protocol generic for other images")
+    v = np.asarray(ex.acts if values is None else values, np.float32)
+    low = float(v.min()) if len(v) else 0.0  # the raster's empty pixels are 0: shift negative values above it
+    full = activation_map(ex.tokens, v - low + 1.0, (s, s), (s, s), "nearest")
+    n = s // p
+    return np.where(full > 0, full + low - 1.0, 0.0).reshape(n, p, n, p).max(axis=(1, 3))
+
+
+def _cells(world) -> np.ndarray:
+    """[patches, patches]: the position cell (row-major index) each patch's centre lies in."""
+    n = world.patches
+    centre = ((np.arange(n) + 0.5) * world.patch // world.cell).astype(int)
+    return centre[:, None] * world.grid + centre[None, :]
+
+
+def feature_region(ex: MarkedExample, world, cutoff: float = 0.5, patches: int | None = None) -> Region | None:
+    """The region of `ex` where the feature fires: patches at or above `cutoff` of the example's max,
+    within the position cell that holds the most activation, its `patches` strongest only (None: all).
+    None when nothing fires."""
+    acts = patch_activations(ex, world)
+    peak = float(acts.max())
+    if peak <= 0:
+        return None
+    on = acts >= cutoff * peak
+    cells = _cells(world)
+    mass = [float(acts[on & (cells == c)].sum()) for c in range(world.grid ** 2)]
+    best = int(np.argmax(mass))
+    mask = on & (cells == best)
+    if patches is not None and mask.sum() > patches:
+        order = np.argsort(-np.where(mask, acts, -np.inf), axis=None, kind="stable")[:patches]
+        mask = np.zeros_like(mask)
+        mask.flat[order] = True
+    return Region(ex.sample, ex.image_ref, ex.source, ex.original, mask,
+                  float(acts[mask].max()) / (ex.vmax or peak))
+
+
+def silent_region(ex: MarkedExample, size: int, world, rng: np.random.Generator, silent: float = 0.0,
+                  source: str | None = None, near: bool = False) -> Region | None:
+    """`size` patches of `ex` where the feature is at most `silent` of its max, within one position cell,
+    grown around a silent patch (nearest first, ties at random); fewer where the cell has fewer. The
+    patch is random, or with `near` one of the three silent patches whose pre-activation came nearest
+    to firing (a hard negative; random when the example has no pre-activations). None when no patch of
+    the image is silent."""
+    acts = patch_activations(ex, world)
+    quiet = acts <= silent * ex.vmax
+    if not quiet.any():
+        return None
+    cells = _cells(world)
+    spots = np.argwhere(quiet)
+    if near and ex.pre is not None:
+        pre = patch_activations(ex, world, ex.pre)[quiet]
+        spots = spots[np.argsort(-pre, kind="stable")[:3]]
+    r0, c0 = spots[rng.integers(len(spots))]
+    pool = np.argwhere(quiet & (cells == cells[r0, c0]))
+    dist = np.maximum(abs(pool[:, 0] - r0), abs(pool[:, 1] - c0)) + rng.random(len(pool)) * 0.5
+    pick = pool[np.argsort(dist, kind="stable")[: max(1, size)]]
+    mask = np.zeros_like(quiet)
+    mask[pick[:, 0], pick[:, 1]] = True
+    return Region(ex.sample, ex.image_ref, source or ex.source, ex.original, mask, 0.0)
+
+
 @dataclass(frozen=True)
 class SelectionConfig:
     explain_top: int = 3  # top samples shown to the explainer (few: they all show the feature's peak mode)
     explain_quantile: int = 12  # quantile-band samples shown to the explainer (the rest of its range)
+    explain_negatives: int = 8  # silent images the world explainer contrasts them with (not scored on)
     bands: int = 4
     score_top: int = 5  # held-out top samples for detection
     score_quantile: int = 15  # held-out quantile-band samples for detection
@@ -103,6 +209,13 @@ def negative_examples(stats: FeatureReader, feature: int, cfg: SelectionConfig, 
     return [Picked(e, "negative") for e in negs[: cfg.score_negatives]]
 
 
+def explain_negatives(stats: FeatureReader, feature: int, cfg: SelectionConfig) -> list[Picked]:
+    """The non-activating samples a world explainer contrasts a feature's examples with: the last
+    `explain_negatives` of its negatives (the scorer takes its own from the front, and skips these)."""
+    negs = stats.negatives(feature)
+    return [Picked(e, "negative") for e in negs[len(negs) - min(cfg.explain_negatives, len(negs)):]]
+
+
 def _round_robin(lists: list[list[Picked]], n: int) -> list[Picked]:
     """Up to `n` items taken one from each list in turn (so every band is represented), without repeats."""
     out, seen, i = [], set(), 0
@@ -115,9 +228,28 @@ def _round_robin(lists: list[list[Picked]], n: int) -> list[Picked]:
     return out
 
 
-def load_marked(sources: FeatureSources, feature: int, picked: list[Picked]) -> list[MarkedExample]:
-    """The images of the samples behind `picked` with the feature's per-token activations (re-encoded)."""
-    from interp.cache.data import data_roots, load_image
+@lru_cache(maxsize=512)
+def shapes_scene(image_ref: str):
+    """The scene behind a `shapes:SPLIT:INDEX:SEED` reference (drawing one takes milliseconds, and a run's
+    explain and score stages read the same images many times), or None for another reference."""
+    from interp.shapes.ground_truth import parse_shapes_ref, scene_of
+
+    return scene_of(image_ref) if parse_shapes_ref(image_ref) is not None else None
+
+
+def load_image(image_ref: str, roots) -> Image.Image:
+    """A sample's image: a shapes-world scene from the cache of drawn scenes, anything else through
+    interp.cache.data.load_image under the cache's data roots."""
+    from interp.cache.data import load_image as load
+
+    scene = shapes_scene(image_ref)
+    return scene.render() if scene is not None else load(image_ref, roots)
+
+
+def load_marked(sources: FeatureSources, feature: int, picked: list[Picked], pre: bool = False) -> list[MarkedExample]:
+    """The images of the samples behind `picked` with the feature's per-token activations (re-encoded), and
+    with `pre` its pre-activations too."""
+    from interp.cache.data import data_roots
 
     vmax = sources.features.stats(feature).max
     roots = data_roots(sources.reader.meta.get("data"))  # only images of the cache's own data (a remote
@@ -125,5 +257,24 @@ def load_marked(sources: FeatureSources, feature: int, picked: list[Picked]) -> 
     for p in picked:
         tokens, acts = sources.token_activations(feature, p.example.sample)
         out.append(MarkedExample(p.example.sample, p.example.source_index, p.example.image_ref, p.source,
-                                 load_image(p.example.image_ref, roots), tokens, acts, vmax))
+                                 load_image(p.example.image_ref, roots), tokens, acts, vmax,
+                                 pre_activations(sources, feature, p.example.sample) if pre else None))
     return out
+
+
+def pre_activations(sources: FeatureSources, feature: int, sample: int) -> np.ndarray:
+    """The feature's encoder pre-activation on each image-patch token of `sample`, in token_activations'
+    order: how near it came to firing where it is silent (the hard negatives of the world protocol)."""
+    import torch
+
+    from explain.feature_columns import pre_activation_column
+    from interp.cache.format import is_image_patch
+
+    s = sources.reader.sample(sample)
+    sae = sources.sae
+    x = sources.reader.read(s.start, s.stop).to(sae.device, sae.dtype)
+    if sae._normalised():
+        x = (x - sae.norm_mean) / sae.norm_scale
+    with torch.no_grad():
+        pre = pre_activation_column(sae, x, int(feature)).float().cpu().numpy()
+    return pre[is_image_patch(s.tokens["role"])]

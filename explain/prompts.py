@@ -2,11 +2,13 @@
 
 Two protocols share these helpers:
 
-- world: the shapes organisms speak only the shapes world's vocabulary, so each marked example
-  is one "what is in the highlighted region ?" question (the task they were trained on), and the
-  per-example answers are aggregated into the words most examples share (`aggregate_regions`).
-  The judge asks the world's "is there a {color} {shape} ?" about every pair the explanation
-  allows (`judge_questions`).
+- world: the shapes organisms speak only the shapes world's grammar, so each example is one
+  region question, "what is in the highlighted region ?", on the image dimmed outside the
+  patches where the feature fires (the task they were trained on); the answers ("edge of small
+  striped red circle at top left", "empty noisy dark background at top right") are aggregated
+  into the attributes most examples share (explain.aggregate), and the images' captions
+  ("describe the image .") give the context a feature may need. Detection describes held-out
+  regions the same way and compares attributes (explain.scoring).
 - generic: any instruction-following VLM gets all marked examples in one prompt and is asked
   for a one-line explanation, or "cannot tell"; the judge gets the explanation and one image
   and answers yes or no.
@@ -15,14 +17,12 @@ Two protocols share these helpers:
 from __future__ import annotations
 
 import re
-from collections import Counter
-from dataclasses import dataclass
+from explain.aggregate import CANNOT_TELL
 
-from interp.shapes.world import WorldConfig
-
-CANNOT_TELL = "cannot tell"
-NOTHING = "nothing"
 REGION_QUESTION = "what is in the highlighted region ?"
+CAPTION_QUESTION = "describe the image ."
+REGION_TOKENS = 12  # "interior of large striped purple diamond at bottom right" and its end
+CAPTION_TOKENS = 36  # four objects with their places, commas between
 MAX_EXPLANATION_CHARS = 200
 
 EXPLAIN_PROMPT = (
@@ -67,74 +67,3 @@ def yes_no(text: str | None) -> bool | None:
     if not words:
         return None
     return {"yes": True, "no": False, "true": True, "false": False}.get(words[0])
-
-
-# ---------------------------------------------------------------- the shapes world's vocabulary
-
-
-@dataclass(frozen=True)
-class WorldTerms:
-    colors: tuple[str, ...]
-    shapes: tuple[str, ...]
-    nothing: bool = False
-
-    @property
-    def words(self) -> tuple[str, ...]:
-        return self.colors + self.shapes
-
-    def text(self) -> str:
-        return " ".join(self.words) if self.words else (NOTHING if self.nothing else CANNOT_TELL)
-
-
-def world_terms(text: str, world: WorldConfig = WorldConfig()) -> WorldTerms:
-    """The world's colour and shape words a text names (plurals too: "circles", "crosses")."""
-    words = re.findall(r"[a-z]+", text.lower())
-    singular = {w: w[:-2] if w.endswith("sses") else w[:-1] if w.endswith("s") else w for w in words}
-    found = set(words) | set(singular.values())
-    return WorldTerms(tuple(c for c in world.colors if c in found), tuple(s for s in world.shapes if s in found),
-                      NOTHING in found)
-
-
-def names_concept(text: str, concept: str, world: WorldConfig = WorldConfig()) -> bool:
-    return concept in world_terms(text, world).words
-
-
-def aggregate_regions(answers: list[str], agree: float = 0.6, weights: list[float] | None = None,
-                      world: WorldConfig = WorldConfig()) -> WorldTerms:
-    """The words that at least `agree` of the per-example region answers share.
-
-    "red circle", "red square", "red cross" -> red; "red circle", "blue circle" -> circle; both
-    words when both are consistent. Shares are over all answers, so answers that name no object
-    count against every word; if most say "nothing", the feature marks empty regions. Nothing
-    consistent -> no words (the explanation "cannot tell"). `weights` (the feature's activation
-    on each marked region, relative to its max) make strong examples count more than the weak
-    tail, where a feature often fires a little on anything.
-    """
-    if not answers:
-        return WorldTerms((), ())
-    w = [1.0] * len(answers) if weights is None else [max(float(x), 0.0) for x in weights]
-    if len(w) != len(answers) or sum(w) <= 0:
-        raise ValueError(f"need one positive weight per answer, got {len(w)} weights for {len(answers)} answers")
-    parsed = [world_terms(a, world) for a in answers]
-    share: Counter = Counter()
-    for t, x in zip(parsed, w):
-        for word in set(t.words):
-            share[word] += x / sum(w)
-    keep = {word for word, s in share.items() if s >= agree - 1e-9}
-    nothing = sum(x for t, x in zip(parsed, w) if t.nothing and not t.words) / sum(w) >= agree - 1e-9
-    return WorldTerms(tuple(c for c in world.colors if c in keep), tuple(s for s in world.shapes if s in keep),
-                      nothing and not keep)
-
-
-def judge_questions(terms: WorldTerms, world: WorldConfig = WorldConfig()) -> list[str]:
-    """World questions whose any "yes" means an image shows the explanation.
-
-    The world's VQA can only ask "is there a {color} {shape} ?", so a colour-only explanation
-    is asked about with every shape, a shape-only one with every colour, and a conjunction
-    as itself. No words (cannot tell, nothing): no question, the image does not show it.
-    """
-    if not terms.words:
-        return []
-    colors = terms.colors or world.colors
-    shapes = terms.shapes or world.shapes
-    return [f"is there a {c} {s} ?" for c in colors for s in shapes]

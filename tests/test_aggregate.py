@@ -22,7 +22,7 @@ def test_a_cell_whatever_it_holds():
 
 def test_parts_and_backgrounds():
     edge = aggregate(["edge of large solid red circle at top left", "edge of small striped blue square at top right",
-                      "edge of small green letter e at bottom left", "edge of large solid pink star at top right"])
+                      "edge of small green letter e at bottom left", "edge of large outline pink star at top right"])
     assert edge.text() == "edge of an object" and names_exactly(edge, "part:edge")
     dark = aggregate(["empty plain dark background at top left", "empty noisy dark background at bottom right"])
     assert dark.text() == "empty dark background" and names_exactly(dark, "tone:dark")
@@ -66,3 +66,49 @@ def test_phrases_round_trip_through_parse():
         assert parse(phrase(attrs)).region == attrs, phrase(attrs)
     assert concept_attributes("texture:noisy") == {"texture": "noisy", "background": "yes"}
     assert Explanation().text() == CANNOT_TELL
+
+
+def test_silent_regions_drop_what_does_not_tell_the_feature_apart():
+    # most strongest examples of a red feature are large; silent regions hold large objects of other colours
+    descs = ["large solid red circle at top left", "large red letter k at bottom right", "small striped red star at top right",
+             "large outline red square at bottom left", "large striped red diamond at top left"]
+    silent = ["large solid blue circle at top left", "empty plain dark background at top right",
+              "large striped green square at bottom left", "small cyan letter e at bottom right"]
+    assert aggregate(descs).text() == "a large red object"  # shares alone keep "large"
+    assert aggregate(descs, silent=silent).text() == "a red object"
+    # a cell feature: most cells hold an object, and so do the silent regions in the other cells
+    cell = ["small red circle at top left", "large blue star at top left", "empty plain dark background at top left",
+            "large striped green square at top left", "small pink letter t at top left"]
+    other = ["small yellow circle at top right", "empty noisy light background at bottom left",
+             "large outline orange diamond at bottom right", "large purple letter e at top right"]
+    assert aggregate(cell).text() == "an object at top left"
+    assert aggregate(cell, silent=other).text() == "something at top left"
+    # nothing tells them apart: cannot tell
+    assert aggregate(["small red circle at top left", "large blue star at top right"],
+                     silent=["small red circle at top right", "large blue star at top left"]).text() == CANNOT_TELL
+
+
+def test_ties_go_to_the_most_specific_attribute_and_implied_ones_are_not_named():
+    letters = ["large pink letter k at top left", "edge of small blue letter k at top right",
+               "interior of large red letter k at bottom left"]
+    silent = ["empty plain dark background at top left", "empty noisy light background at bottom right"]
+    e = aggregate(letters, silent=silent)
+    assert e.text() == "a letter k" and names_exactly(e, "shape:letter k")  # not "a solid object" (glyphs are solid)
+    inside = ["interior of large solid red circle at top left", "interior of large striped blue square at top right",
+              "interior of large outline cyan diamond at bottom left"]
+    e = aggregate(inside, silent=["edge of large solid red circle at top left", "empty plain dark background at top left"])
+    assert e.text() == "interior of an object" and names_exactly(e, "part:interior")  # interiors are large
+
+
+def test_satisfies_reads_descriptions_with_what_the_world_implies():
+    from explain.aggregate import about_no_object, satisfies
+
+    assert satisfies("large red letter k at top right", parse("a solid object")) is True
+    assert satisfies("edge of small striped red circle at top left", parse("a red object")) is True
+    assert satisfies("edge of small striped red circle at top left", parse("a large red object")) is False
+    assert satisfies("zzz", parse("a red object")) is None and satisfies("small red circle", Explanation()) is False
+    ctx = parse("empty background at top right ; the image also holds a red object")
+    assert satisfies("empty plain light background at top right", ctx, "small red circle at top left") is True
+    assert satisfies("empty plain light background at top right", ctx, "small blue circle at top left") is False
+    assert about_no_object(parse("something at top left")) and about_no_object(parse("empty dark background"))
+    assert not about_no_object(parse("edge of an object")) and not about_no_object(parse("a red object"))

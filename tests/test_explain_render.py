@@ -22,11 +22,11 @@ def image():
 
 def test_token_lands_on_its_pixel_box(grid_tokens):
     acts = one_hot(5)  # row 1, col 2: x 32..48, y 16..32
-    m = activation_map(grid_tokens(), acts, (48, 48), (48, 48))
+    m = activation_map(grid_tokens(3, 16), acts, (48, 48), (48, 48))
     expected = np.zeros((48, 48), np.float32)
     expected[16:32, 32:48] = 1
     np.testing.assert_array_equal(m, expected)
-    big = activation_map(grid_tokens(), acts, (48, 48), (192, 192))  # drawn at display size: 4x
+    big = activation_map(grid_tokens(3, 16), acts, (48, 48), (192, 192))  # drawn at display size: 4x
     assert big[64:128, 128:192].min() == 1 and big.sum() == 64 * 64
 
 
@@ -42,17 +42,17 @@ def test_overlapping_and_fractional_boxes_take_the_max():
 
 
 def test_bilinear_is_smooth_and_peaks_on_the_token(grid_tokens):
-    m = activation_map(grid_tokens(), one_hot(5), (48, 48), (192, 192), mode="bilinear")
+    m = activation_map(grid_tokens(3, 16), one_hot(5), (48, 48), (192, 192), mode="bilinear")
     y, x = np.unravel_index(np.argmax(m), m.shape)
     assert 64 <= y < 128 and 128 <= x < 192 and m.max() == pytest.approx(1, abs=0.05)
     assert 0 <= m.min() and len(np.unique(m.round(3))) > 20  # a gradient, not blocks
     assert m[:, :64].max() < 0.05  # two tokens away: nothing
     with pytest.raises(ValueError, match="mode must be one of"):
-        activation_map(grid_tokens(), one_hot(5), (48, 48), (48, 48), mode="cubic")
+        activation_map(grid_tokens(3, 16), one_hot(5), (48, 48), (48, 48), mode="cubic")
 
 
 def test_masked_view_dims_exactly_outside(image, grid_tokens):
-    view = render_feature(image, grid_tokens(), one_hot(5), display_size=48, dim=0.25)
+    view = render_feature(image, grid_tokens(3, 16), one_hot(5), display_size=48, dim=0.25)
     img, masked = np.asarray(image).astype(float), np.asarray(view.masked)
     inside = np.zeros((48, 48), bool)
     inside[16:32, 32:48] = True
@@ -63,26 +63,26 @@ def test_masked_view_dims_exactly_outside(image, grid_tokens):
 
 def test_threshold_picks_the_active_region_and_crop(image, grid_tokens):
     acts = one_hot(5) + one_hot(0, 0.3)  # a weak token at the top left
-    view = render_feature(image, grid_tokens(), acts, vmax=1.0, threshold=0.5, margin=0, display_size=48)
+    view = render_feature(image, grid_tokens(3, 16), acts, vmax=1.0, threshold=0.5, margin=0, display_size=48)
     assert view.crop_box == (32, 16, 48, 32)
     assert (np.asarray(view.masked)[0:16, 0:16] != np.asarray(image)[0:16, 0:16]).any()  # weak token dimmed
-    wide = render_feature(image, grid_tokens(), acts, vmax=1.0, margin=0.05)  # threshold 0: both tokens
+    wide = render_feature(image, grid_tokens(3, 16), acts, vmax=1.0, margin=0.05)  # threshold 0: both tokens
     assert wide.crop_box == (0, 0, 48, 35)  # margin 0.05 * 48 = 2.4 px, clipped to the image
-    view = render_feature(image, grid_tokens(), one_hot(5), margin=0.05)
+    view = render_feature(image, grid_tokens(3, 16), one_hot(5), margin=0.05)
     assert view.crop_box == (29, 13, 48, 35)
     assert view.crop.size == (round(19 / 22 * 192), 192)  # upscaled with nearest: the longer side reaches 192
     expected = image.crop((29, 13, 48, 35)).resize(view.crop.size, Image.Resampling.NEAREST)
     np.testing.assert_array_equal(np.asarray(view.crop), np.asarray(expected))
-    nothing = render_feature(image, grid_tokens(), np.zeros(9), display_size=48)
+    nothing = render_feature(image, grid_tokens(3, 16), np.zeros(9), display_size=48)
     assert nothing.crop_box is None and nothing.crop.size == (48, 48)
     assert (np.asarray(nothing.masked) <= np.asarray(image)).all()  # all dimmed
     np.testing.assert_array_equal(np.asarray(nothing.overlay), np.asarray(image))
 
 
 def test_colour_scale_is_shared(image, grid_tokens):
-    weak = render_feature(image, grid_tokens(), one_hot(5, 1.0), vmax=2.0, display_size=48)
-    strong = render_feature(image, grid_tokens(), one_hot(5, 2.0), vmax=2.0, display_size=48)
-    alone = render_feature(image, grid_tokens(), one_hot(5, 1.0), display_size=48)  # its own max
+    weak = render_feature(image, grid_tokens(3, 16), one_hot(5, 1.0), vmax=2.0, display_size=48)
+    strong = render_feature(image, grid_tokens(3, 16), one_hot(5, 2.0), vmax=2.0, display_size=48)
+    alone = render_feature(image, grid_tokens(3, 16), one_hot(5, 1.0), display_size=48)  # its own max
     at = (20, 40)  # (y, x) inside token (1, 2)
     assert tuple(np.asarray(weak.heatmap)[at]) == tuple(colorize(np.array(0.5)))
     assert tuple(np.asarray(strong.heatmap)[at]) == tuple(colorize(np.array(1.0)))
@@ -94,7 +94,7 @@ def test_colour_scale_is_shared(image, grid_tokens):
 
 
 def test_display_upscale_keeps_patches_crisp(image, grid_tokens):
-    view = render_feature(image, grid_tokens(), one_hot(5))
+    view = render_feature(image, grid_tokens(3, 16), one_hot(5))
     assert view.scale == 4
     assert {v.size for v in (view.original, view.heatmap, view.overlay, view.masked)} == {(192, 192)}
     big = np.asarray(view.original)

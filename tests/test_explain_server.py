@@ -314,34 +314,12 @@ class Counting:
         return self.backend.complete(requests, top_logprobs=top_logprobs)
 
 
-def red_examples(n: int = 6) -> list:
-    """Scenes with the 'feature' on the cell of a red object, on a 3 x 3 grid of 16 px patches."""
-    from explain.examples import MarkedExample
-    from interp.model.token_map import TOKEN_DTYPE
-
-    tokens = np.zeros(9, TOKEN_DTYPE)
-    tokens["row"], tokens["col"] = np.divmod(np.arange(9), 3)
-    tokens["x0"], tokens["y0"] = tokens["col"] * 16, tokens["row"] * 16
-    tokens["x1"], tokens["y1"] = tokens["x0"] + 16, tokens["y0"] + 16
-    out, i = [], 0
-    while len(out) < n:
-        scene = sample_scene(WorldConfig(), i, "test", 0)
-        red = [o for o in scene.objects if o.color == "red"]
-        if red:
-            acts = np.zeros(9, np.float32)
-            acts[red[0].row * 3 + red[0].col] = 3.0
-            out.append(MarkedExample(sample=i, source_index=i, image_ref=f"shapes:test:{i}:0", source="top",
-                                     original=scene.render(), tokens=tokens, acts=acts, vmax=3.0))
-        i += 1
-    return out
-
-
-def test_served_explainer_answers_as_the_local_one(local, tmp_path):
+def test_served_explainer_answers_as_the_local_one(local, tmp_path, red_examples):
     srv = ExplainerServer(Counting(local), "shapes-explainer", port=0).start()
     try:
         examples = red_examples()
         here = WorldExplainer(local).explain(examples)
-        assert here.text == "red"
+        assert here.text == "a red object"
         cache = tmp_path / "cache.jsonl"
 
         def http(**kw):
@@ -357,7 +335,7 @@ def test_served_explainer_answers_as_the_local_one(local, tmp_path):
         # the response cache: a new client with the same cache asks the server nothing
         asked = srv.batcher.backend.asked
         again = WorldExplainer(http(cache=cache, logprobs=True))
-        assert again.explain(examples).text == "red" and again.judge(there, images)
+        assert again.explain(examples).text == "a red object" and again.judge(there, images)
         assert srv.batcher.backend.asked == asked
         models = json.loads(urllib.request.urlopen(srv.url + "/models").read())
         assert models["data"][0]["id"] == "shapes-explainer"
