@@ -33,8 +33,8 @@ class BenchSteerConfig:
 
     model: str = "shapes-subject"
     """model to generate with (an organism name, hub id or path)"""
-    layer: str = "0"
-    """layer the SAE reads and the intervention edits"""
+    layer: str = "4"
+    """layer the SAE reads and the intervention edits (the subject's middle layer, where the demo steers)"""
     d_sae: int = 256
     """features of the (random) SAE (the demo's subject SAE: 256, k 4)"""
     k: int = 4
@@ -49,7 +49,7 @@ class BenchSteerConfig:
     """rounds of baseline + steered runs (each ratio is the median over rounds)"""
     engines: tuple[str, ...] = field(default=("nnsight", "torch"), metadata=choices(["nnsight", "torch"]))
     """hooking engines to time"""
-    prompt: str = "what color is the cross ?"
+    prompt: str = "what color is the circle ?"
     """the question asked about every image"""
     threads: int = 1
     """torch CPU threads"""

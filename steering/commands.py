@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interp.infra.cli_config import Command, choices, positional, short
+from interp.infra.cli_config import Command, at_least, check_bounds, choices, positional, short
 from interp.infra.layout import RunLayout
 from steering.interventions import MODES, POSITIONS, UNITS
 from steering.steer import ENGINES
@@ -116,28 +116,43 @@ def _report_sweep(r, cfg: SweepConfig) -> None:
 
 @dataclass
 class TargetsConfig:
-    """`interp steer-targets`: the shapes world's colour flip rate at sweep-picked strengths, and attribution."""
+    """`interp steer-targets`: the shapes world's colour and shape flip rates with the run's own SAE at its own
+    layer (strengths picked on validation questions), attribution top-5 rates, image-token reach."""
 
     run: str | None = field(default=None, metadata=positional())
-    """run directory of a shapes-world cache: writes RUN/steering_summary.json and RUN/steering/{select,test}/"""
-    select_questions: int = 100
-    """validation questions for choosing strengths"""
-    eval_questions: int = 200
-    """test questions for the flip rate"""
-    attribution_questions: int = 200
-    """test questions for attribution"""
-    strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+    """run directory of a shapes-world cache, its SAE, features.h5 and recovery.json: writes
+    RUN/steering_summary.json and RUN/steering/{select,test}-KIND-POSITIONS/"""
+    kinds: tuple[str, ...] = field(default=("color", "shape"), metadata=choices(["color", "shape"]))
+    """concept kinds to steer: colour features on colour questions, shape features on shape questions"""
+    select_questions: int = field(default=40, metadata=at_least(1))
+    """validation questions per kind for choosing strengths"""
+    eval_questions: int = field(default=100, metadata=at_least(1))
+    """test questions per kind for the flip rates"""
+    attribution_questions: int = field(default=60, metadata=at_least(0))
+    """test questions per kind for attribution"""
+    validate_questions: int = field(default=12, metadata=at_least(0))
+    """of those, how many also ablate every active feature to validate the attribution"""
+    reach_questions: int = field(default=60, metadata=at_least(0))
+    """test questions for the image-token reach (0: not measured)"""
+    strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
     """clamp values in multiples of each feature's max"""
-    positions: str = field(default="image", metadata=choices(["image", "text", "all"]))
-    """where to clamp"""
-    ig_steps: int = 4
+    positions: str = field(default="object", metadata=choices(["object", "image", "text", "all"]))
+    """where to clamp (object: the image patches of the object the question names)"""
+    ig_steps: int = field(default=4, metadata=at_least(1))
     """also rank by integrated gradients with this many steps (1: attribution patching only)"""
-    engine: str = field(default="nnsight", metadata=choices(list(ENGINES)))
+    engine: str = field(default="torch", metadata=choices(list(ENGINES)))
     """generation engine"""
+    batch_size: int = field(default=50, metadata=at_least(1))
+    """questions per forward pass"""
+    seed: int = 0
+    """seed of the world's questions"""
     device: str = "auto"
     """auto (cuda when present), cpu, cuda, cuda:N"""
     progress: bool = True
     """progress bars"""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 def run_targets(cfg: TargetsConfig) -> dict:
@@ -145,23 +160,34 @@ def run_targets(cfg: TargetsConfig) -> dict:
     from steering.targets import shapes_targets
 
     strengths = tuple(check_strength(s, "--strengths value") for s in cfg.strengths)
-    return shapes_targets(cfg.run, n_select=cfg.select_questions, n_eval=cfg.eval_questions,
-                          n_attr=cfg.attribution_questions, strengths=strengths, positions=cfg.positions,
-                          ig_steps=cfg.ig_steps, engine=cfg.engine, device=cfg.device, progress=cfg.progress)
+    return shapes_targets(cfg.run, kinds=tuple(cfg.kinds), n_select=cfg.select_questions, n_eval=cfg.eval_questions,
+                          n_attr=cfg.attribution_questions, n_validate=cfg.validate_questions, strengths=strengths,
+                          positions=cfg.positions, ig_steps=cfg.ig_steps, engine=cfg.engine,
+                          batch_size=cfg.batch_size, seed=cfg.seed, reach_questions=cfg.reach_questions,
+                          device=cfg.device, progress=cfg.progress)
 
 
 def _report_targets(r: dict, cfg: TargetsConfig) -> None:
-    print(f"{r['model']} {r['layer']} ({r['module_path']}), clamp at {r['positions']} tokens")
-    for c, v in r["flip"]["per_colour"].items():
-        print(f"  {c:7s} feature {v['feature']:4d}  {v['strength_x_max']:g}×max  flip rate "
-              f"{v['flip_rate']:.3f} (n={v['n']})  coherence {v['coherence']:.3f}")
-    overall = r["flip"]["overall"]
-    print(f"  overall flip rate {overall:.3f}" if overall is not None else "  no flip rate")
-    for name, v in r["attribution"].items():
-        if isinstance(v, dict) and "top5_rate" in v:
-            print(f"  attribution ({name}): top-5 rate {v['top5_rate']:.3f}, Spearman with ablation per image "
-                  f"{v['spearman_per_image_mean']:.3f} (pooled {v['spearman_pooled']:.3f})")
-    print(f"  image-token reach at this layer: {r['reach']['answers_changed']:.3f} of answers change when the image "
+    fmt = lambda v, spec=".3f": format(v, spec) if v is not None else "-"  # noqa: E731
+    print(f"{r['model']} {r['layer']} ({r['module_path']}; the SAE's layer {r['sae_layer']}), clamp at "
+          f"{r['positions']} positions")
+    for kind in cfg.kinds:
+        flip = r["flip"][kind]
+        print(f"{kind}: flip rate on test questions whose answer is another {kind} (unsteered accuracy "
+              f"{fmt(flip['baseline_accuracy'])})")
+        for c, v in flip["per_concept"].items():
+            print(f"  {c:16s} feature {v['feature']:4d} (F1 {v['f1']:.2f})  {v['strength_x_max']:g}×max  flip rate "
+                  f"{fmt(v['flip_rate'])} (n={v['n']})  coherence {fmt(v['coherence'])}")
+        for c in flip["without_a_coherent_strength"]:
+            print(f"  {c:16s} no strength kept the answers coherent")
+        for c in flip["sharing_a_feature"]:
+            print(f"  {c:16s} its best feature matches another {kind} better: not steered")
+        print(f"  overall {kind} flip rate {fmt(flip['overall'])} (n={flip['n']})")
+        for name, v in r["attribution"].get(kind, {}).items():
+            if isinstance(v, dict) and "top5_rate" in v:
+                print(f"  attribution ({name}): top-5 rate {fmt(v['top5_rate'])}, Spearman with ablation per image "
+                      f"{fmt(v['spearman_per_image_mean'])} (pooled {fmt(v['spearman_pooled'])})")
+    print(f"image-token reach at this layer: {fmt(r['reach']['answers_changed'])} of answers change when the image "
           f"tokens are swapped; wrote {RunLayout.of(cfg.run).steering_summary}")
 
 
@@ -264,8 +290,8 @@ COMMANDS = [
             _report_steer),
     Command("sweep", SweepConfig, run_sweep_command, "steering sweep: features x strengths x prompts x images from a "
             "spec (resumable)", report=_report_sweep),
-    Command("steer-targets", TargetsConfig, run_targets, "shapes world: colour flip rate at sweep-picked strengths, "
-            "attribution top-5 rate", report=_report_targets),
+    Command("steer-targets", TargetsConfig, run_targets, "shapes world: colour and shape flip rates at sweep-picked "
+            "strengths with the run's SAE at its layer, attribution top-5 rates", report=_report_targets),
     Command("attribute", AttributeConfig, run_attribute, "rank SAE features by attribution patching for an answer "
             "token against a baseline token", report=_report_attribute),
 ]

@@ -22,8 +22,8 @@ import torch
 
 MODES = ("clamp", "add", "ablate")
 UNITS = ("absolute", "max")  # "max": a multiple of the feature's max activation (from features.h5)
-POSITIONS = ("image", "text", "generated", "all")
-PROMPT_POSITIONS = ("image", "text", "all")  # the masks a prompt batch carries (see steer.PromptBatch)
+POSITIONS = ("image", "object", "text", "generated", "all")
+PROMPT_POSITIONS = ("image", "object", "text", "all")  # the masks a prompt batch carries (see steer.PromptBatch)
 
 
 class InterventionError(ValueError):
@@ -34,8 +34,9 @@ class InterventionError(ValueError):
 class Intervention:
     """Change `feature` at `positions`: clamp it to `value`, add `value` to it, or ablate it (value unused).
 
-    positions: "image" (image-patch tokens of the prompt), "text" (the user's text in the
-    prompt), "generated" (tokens the model generates; the first answer token is predicted
+    positions: "image" (image-patch tokens of the prompt), "object" (the image patches of the
+    object the question is about: shapes-world questions, see steer.question_region), "text" (the
+    user's text in the prompt), "generated" (tokens the model generates; the first answer token is predicted
     from the prompt, so it is not affected), "all" (every non-padding prompt token and every
     generated token).
     """
@@ -175,6 +176,11 @@ class FeatureEdit:
             raise InterventionError(f"resolve() the interventions first: {bad[0].describe()} is not in absolute units")
         for iv in interventions:
             check_feature(iv.feature, sae.cfg.d_sae)
+            if iv.positions in PROMPT_POSITIONS and iv.positions not in masks:
+                raise InterventionError(f"{iv.describe()}: this batch has no {iv.positions!r} positions (positions "
+                                        "'object' need shapes-world images and a question that names one object, "
+                                        "e.g. 'what color is the circle ?'); use one of "
+                                        f"{', '.join(p for p in POSITIONS if p in masks or p == 'generated')}")
         self.sae, self.interventions, self.keep_error = sae, list(interventions), keep_error
         self._feats = sorted({iv.feature for iv in self.interventions})  # the columns an edit changes
         self._column = {f: j for j, f in enumerate(self._feats)}

@@ -102,13 +102,39 @@ def image_ref(arg: str) -> str:
     raise FileNotFoundError(f"no image {arg!r}: give a file path or a reference shapes:SPLIT:INDEX:SEED")
 
 
+OBJECT_COVERAGE = 0.05  # an image patch is the object's when the object covers more of it (recovery's labels)
+
+
+def question_region(image_ref: str, prompt: str, scene=None) -> np.ndarray | None:
+    """[H, W] in [0, 1]: the silhouette of the object(s) a shapes-world question names ("what color is the
+    circle ?": the circle; "what shape is the red object ?": the red one), None when the image is not a
+    shapes-world image or the question names no object of it. `scene`: the image's scene, when at hand."""
+    from interp.shapes.ground_truth import parse_shapes_ref, scene_of
+    from interp.shapes.world import phrase_attributes
+
+    if scene is None:
+        if parse_shapes_ref(image_ref.split("#", 1)[0]) is None:
+            return None
+        scene = scene_of(image_ref.split("#", 1)[0])
+    attrs = {k: v for k, v in phrase_attributes(prompt, scene.config).items()
+             if k in ("color", "shape", "size", "fill", "cell")}
+    if not attrs:
+        return None
+    named = [o for o in scene.objects
+             if all((o.position if k == "cell" else getattr(o, k)) == v for k, v in attrs.items())]
+    return np.clip(np.sum([o.silhouette for o in named], axis=0), 0, 1) if named else None
+
+
 @dataclass
 class Query:
-    """One prompt, with its image (None for text-only models). `image_ref` names it in records."""
+    """One prompt, with its image (None for text-only models). `image_ref` names it in records; `region`
+    ([H, W] in [0, 1], optional) is the object the prompt asks about, for positions "object" (`prepare`
+    finds it itself for a shapes-world reference: `question_region`)."""
 
     prompt: str
     image: Image.Image | None = None
     image_ref: str = ""
+    region: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, prompt: str, image: str | None) -> Query:
@@ -117,7 +143,7 @@ class Query:
         if image is None:
             return cls(prompt)
         ref = image_ref(image)
-        return cls(prompt, load_image(ref), ref)
+        return cls(prompt, load_image(ref), ref, question_region(ref, prompt))
 
 
 @dataclass
@@ -159,7 +185,23 @@ def prepare(lm: LoadedModel, queries: Sequence[Query]) -> PromptBatch:
     shape = tuple(inputs["input_ids"].shape)
     roles = torch.from_numpy(table["role"].reshape(shape).astype(np.int64))
     masks = {"image": is_image_patch(roles), "text": is_user_text(roles), "all": ~is_pad(roles)}
+    regions = [q.region if q.region is not None or not q.image_ref.startswith("shapes:")
+               else question_region(q.image_ref, q.prompt) for q in queries]
+    if regions and all(r is not None for r in regions):
+        masks["object"] = masks["image"] & torch.from_numpy(_region_rows(table, regions).reshape(shape))
     return PromptBatch(queries, inputs, masks, table)
+
+
+def _region_rows(table: np.ndarray, regions: Sequence[np.ndarray]) -> np.ndarray:
+    """[rows] bool: image rows whose pixel box their sample's region covers by more than OBJECT_COVERAGE."""
+    out = np.zeros(len(table), bool)
+    for i in np.flatnonzero(table["x1"] > table["x0"]):
+        region = regions[int(table["sample"][i])]
+        x0, y0 = max(int(np.floor(table["x0"][i])), 0), max(int(np.floor(table["y0"][i])), 0)
+        x1, y1 = int(np.ceil(table["x1"][i])), int(np.ceil(table["y1"][i]))
+        box = region[y0:y1, x0:x1]
+        out[i] = box.size > 0 and float(box.mean()) > OBJECT_COVERAGE
+    return out
 
 
 # ---------------------------------------------------------------- generation

@@ -22,14 +22,20 @@ The sweep runs on a run directory's SAE (RUN/sae/, with RUN/features.h5 for unit
 RUN/recovery.json for features named by concept) and writes RUN/steering/NAME/. A spec (every key
 but features optional):
 
-    features: [142, {concept: green}, {feature: 155, concept: blue, strengths: [1, 2]}]
+    features: [142, {concept: "color:green"}, {feature: 155, concept: "shape:circle", strengths: [1, 2]}]
     strengths: [0.5, 1, 2, 4]
     mode: clamp                              # clamp | add | ablate
     unit: max                                # absolute | max
-    positions: image                         # image | text | generated | all
+    positions: image                         # image | object | text | generated | all
     world: {task: color, n: 100, split: test, seed: 0}   # or prompts: [...] with images: [...]
     max_new_tokens: 8
     coherence_floor: 0.9
+    perplexity: true                         # false: skip scoring outputs under the unsteered model
+
+A concept is named as the recovery report names it (`color:green`), or by its value alone where
+one concept has it (`green`); the target answer of a `kind:value` concept is its value. Positions
+"object" are the image patches of the object each question names (the circle of "what color is
+the circle ?"), from the world's ground truth.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from interp.infra.layout import RunLayout, SweepDir
 from steering.interventions import MODES, POSITIONS, UNITS, Intervention, InterventionError, check_strength
 from steering.steer import ENGINES, Query, SteerSetup
 
-WORLD_TASKS = ("caption", "color", "shape", "where", "count", "exists", "region")
+FREE_TEXT_TASKS = ("caption", "region", "at")  # answers composed of the world's words: coherent if all are words
 METRICS = ("target_rate", "kl", "changed", "coherence", "perplexity")
 # what must match for records of an earlier run to count as this sweep's generations
 IDENTITY = ("sae_sha256", "model", "hook", "mode", "unit", "positions", "max_new_tokens", "keep_error")
@@ -80,10 +86,10 @@ class WorldItems:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from interp.shapes.world import SPLITS
+        from interp.shapes.world import SPLITS, TASKS
 
-        if self.task not in WORLD_TASKS:
-            raise SpecError(f"unknown world task {self.task!r}; use one of {', '.join(WORLD_TASKS)}")
+        if self.task not in TASKS:
+            raise SpecError(f"unknown world task {self.task!r}; use one of {', '.join(TASKS)}")
         if self.split not in SPLITS:
             raise SpecError(f"unknown world split {self.split!r}; use one of {', '.join(SPLITS)}")
         if int(self.n) != self.n or self.n < 1:
@@ -117,6 +123,7 @@ class SweepSpec:
     keep_error: bool = True
     coherence_floor: float = 0.9
     answer_set: list[str] | None = None
+    perplexity: bool = True  # score every output under the unsteered model (one more forward per batch)
 
     @classmethod
     def from_dict(cls, raw: dict) -> SweepSpec:
@@ -165,6 +172,9 @@ class SweepSpec:
                             "(and `images` for multimodal models), not both or neither")
         if self.images is not None and not self.prompts:
             raise SpecError("`images` need `prompts` to ask about them")
+        if self.positions == "object" and not (has_world or self.images):
+            raise SpecError("positions 'object' are the image patches of the object a question names: they need "
+                            "`world` questions or shapes-world `images`")
         for key in ("max_new_tokens", "batch_size"):
             v = getattr(self, key)
             if isinstance(v, bool) or int(v) != v or v < 1:
@@ -226,19 +236,45 @@ def items_for(spec: SweepSpec) -> list[Item]:
     if spec.world is not None:
         from interp.shapes.organisms.eval import world_items
 
+        from steering.steer import question_region
+
         w = spec.world
         out = []
         for scene, qa in world_items(w.task, w.n, w.split, w.seed):
             ref = f"shapes:{w.split}:{scene.index}:{w.seed}"
             if qa.highlight is not None:  # the reference alone would render the image without its highlight
-                ref += "#highlight=" + ",".join(map(str, qa.highlight))
-            out.append(Item(Query(qa.question, scene.render(highlight=qa.highlight), ref), qa.answer))
+                ref += "#highlight=" + ",".join(map(str, qa.highlight.astype(int).ravel()))
+            out.append(Item(Query(qa.question, scene.render(highlight=qa.highlight), ref,
+                                  question_region(ref, qa.question, scene)), qa.answer))
         return out
-    from steering.steer import image_ref
+    from steering.steer import image_ref, question_region
 
     refs = [image_ref(i) for i in spec.images] if spec.images else [None]
     images = {r: load_image(r) for r in refs if r is not None}
-    return [Item(Query(p, images.get(r), r or "")) for p in spec.prompts for r in refs]
+    return [Item(Query(p, images.get(r), r or "", question_region(r, p) if r else None))
+            for p in spec.prompts for r in refs]
+
+
+def answer_word(concept: str | None) -> str | None:
+    """The answer a feature of `concept` should steer towards: the value of a `kind:value` concept of the
+    world ("color:red" -> "red", "shape:letter e" -> "letter e"), else the concept itself ("red")."""
+    if concept is None:
+        return None
+    return concept.split(":", 1)[1] if ":" in concept else concept
+
+
+def concept_match(report, concept: str, where: str):
+    """The report's match for `concept`: its full name (`color:red`) or, when one concept has it as its value,
+    the value alone (`red`); a SpecError listing the known concepts otherwise."""
+    names = [m.concept for m in report.concepts]
+    if concept not in names:
+        by_value = [n for n in names if answer_word(n) == concept]
+        if len(by_value) != 1:
+            raise SpecError(f"{where} names concept {concept!r}, which the run's recovery report does not have"
+                            + (f" (it is the value of {', '.join(by_value)}: name one)" if by_value else "")
+                            + f"; known concepts: {', '.join(names)}")
+        concept = by_value[0]
+    return report.match(concept)
 
 
 def conditions_for(spec: SweepSpec, setup: SteerSetup) -> list[Condition]:
@@ -255,7 +291,8 @@ def conditions_for(spec: SweepSpec, setup: SteerSetup) -> list[Condition]:
                 if e.feature is None:
                     raise SpecError(f"features[{spec.features.index(e)}] names concept {e.concept!r}, but the run has "
                                     f"no ground-truth recovery ({err}); give the feature's index") from None
-        feature = e.feature if e.feature is not None else report.match(e.concept).feature
+        feature = (e.feature if e.feature is not None
+                   else concept_match(report, e.concept, f"features[{spec.features.index(e)}]").feature)
         check_feature(feature, setup.sae.cfg.d_sae)
         concept = e.concept if e.concept is not None else (report.concept_of(feature) if report else None)
         strengths = [0.0] if spec.mode == "ablate" else list(e.strengths or spec.strengths)
@@ -270,18 +307,19 @@ def answer_set(spec: SweepSpec) -> set[str] | None:
         return set(spec.answer_set)
     if spec.world is None:
         return None
-    from interp.shapes.world import NUMBER_WORDS, POSITION_WORDS, WorldConfig
+    from interp.shapes.world import FILLS, LETTERS, NUMBER_WORDS, POSITIONS, SIZES, WorldConfig
 
     w = WorldConfig()
-    return {"color": set(w.colors), "shape": set(w.shapes), "where": set(POSITION_WORDS.values()),
-            "count": set(NUMBER_WORDS[w.min_objects: w.max_objects + 1]), "exists": {"yes", "no"},
-            "region": {"nothing"} | {f"{c} {s}" for c in w.colors for s in w.shapes}}.get(spec.world.task)
+    return {"color": set(w.colors), "shape": set(w.shapes), "size": set(SIZES), "fill": set(FILLS),
+            "where": set(POSITIONS.values()), "count": set(NUMBER_WORDS[w.min_objects: w.max_objects + 1]),
+            "exists": {"yes", "no"}, "relation": {"yes", "no"}, "judge": {"yes", "no"},
+            "letter": set(LETTERS)}.get(spec.world.task)
 
 
 def coherent(output: str, answers: set[str] | None, task: str | None) -> bool | None:
     if answers is not None:
         return output in answers
-    if task == "caption":  # free text: every word must be a word of the world
+    if task in FREE_TEXT_TASKS:  # free text: every word must be a word of the world
         from interp.shapes.world import vocabulary
 
         words = set(vocabulary())
@@ -352,13 +390,19 @@ def run_sweep(spec: SweepSpec, run: str | Path | RunLayout, name: str, setup: St
     if spec.unit == "max" and spec.mode != "ablate" and setup.max_acts is None:
         raise SpecError(f"unit 'max' needs the SAE's feature statistics ({layout.features}: `interp features "
                         f"{layout.root}`), or use unit 'absolute'")
+    items, conditions = items_for(spec), conditions_for(spec, setup)  # bad input stops here, before any file
+    if spec.positions == "object":
+        unnamed = [it.query.prompt for it in items if it.query.region is None]
+        if unnamed:
+            raise SpecError(f"positions 'object' need a question naming one object of a shapes-world image; "
+                            f"{len(unnamed)} of the {len(items)} inputs name none (e.g. {unnamed[0]!r} on "
+                            f"{next(it.query.image_ref for it in items if it.query.region is None) or 'no image'})")
+    resolved = {c: setup.resolve([c.intervention])[0] for c in conditions}
     identity = sweep_identity(spec, setup)
     sweep.root.mkdir(parents=True, exist_ok=True)
     ensure_identity(sweep.identity, identity, f"the sweep in {sweep.root}",
                     "its generations would not be comparable; use another sweep name")
     write_json(sweep.spec, spec.to_json(), indent=1, default=str)
-    items, conditions = items_for(spec), conditions_for(spec, setup)
-    resolved = {c: setup.resolve([c.intervention])[0] for c in conditions}
     records = Generations(sweep.generations)
     answers, task = answer_set(spec), spec.world.task if spec.world else None
     keys = [record_key(None, None, *it.key) for it in items] + [
@@ -397,7 +441,7 @@ def _run_batch(spec, setup, batch: list[Item], conditions, resolved, records: Ge
     if missing_base:
         sub = prepare(setup.lm, [batch[i].query for i in missing_base])
         gen = generate(setup, sub, **kw)
-        nll = continuation_nll(setup, sub, gen)
+        nll = continuation_nll(setup, sub, gen) if spec.perplexity else [None] * len(missing_base)
         records.append([{"kind": "baseline", "key": base_keys[i], "prompt": batch[i].query.prompt,
                          "image": batch[i].query.image_ref, "truth": batch[i].truth, "output": gen.texts[j],
                          "tokens": gen.tokens[j], "nll": _num(nll[j]),
@@ -412,7 +456,8 @@ def _run_batch(spec, setup, batch: list[Item], conditions, resolved, records: Ge
         sub = full if len(idx) == len(batch) else prepare(setup.lm, [batch[i].query for i in idx])
         gen = generate(setup, sub, [resolved[c]], **kw)
         kl = kl_divergence(base_logits[idx], gen.first_logits).tolist()
-        nll = continuation_nll(setup, sub, gen)
+        nll = continuation_nll(setup, sub, gen) if spec.perplexity else [None] * len(idx)
+        target = answer_word(c.concept)
         new = []
         for j, i in enumerate(idx):
             it = batch[i]
@@ -424,7 +469,7 @@ def _run_batch(spec, setup, batch: list[Item], conditions, resolved, records: Ge
                         "unit": spec.unit, "positions": spec.positions, "prompt": it.query.prompt,
                         "image": it.query.image_ref, "truth": it.truth, "baseline": base, "output": out,
                         "tokens": gen.tokens[j], "changed": out != base,
-                        "target": None if c.concept is None or truth == c.concept else out == c.concept,
+                        "target": None if target is None or truth == target else out == target,
                         "coherent": coherent(out, answers, task), "kl": _num(kl[j]), "nll": _num(nll[j])})
         records.append(new)
         generated += len(idx)

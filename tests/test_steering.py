@@ -1,6 +1,8 @@
-"""Steering and attribution on the shipped shapes-subject organism with a random SAE at layer 0
-(the layer whose image tokens the answer still reads): exactness of the edit, both engines,
-positions, batches, bad input, the sweep's records and resume, attribution against ablation."""
+"""Steering and attribution on a random-init shapes-subject v2 (LLaVA: CLIP 128 x 4, Llama 128 x 8 layers,
+the world v2 vocabulary) with SAEs at its middle layer 4: exactness of the edit, both engines,
+positions (the object a question names among them), batches, bad input, the sweep's records and
+resume, attribution against ablation, and planted directions that steering must find and flip
+answers with, through `interp steer-targets` end to end."""
 
 from __future__ import annotations
 
@@ -15,30 +17,41 @@ from interp.infra.layout import RunLayout
 from saes.sae import SAE, SAEConfig
 from steering.attribution import ablation_effects, attribute, spearman
 from steering.interventions import FeatureEdit, Intervention, InterventionError, resolve, sae_hook
-from steering.steer import Query, generate, next_token_logits, prepare, setup_for, steer_one
-from steering.sweep import SpecError, SweepSpec, run_sweep
+from steering.steer import Query, generate, next_token_logits, prepare, question_region, setup_for, steer_one
+from steering.sweep import SpecError, SweepSpec, answer_word, run_sweep
 
-LAYER0 = "model.language_model.layers.0"
+MIDDLE = "model.language_model.layers.4"
 
 
-def random_sae(d_in: int = 128, d_sae: int = 64, hook: str = LAYER0, seed: int = 0) -> SAE:
+@pytest.fixture(scope="module")
+def subject_path(tmp_path_factory):
+    """A random-init shapes-subject v2 saved like the shipped one (the Auto classes load it)."""
+    from interp.shapes.organisms.build import SPECS, build_model, build_processor
+
+    path = tmp_path_factory.mktemp("subject-v2") / "model"
+    build_model(SPECS["subject"], seed=0).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path
+
+
+def random_sae(model: str, d_in: int = 128, d_sae: int = 64, hook: str = MIDDLE, seed: int = 0) -> SAE:
     torch.manual_seed(seed)
-    return SAE(SAEConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=4, model_name="shapes-subject", hook_name=hook,
+    return SAE(SAEConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=4, model_name=str(model), hook_name=hook,
                          hook_layer=int(hook.rsplit(".", 1)[1]))).eval()
 
 
 @pytest.fixture(scope="module")
-def lm():
+def lm(subject_path):
     from interp.model.models import load_model
 
-    return load_model("shapes-subject", device="cpu")
+    return load_model(str(subject_path), device="cpu")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run directory holding only an SAE (random, at layer 0): no features.h5, no recovery.json."""
+def run(tmp_path_factory, subject_path):
+    """A run directory holding only an SAE (random, at layer 4): no features.h5, no recovery.json."""
     run = tmp_path_factory.mktemp("steer-run")
-    random_sae().save(RunLayout(run).sae)
+    random_sae(subject_path).save(RunLayout(run).sae)
     return run
 
 
@@ -47,12 +60,19 @@ def setup(lm, run):
     return setup_for(lm, SAE.load(RunLayout(run).sae).eval(), run)
 
 
-@pytest.fixture(scope="module")
-def batch(lm):
+def world_queries(task: str, n: int, split: str = "test") -> list[Query]:
     from interp.shapes.organisms.eval import world_items
 
-    items = world_items("color", 6, split="test")
-    return prepare(lm, [Query(qa.question, scene.render(), f"shapes:test:{scene.index}:0") for scene, qa in items])
+    out = []
+    for scene, qa in world_items(task, n, split=split):
+        ref = f"shapes:{split}:{scene.index}:0"
+        out.append(Query(qa.question, scene.render(), ref, question_region(ref, qa.question, scene)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(lm):
+    return prepare(lm, world_queries("color", 6))
 
 
 def feature_acts(setup, batch, where: str = "image") -> torch.Tensor:
@@ -77,7 +97,8 @@ def test_intervention_parse_and_validation():
     assert Intervention.parse("3:add:-1.5:absolute:text").positions == "text"
     for bad, words in (("x:clamp", "FEATURE:MODE"), ("1:clamp:nan", "finite"), ("1:add:inf", "finite"),
                        ("1:clamp:abc", "not a number"), ("1:push:1", "clamp, add, ablate"),
-                       ("1:clamp:1:percent", "absolute, max"), ("1:clamp:1:max:everywhere", "image, text, generated")):
+                       ("1:clamp:1:percent", "absolute, max"),
+                       ("1:clamp:1:max:everywhere", "image, object, text, generated, all")):
         with pytest.raises(InterventionError, match=words):
             Intervention.parse(bad)
     with pytest.raises(InterventionError, match="finite"):
@@ -99,21 +120,21 @@ def test_resolve_units_and_feature_range():
         resolve([Intervention(0, "clamp", 1.0, "max")], 3, maxima)
 
 
-def test_sae_that_does_not_fit_the_model_is_named(lm):
-    with pytest.raises(InterventionError, match=r"d_in=64 .*layers\.0 \(model\.language_model\.layers\.0\).*=128"):
-        sae_hook(lm, random_sae(d_in=64))
+def test_sae_that_does_not_fit_the_model_is_named(lm, subject_path):
+    with pytest.raises(InterventionError, match=r"d_in=64 .*layers\.4 \(model\.language_model\.layers\.4\).*=128"):
+        sae_hook(lm, random_sae(subject_path, d_in=64))
     with pytest.raises(InterventionError, match="layers.9"):
-        sae_hook(lm, random_sae(hook="model.language_model.layers.9"))
-    with pytest.raises(InterventionError, match=r"trained on layers\.0 .* not on layers\.2"):
-        sae_hook(lm, random_sae(), layer=2)
-    assert sae_hook(lm, random_sae(), layer=0).module_path == LAYER0
+        sae_hook(lm, random_sae(subject_path, hook="model.language_model.layers.9"))
+    with pytest.raises(InterventionError, match=r"trained on layers\.4 .* not on layers\.2"):
+        sae_hook(lm, random_sae(subject_path), layer=2)
+    assert sae_hook(lm, random_sae(subject_path), layer=4).module_path == MIDDLE
 
 
 # ---------------------------------------------------------------- the edit
 
 
 def test_feature_edit_changes_exactly_the_targeted_latent():
-    sae = random_sae(d_in=16, d_sae=12)
+    sae = random_sae("unused", d_in=16, d_sae=12)
     torch.manual_seed(1)
     out = torch.randn(2, 5, 16) * 3
     image = torch.zeros(2, 5, dtype=torch.bool)
@@ -310,7 +331,8 @@ def image_token_sae(lm) -> SAE:
     target = -torch.ones(w.shape[0])
     target[image] = 10.0
     u = torch.linalg.lstsq(w, target[:, None]).solution[:, 0]
-    sae = random_sae(hook="model.language_model.layers.3")
+    last = lm.model.config.text_config.num_hidden_layers - 1
+    sae = random_sae(lm.path, hook=f"model.language_model.layers.{last}")
     with torch.no_grad():
         sae.W_dec[0] = u / lm.model.get_decoder().norm.weight.detach().float() / u.norm()
     return sae
@@ -330,11 +352,15 @@ def test_a_sweep_survives_a_steered_model_that_emits_the_image_placeholder(lm, t
     steered = [rec for rec in RunLayout(tmp_path).sweep("placeholder").generations.read_text().splitlines()
                if '"kind": "steered"' in rec and '"strength": 10000.0' in rec]
     assert len(steered) == 6 and all(json.loads(rec)["tokens"][0] == image for rec in steered)
-    assert all(json.loads(rec)["nll"] > 5 for rec in steered)  # finite, and the clean model is surprised
     assert {row["strength"]: row["changed"] for row in r.rows} == {0.0: 0.0, 1e4: 1.0}  # rates over the 6 images
     baseline = [json.loads(rec) for rec in RunLayout(tmp_path).sweep("placeholder").generations.read_text()
                 .splitlines() if '"kind": "baseline"' in rec]
-    assert len(baseline) == 6 and all(0 <= rec["nll"] < 0.1 for rec in baseline)  # the clean answers, confident
+    # finite, and the clean model finds `<image>` less likely than its own greedy answers (the random model
+    # is nearly uniform, so its greedy answers are only a little below log(vocabulary))
+    vocab = np.log(len(lm.tokenizer))
+    assert len(baseline) == 6 and all(0 <= rec["nll"] < vocab for rec in baseline)
+    assert all(np.isfinite(json.loads(rec)["nll"]) for rec in steered)
+    assert np.mean([json.loads(rec)["nll"] for rec in steered]) > np.mean([rec["nll"] for rec in baseline])
 
 
 def test_sweep_killed_and_rerun_loses_and_redoes_nothing(setup, run, monkeypatch):
@@ -379,10 +405,10 @@ def test_sweep_killed_and_rerun_loses_and_redoes_nothing(setup, run, monkeypatch
 # ---------------------------------------------------------------- the commands
 
 
-def test_commands_and_their_errors(run, tmp_path, cli):
+def test_commands_and_their_errors(run, tmp_path, cli, subject_path):
     common = ["--image", "shapes:test:0:0", "--prompt", "what color is the circle ?"]
     r = cli("steer", run, *common, "--features", "3", "--mode", "add", "--value", "0")
-    assert r.code == 0 and "baseline" in r.out and "Δp" in r.out and "red" in r.out
+    assert r.code == 0 and "baseline" in r.out and "Δp" in r.out and "KL(baseline || steered) = 0.0000" in r.out
     r = cli("attribute", run, *common, "--show", "3", "--validate")
     assert r.code == 0 and "Spearman" in r.out
     for argv, words in ((["--features", "64"], "feature 64 is out of range: this SAE has 64 features (valid indices "
@@ -400,7 +426,7 @@ def test_commands_and_their_errors(run, tmp_path, cli):
         if "--layer" not in argv:  # only the layer check needs the model
             assert not any(line.startswith("Loading") for line in err), "bad interventions fail before loading"
     bad = tmp_path / "bad"
-    random_sae(d_in=96).save(RunLayout(bad).sae)
+    random_sae(subject_path, d_in=96).save(RunLayout(bad).sae)
     r = cli("steer", bad, "--image", "shapes:test:0:0", "--prompt", "x", "--features", "1")
     assert r.code == 2 and "d_in=96" in r.err and "d_model=128" in r.err
     spec = tmp_path / "s.yaml"
@@ -411,3 +437,185 @@ def test_commands_and_their_errors(run, tmp_path, cli):
     spec.write_text(spec.read_text() + "positons: image\n")
     r = cli("sweep", run, "--spec", spec, "--name", "other")
     assert r.code == 2 and "unknown key 'positons' in the sweep spec; valid keys: features" in r.err
+
+
+# ---------------------------------------------------------------- the object a question names
+
+
+def test_object_positions_are_the_named_objects_patches(lm, setup):
+    """"what color is the circle ?" -> the circle's patches; "what shape is the red object ?" -> the red one's:
+    the image rows whose pixel box the object covers by more than 5% (recovery's labels), from the ground truth."""
+    from interp.shapes.ground_truth import box_coverage, scene_of
+
+    for task, kind in (("color", "shape"), ("shape", "color")):
+        queries = world_queries(task, 6)
+        b = prepare(lm, queries)
+        assert (b.masks["object"] <= b.masks["image"]).all()
+        for i, q in enumerate(queries):
+            rows = b.table[i * b.length: (i + 1) * b.length]
+            scene = scene_of(q.image_ref)
+            named = q.prompt.split()[4] if task == "shape" else q.prompt[len("what color is the "):-2]
+            image = b.masks["image"][i].numpy()
+            boxes = np.stack([rows[k] for k in ("x0", "y0", "x1", "y1")], 1).astype(float)[image]
+            want = box_coverage(scene, boxes, (f"{kind}:{named}",))[:, 0] > 0.05
+            assert want.any() and (~want).any()
+            assert np.array_equal(b.masks["object"][i].numpy()[image], want), (q.prompt, q.image_ref)
+    # the edit touches those rows and no other
+    f = active_feature(setup, batch := prepare(lm, world_queries("color", 4)))
+    out = torch.randn(*batch.masks["image"].shape, 128)
+    edited = FeatureEdit(setup.sae, [Intervention(f, "clamp", 50.0, positions="object")], batch.masks)(out, 0)
+    moved = (edited != out).any(-1)
+    assert moved.any() and (moved <= batch.masks["object"]).all()
+
+
+def test_object_positions_need_a_question_that_names_an_object(lm, setup, run, subject_path):
+    count = world_queries("count", 2)
+    assert all(q.region is None for q in count)  # "how many objects are there ?" names none
+    b = prepare(lm, count)
+    assert "object" not in b.masks
+    with pytest.raises(InterventionError, match="no 'object' positions .* use one of image, text, generated, all"):
+        generate(setup, b, [Intervention(1, "clamp", 1.0, positions="object")], max_new_tokens=1)
+    q = world_queries("color", 1)[0]
+    loaded = Query.load(q.prompt, q.image_ref)  # `interp steer --image shapes:...` finds the object too
+    assert loaded.region is not None and np.array_equal(loaded.region, q.region)
+    assert Query.load(q.prompt, None).region is None
+    with pytest.raises(SpecError, match="positions 'object' .* need `world` questions or shapes-world `images`"):
+        SweepSpec.from_dict({"features": [1], "prompts": ["what color is the circle ?"], "positions": "object",
+                             "unit": "absolute"})
+    spec = _spec(world={"task": "count", "n": 3}, positions="object")
+    with pytest.raises(SpecError, match=r"positions 'object' need a question naming one object .* 3 of the 3 "
+                                        r"inputs name none \(e.g. 'how many objects are there \?'"):
+        run_sweep(spec, run, "object-count", setup, progress=False)
+    assert not RunLayout(run).sweep("object-count").root.exists()  # refused before anything was written
+
+
+def test_concepts_by_name_or_value():
+    from interp.shapes.concepts import ConceptMatch, RecoveryReport
+    from steering.sweep import concept_match
+    from steering.targets import TargetsError, kind_matches
+
+    m = lambda c, f, f1=1.0: ConceptMatch(c, f, 0.1, f1, 1.0, 1.0, 1.0, 10, 0.5)  # noqa: E731
+    report = RecoveryReport([m("color:red", 3), m("color:blue", 4, 0.95), m("color:cyan", 4, 0.6),
+                             m("shape:letter e", 7), m("size:small", 9)])
+    assert answer_word("color:red") == "red" and answer_word("shape:letter e") == "letter e"
+    assert answer_word("red") == "red" and answer_word(None) is None
+    assert concept_match(report, "red", "x").concept == "color:red"
+    assert concept_match(report, "shape:letter e", "x").feature == 7
+    with pytest.raises(SpecError, match=r"features\[2\] names concept 'magenta', which the run's recovery report "
+                                        r"does not have; known concepts: color:red, color:blue"):
+        concept_match(report, "magenta", "features[2]")
+    own, shared = kind_matches(report, "color")
+    assert [o.concept for o in own] == ["color:red", "color:blue"] and shared == ["color:cyan"]  # blue's F1 wins
+    with pytest.raises(TargetsError, match="no 'fill' concepts .* its kinds: color, shape, size"):
+        kind_matches(report, "fill")
+
+
+# ---------------------------------------------------------------- planted directions, end to end
+
+
+def answer_direction(lm, word: str) -> torch.Tensor:
+    """A unit direction of the residual stream that, through the final norm and the unembedding, makes
+    `word` the model's top next token wherever it dominates the residual."""
+    w = lm.model.get_output_embeddings().weight.detach().float()
+    target = -torch.ones(w.shape[0])
+    target[lm.tokenizer.convert_tokens_to_ids(word)] = 10.0
+    u = torch.linalg.lstsq(w, target[:, None]).solution[:, 0] / lm.model.get_decoder().norm.weight.detach().float()
+    return u / u.norm()
+
+
+PLANTED_SHAPES = ("circle", "square", "triangle", "diamond", "star")  # one-token answers
+
+
+def make_planted_run(lm, subject_path, run, decoy: tuple[str, str] = ("pink", "cyan")) -> list[str]:
+    """A layer-4 cache of the random subject, and a ReLU SAE whose feature j is 1 on every row (W_enc 0, b_enc 1)
+    and decodes along `answer_direction` of concept j's value x 100; the recovery report names them. The decoy
+    concept (pink) is matched to a feature that decodes to another colour (cyan), so steering it must not flip
+    answers to pink. Returns the concepts in feature order."""
+    from explain.features import FeaturesConfig, compute_features
+    from interp.cache.writer import CacheConfig, build_cache
+    from interp.shapes.concepts import ConceptMatch, RecoveryReport, write_recovery
+    from interp.shapes.world import COLORS
+    from saes.sae import sae_fingerprint
+
+    layout = RunLayout(run)
+    build_cache(CacheConfig(run=str(run), model=str(subject_path), layer="4", samples=12, batch_size=12))
+    concepts = [f"color:{c}" for c in COLORS] + [f"shape:{s}" for s in PLANTED_SHAPES]
+    sae = SAE(SAEConfig(arch="relu", d_in=128, d_sae=len(concepts) + 4, model_name=str(subject_path),
+                        hook_name=MIDDLE, hook_layer=4)).eval()
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(-1.0)
+        sae.b_dec.zero_()
+        for j, concept in enumerate(concepts):
+            word = answer_word(concept)
+            sae.b_enc[j] = 1.0
+            sae.W_dec[j] = 100 * answer_direction(lm, decoy[1] if word == decoy[0] else word)
+    sae.save(layout.sae)
+    compute_features(FeaturesConfig(run=str(run), progress=False))
+    write_recovery(RecoveryReport([ConceptMatch(c, j, 0.5, 1.0, 1.0, 1.0, 1.0, 10, 0.2) for j, c in enumerate(concepts)],
+                                  extra={"sae_sha256": sae_fingerprint(layout.sae)}), layout.recovery)
+    return concepts
+
+
+def test_planted_directions_flip_answers_through_steer_targets(lm, subject_path, tmp_path):
+    """The whole of `interp steer-targets` at the SAE's own (middle) layer: strengths picked on validation
+    questions (1x max changes nothing: a clamp to the feature's own value), flip rates on test questions, the
+    decoy counted as no flip, the summary and its headline keys."""
+    from interp.pipeline.stages import steer_and_attribute
+    from steering.targets import headline, shapes_targets
+
+    run = tmp_path / "planted"
+    concepts = make_planted_run(lm, subject_path, run)
+    r = shapes_targets(run, n_select=10, n_eval=16, n_attr=4, n_validate=2, strengths=(1.0, 4.0), positions="text",
+                       ig_steps=2, max_new_tokens=1, reach_questions=40, device="cpu", progress=False)
+    layout = RunLayout(run)
+    assert r == json.loads(layout.steering_summary.read_text())
+    assert r["sae_layer"] == r["steering_layer"] == 4 and r["layer"] == "layers.4"
+    colour, shape = r["flip"]["color"], r["flip"]["shape"]
+    assert set(colour["per_concept"]) == set(concepts[:8]) and set(shape["per_concept"]) == set(concepts[8:])
+    for concept, v in {**colour["per_concept"], **shape["per_concept"]}.items():
+        if concept == "color:pink":  # decodes to cyan: answers turn cyan, never pink
+            assert v["flip_rate"] == 0.0 and v["changed"] > 0.5, v
+        else:
+            assert v["strength_x_max"] == 4.0 and v["flip_rate"] == 1.0 and v["n"] >= 8, (concept, v)
+    sel = r["selection"]["color"]
+    assert sel["split"] == "val" and sel["best"]["color:red"]["strength"] == 4.0
+    assert sel["best"]["color:pink"]["note"] == "no strength moved any answer to the target"
+    for kind, split in (("color", "val"), ("color", "test"), ("shape", "test")):
+        spec = json.loads(layout.sweep(f"{'select' if split == 'val' else 'test'}-{kind}-text").spec.read_text())
+        assert spec["world"]["split"] == split and spec["world"]["task"] == kind
+    assert colour["overall"] == pytest.approx(sum(v["n"] for c, v in colour["per_concept"].items()
+                                                  if c != "color:pink") / colour["n"])
+    assert shape["overall"] == 1.0
+    h = headline(r)
+    assert h["steering_success"] == round(colour["overall"], 4) and h["steering_success_shape"] == 1.0
+    assert h["sae_layer"] == h["steering_layer"] == 4
+    for key in ("attribution_top5", "attribution_top5_patching", "attribution_top5_shape"):
+        assert 0 <= h[key] <= 1
+    assert 0 <= r["reach"]["answers_changed"] <= 1
+    assert r["targets"]["flip_rate>=0.8 (shape)"] is True
+    # the pipeline's stage: the same measurement at the defaults' positions, its headline keys
+    out = steer_and_attribute(run, 0, n_select=3, n_eval=3, n_attr=2)
+    assert set(out) == set(h) and out["steering_positions"] == "object" and out["sae_layer"] == 4
+    assert layout.sweep("select-color-object").summary.exists() and layout.sweep("select-shape-object").summary.exists()
+
+
+def test_steer_targets_bad_input(lm, subject_path, tmp_path, cli):
+    from interp.shapes.concepts import load_recovery, write_recovery
+
+    run = tmp_path / "run"
+    make_planted_run(lm, subject_path, run)
+    for argv, words in ((["--select-questions", "0"], "argument --select-questions: must be at least 1, got 0"),
+                        (["--kinds", "size"], "--kinds: unknown 'size'; choose from color, shape"),
+                        (["--positions", "everywhere"], "invalid choice: 'everywhere'"),
+                        (["--strengths", "nan"], "--strengths value must be finite, got nan")):
+        r = cli("steer-targets", run, *argv)
+        assert r.code == 2 and words in r.err.strip().splitlines()[-1], (argv, r.err)
+    report = load_recovery(RunLayout(run).recovery)
+    report.concepts = [m for m in report.concepts if m.concept.startswith("color:")]
+    write_recovery(report, RunLayout(run).recovery)
+    r = cli("steer-targets", run)
+    err = r.err.strip().splitlines()
+    assert r.code == 2 and "the recovery report has no 'shape' concepts (kind:value names); its kinds: color" in err[-1]
+    assert not any(line.startswith("Loading") for line in err), "a report without shape concepts fails before loading"
+    assert not RunLayout(run).steering_summary.exists()

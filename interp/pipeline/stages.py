@@ -3,7 +3,6 @@ commands (`interp demo`, `interp benchmark`) that chain them on shapes-world run
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from interp.infra.layout import RunLayout
@@ -37,25 +36,23 @@ def explain_and_score(run: str | Path | RunLayout, explainer: str = "shapes-expl
     return summary
 
 
-def steering_twin(run: str | Path | RunLayout, sae_cfg, train_cfg, seed: int = 0, n_attr: int = 100) -> dict:
-    """On a run holding a cache: train an SAE like `sae_cfg` (skipped when there), write its recovery
-    report and features, and run `interp steer-targets`; returns the steering summary.
-
-    The subject's colour has left the image tokens by layer 2, so steering is measured on a twin
-    SAE at a layer where it still lives there (layer 0 in the demo and the benchmark)."""
+def steer_and_attribute(run: str | Path | RunLayout, seed: int = 0, *, n_select: int = 40, n_eval: int = 100,
+                        n_attr: int = 40, progress: bool = False) -> dict:
+    """`interp steer-targets` on a run's own SAE, at its own layer (no twin SAE): colour and shape features
+    clamped on the image patches of the object each question names, strengths picked on validation
+    questions, flip rates on test questions, attribution and image-token reach. Writes the recovery report
+    and feature statistics first when the run lacks them; returns the demo summary's steering keys
+    (`steering.targets.headline`; the whole measurement is RUN/steering_summary.json)."""
     from explain.features import FeaturesConfig, compute_features
-    from interp.cache.reader import ActivationReader
     from saes.recovery import RecoveryConfig, run_recovery
-    from saes.train import train
-    from steering.targets import shapes_targets
+    from steering.targets import headline, shapes_targets
 
     layout = RunLayout.of(run)
     if not (layout.sae / "cfg.json").exists():
-        with ActivationReader(layout.cache) as reader:
-            twin = replace(sae_cfg, d_in=reader.d, model_name=reader.meta["model"], hook_name=reader.meta["module_path"])
-            train(twin, train_cfg, reader, layout)
+        raise FileNotFoundError(f"no SAE at {layout.sae}: train one first (`interp train {layout.root}`)")
     if not layout.recovery.exists():
         run_recovery(RecoveryConfig(run=str(layout.root)))
     if not layout.features.exists():
         compute_features(FeaturesConfig(run=str(layout.root), seed=seed, progress=False))
-    return shapes_targets(layout, n_select=60, n_eval=150, n_attr=n_attr, progress=False)
+    return headline(shapes_targets(layout, n_select=n_select, n_eval=n_eval, n_attr=n_attr, seed=seed,
+                                   progress=progress))
