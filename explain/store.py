@@ -7,14 +7,22 @@ The latest record of a feature wins: failures ({"status": "error", "error": ...}
 by the success that follows. The first line is a header naming the SAE (and what made the
 records), so a store is never silently continued for another SAE.
 
-Records (one JSON object a line, after the header {"kind": "header", "store", "sae_sha256", "features"}):
+Records (one JSON object a line, after the header {"kind": "header", "store", "sae_sha256", "features",
+"created"}; docs/formats.md has the full schema, which tests/test_formats.py holds the writers to):
   explanations.jsonl  feature, status (ok|error), explanation, raw, tokens_in, tokens_out, seconds,
-                      model_seconds, examples (samples shown: rows of the samples table), sources (top|q0..), explainer,
-                      explainer_config, error (on failure), time
+                      model_seconds, examples (samples shown: rows of the samples table; the world
+                      protocol's contrast images last), sources (top|q0..|negative), explainer,
+                      explainer_config {explainer, ...ExplainerOptions, cutoff among them}, error (on
+                      failure), time. The world protocol's raw is JSON {regions: [{sample, source, weight,
+                      patches, description}], silent: [{sample, source, description}], captions?,
+                      negative_captions?}.
   scores.jsonl        feature, status, explanation, judge, detection {n_pos, n_neg, n_unreadable,
-                      balanced_accuracy, f1, auroc, recall, specificity, recall_by_source}, verdicts,
-                      samples, iou {concept, pixels, pixels_mean, tokens, n_images} | null, concepts,
-                      names_concept, tokens_in, tokens_out, seconds, error (on failure), time
+                      balanced_accuracy, f1, auroc, recall, specificity, recall_by_source},
+                      detection_oracle (the same fields, the world's ground truth describing the regions),
+                      verdicts, samples, descriptions (world protocol: one per region, positives then
+                      silent ones, and n_pos/n_neg count regions), iou {concept, pixels, pixels_mean,
+                      tokens, n_samples} | null, concepts, names_concept, tokens_in, tokens_out, seconds,
+                      error (on failure), time
 """
 
 from __future__ import annotations

@@ -54,6 +54,42 @@ def check_record(record: dict, name: str) -> None:
         assert isinstance(value, allowed), f"{name}.{key}: {value!r} is not {typ}"
 
 
+def check_world_explanation(rec: dict) -> None:
+    """An ok explanation record of the world protocol: its raw answers and its examples agree."""
+    assert rec["explainer"].startswith("world:"), rec["explainer"]
+    assert len(rec["examples"]) == len(rec["sources"])
+    assert set(rec["sources"]) <= {"top", "negative"} | {f"q{i}" for i in range(16)}, rec["sources"]
+    raw = json.loads(rec["raw"])
+    check_record(raw, "explanations/raw")
+    for region in raw["regions"]:
+        check_record(region, "explanations/raw/region")
+        assert region["sample"] in rec["examples"] and region["source"] not in ("negative", "silent")
+    for region in raw["silent"]:
+        check_record(region, "explanations/raw/silent")
+        assert region["source"] in ("negative", "silent") and region["sample"] in rec["examples"]
+    assert 0 < len(raw["regions"]) and len(raw["silent"]) <= len(raw["regions"])
+    negatives = rec["sources"].count("negative")
+    assert rec["sources"][len(rec["sources"]) - negatives:] == ["negative"] * negatives  # contrast images last
+    if "captions" in raw:
+        assert len(raw["captions"]) == len(rec["examples"]) - negatives
+        assert len(raw["negative_captions"]) == negatives
+    assert "cutoff" in rec["explainer_config"] and "agree" in rec["explainer_config"]
+
+
+def check_world_score(rec: dict) -> None:
+    """An ok score record of the world protocol: one sample, verdict and description per region, positives first,
+    and the detection counts are counts of those regions."""
+    check_record(rec["detection"], "scores/detection")
+    check_record(rec["detection_oracle"], "scores/detection")  # the shapes run's images: the oracle describes them
+    det = rec["detection"]
+    assert len(rec["samples"]) == len(rec["verdicts"]) == len(rec["descriptions"])
+    assert det["n_pos"] + det["n_neg"] + det["n_unreadable"] == len(rec["samples"])
+    assert det["n_unreadable"] == sum(v is None for v in rec["verdicts"])
+    assert all(v in (0.0, 1.0, None) for v in rec["verdicts"]) and all(isinstance(d, str) for d in rec["descriptions"])
+    oracle = rec["detection_oracle"]
+    assert oracle["n_pos"] + oracle["n_neg"] + oracle["n_unreadable"] == len(rec["samples"])
+
+
 def dtype_code(dt) -> str:
     if h5py.check_string_dtype(dt) is not None:
         return "str"
@@ -63,9 +99,10 @@ def dtype_code(dt) -> str:
 def test_every_schema_the_tests_use_is_in_the_spec():
     assert {"layout", "run_info", "cache/tokens", "cache/samples", "cache/attrs", "sae/cfg", "sae/metadata",
             "train/metrics", "eval", "eval/spliced", "features/datasets", "features/attrs", "recovery",
-            "recovery/concept", "store/header", "explanations/record", "scores/record", "scores/detection",
-            "sweep/layout", "sweep/identity", "sweep/baseline", "sweep/steered", "sweep/row", "steering_summary",
-            "summary"} <= set(SCHEMAS)
+            "recovery/concept", "store/header", "explanations/record", "explanations/raw", "explanations/raw/region",
+            "explanations/raw/silent", "scores/record", "scores/detection", "score_summary", "score_summary/all",
+            "score_summary/matched", "score_summary/feature", "sweep/layout", "sweep/identity", "sweep/baseline",
+            "sweep/steered", "sweep/row", "steering_summary", "summary"} <= set(SCHEMAS)
 
 
 def test_the_layout_is_the_spec(tmp_path):
@@ -142,6 +179,11 @@ def test_features_and_recovery_are_the_spec(shapes_run):
     for c in rec["concepts"]:
         check_record(c, "recovery/concept")
     assert rec["format"] == "lmmscope.recovery/1"
+    # the concepts are the world's patch concepts by their kind:value names, the catch-all "object" left out
+    from interp.shapes.world import concept_names
+
+    assert [c["concept"] for c in rec["concepts"]] == [c for c in concept_names() if c != "object"]
+    assert len(rec["concepts"]) == 32 and set(rec["recovered"]) <= {c["concept"] for c in rec["concepts"]}
 
 
 def test_the_record_logs_are_the_spec(shapes_run, shapes_run_copy):
@@ -155,8 +197,22 @@ def test_the_record_logs_are_the_spec(shapes_run, shapes_run_copy):
         assert lines[0]["store"] == kind and len(lines) > 1
         for rec in lines[1:]:
             check_record(rec, f"{kind}/record")
+            if kind == "explanations" and rec["status"] == "ok":
+                check_world_explanation(rec)
             if kind == "scores" and rec["status"] == "ok":
-                check_record(rec["detection"], "scores/detection")
+                check_world_score(rec)
+    explained = [json.loads(line) for line in layout.explanations.read_text().splitlines()[1:]]
+    assert any("negative" in r.get("sources", []) for r in explained), "no explanation shows a contrast image"
+    summary = json.loads(layout.score_summary.read_text())
+    check_record(summary, "score_summary")
+    check_record(summary["all"], "score_summary/all")
+    check_record(summary["matched"], "score_summary/matched")
+    for entry in summary["matched"]["features"].values():
+        check_record(entry, "score_summary/feature")
+    assert summary["live_features"] >= summary["all"]["n"] > 0
+    assert summary["detection_balanced_accuracy_all"] == summary["all"]["balanced_accuracy"]
+    assert summary["explanation_accuracy"] == summary["matched"]["concept_accuracy"]
+    assert summary["detection_balanced_accuracy"] == summary["matched"]["balanced_accuracy"]
     run = shapes_run_copy  # a failure record: the explainer's server is down
     (run / "explanations.jsonl").unlink()
     run_explain(ExplainConfig(run=str(run), selection=FeatureSelection(densest=1), explainer="http://127.0.0.1:9/v1",
@@ -190,4 +246,9 @@ def test_a_sweep_is_the_spec(shapes_run_copy):
 def test_the_demos_summary_and_steering_summary_are_the_spec(small_demo_run):
     layout = RunLayout(small_demo_run)
     check_record(json.loads(layout.summary.read_text()), "summary")
-    check_record(json.loads(layout.steering_run(0).steering_summary.read_text()), "steering_summary")
+    summary = json.loads(layout.summary.read_text())
+    assert "explained_features" not in summary and summary["concepts"] == 33
+    steering = json.loads(layout.steering_summary.read_text())  # at the SAE's own layer: no twin
+    check_record(steering, "steering_summary")
+    assert steering["steering_layer"] == summary["steering_layer"] == summary["sae_layer"]
+    assert not layout.steering_run(0).root.exists()
