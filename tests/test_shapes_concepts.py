@@ -30,7 +30,7 @@ def test_box_coverage_is_the_mean_over_the_box():
     scene = sample_scene(WorldConfig(), 5)
     boxes = np.array([[0, 0, 16, 16], [16, 16, 32, 32], [5.5, 3.2, 40, 47]])
     cov = box_coverage(scene, boxes, ("object",))
-    total = sum(o.coverage for o in scene.objects)
+    total = sum(o.silhouette for o in scene.objects)  # "object": the filled shapes, outlines and stripes included
     assert cov[0, 0] == pytest.approx(total[0:16, 0:16].mean())
     assert cov[2, 0] == pytest.approx(total[3:47, 5:40].mean())  # fractional boxes round outwards
 
