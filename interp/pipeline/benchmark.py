@@ -5,7 +5,7 @@ by each of sae-lens's and sparsify's own trainers, on the same cache at the same
 for reconstruction (FVU, L0, dead, CE loss recovered), concept recovery, SAEBench's absorption, sparse
 probing and MCC with exact labels (`saes.metrics`) and, where the explain pipeline runs, explanation
 accuracy; then a width sweep for feature splitting. Optionally (`--steer`) the steering flip rate of a
-layer-0 twin of each of our SAEs, where colour still lives in the image tokens. A markdown report and
+each of our SAEs, steered at its own layer. A markdown report and
 plotly figures (HTML and PNG) go to the run directory, the numbers to RUN/benchmark.json
 (`architectures.<name>`, `width_sweep.<name>.<width>`); `--readme README.md` pastes the table there.
 
@@ -66,10 +66,7 @@ class BenchmarkConfig:
     crossmodal: bool = True
     """the cross-modal section: an SAE on image and text tokens at every layer (interp.pipeline.crossmodal)"""
     steer: bool = False
-    """the steering column: a layer-0 twin of each of our SAEs, its colour-flip rate"""
-    steer_cache: str | None = None
-    """an existing layer-0 cache for the steering column, linked into RUN/steering-layer0/ (none: cache one;
-    colour has left the subject's image tokens by layer 2)"""
+    """the steering column: each of our SAEs steered at its own layer, its colour- and shape-flip rates"""
     readme: str | None = None
     """a markdown file whose benchmark-table block (between its markers) gets the rendered table"""
 
@@ -86,19 +83,13 @@ class BenchmarkConfig:
             raise ValueError(f"widths must be positive, got {list(self.widths)}")
 
 
-def _steer_column(arch_run: RunLayout, steer_run: RunLayout, name: str, cfg: BenchmarkConfig) -> dict:
-    """The colour-flip rate of a layer-0 twin of the architecture's SAE (n/a where it fails)."""
-    from interp.pipeline.stages import steering_twin
-    from saes.sae import SAEConfig
-    from saes.train import TrainConfig
+def _steer_column(arch_run: RunLayout) -> dict:
+    """The colour- and shape-flip rates of the architecture's SAE, steered at its own layer (n/a where it fails)."""
+    from interp.pipeline.stages import steer_and_attribute
 
-    twin = arch_run.steering_run(0)
-    twin.link("cache", steer_run.cache)
     try:
-        summary = steering_twin(twin, SAEConfig(arch=name, d_sae=cfg.d_sae, k=cfg.k),
-                                TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, progress=False),
-                                cfg.seed, n_attr=50)
-        return {"steering_success": summary["flip"]["overall"]}
+        summary = steer_and_attribute(arch_run, n_attr=20)
+        return {k: summary.get(k) for k in ("steering_success", "steering_success_shape")}
     except ValueError as e:
         print(e)
         return {}
@@ -120,10 +111,6 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
                                     seed=cfg.seed, batch_size=32))
 
     subject_cache(run, cfg.layer, cfg.cache)
-    steer_run = None
-    if cfg.steer:
-        steer_run = run.steering_run(0)
-        subject_cache(steer_run, "0", cfg.steer_cache)
     write_run_info(run.run_info("benchmark"), {"command": "benchmark", "config": asdict(cfg)})
     timings = {"cache": round(time.time() - t0, 1)}
     with ActivationReader(run.cache) as reader:
@@ -134,10 +121,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         archs = bench_archs.run_architectures(run, reader, scored, cfg.archs, d_sae=cfg.d_sae, k=cfg.k,
                                               steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
                                               explain=cfg.explain, ce_samples=cfg.ce_samples)
-        if steer_run is not None:
+        if cfg.steer:
             for name in cfg.archs:
                 if name not in bench_archs.EXTERNAL:
-                    archs[name].update(_steer_column(run.arch_run(name), steer_run, name, cfg))
+                    archs[name].update(_steer_column(run.arch_run(name)))
         timings["architectures"] = round(time.time() - t, 1)
         t = time.time()
         sweep = bench_archs.run_width_sweep(run, reader, scored, cfg.sweep_archs if cfg.widths else (), cfg.widths,
@@ -151,7 +138,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
 
             neurons["mean_f1"] = load_recovery(run.arch_run(next(iter(archs))).recovery).mean_neuron_f1
     timings["total"] = round(time.time() - t0, 1)
-    report = {"world": cfg.world, "cache": str(run.cache), "steer_cache": str(steer_run.cache) if steer_run else None,
+    report = {"world": cfg.world, "cache": str(run.cache), "steering": "at the SAE's own layer" if cfg.steer else None,
               "concepts": list(scored.gt.concepts), "labelled_rows": int(len(scored.gt.rows)),
               "held_out_rows": int(scored.test.sum()),
               "budget": {"d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
@@ -176,9 +163,10 @@ def _write_report(report: dict, run: RunLayout) -> None:
              f"held out); world `{report['world']}`, concepts: {', '.join(report['concepts'])}.", "",
              f"Budget of every SAE: {budget['d_sae']} features, k = {budget['k']}, {budget['steps']} steps of "
              f"{budget['batch_size']} rows, seed {budget['seed']}.", "", bench_archs.render_table(report), ""]
-    if any("steering_success" in r for r in report["architectures"].values()):
-        lines += ["Steering flip rate of each layer-0 twin: " + ", ".join(
-            f"{a} {r['steering_success']:.1%}" for a, r in report["architectures"].items() if "steering_success" in r),
+    steered = {a: r for a, r in report["architectures"].items() if r.get("steering_success") is not None}
+    if steered:
+        lines += ["Steering flip rates of each SAE at its own layer (colour / shape): " + ", ".join(
+            f"{a} {r['steering_success']:.1%} / {r.get('steering_success_shape') or 0:.1%}" for a, r in steered.items()),
             ""]
     sweep = bench_archs.render_sweep(report)
     if sweep:
