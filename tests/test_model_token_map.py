@@ -149,14 +149,14 @@ def test_patch_features_come_from_their_boxes(multimodal_path, sizes):
 
 def test_llava_organism_grid(tiny_path):
     lm = load_model(str(tiny_path("llava")))
-    images = [[Image.new("RGB", (48, 48))]]
+    images = [[Image.new("RGB", (64, 64))]]  # world v2: 64 px, 8 x 8 patches of 8 px
     inputs = _process(lm, images, PROMPTS[:1])
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)  # as a bf16 model gets them: no numpy dtype
     table = token_table(lm, inputs, images, PROMPTS[:1])
     patches = table[table["role"] == role_code("image_patch")]
-    assert len(patches) == 9 and (patches["tile"] == 0).all()
-    assert [tuple(b) for b in _boxes(patches[(patches["row"] == 1) & (patches["col"] == 2)])] == [(32, 16, 48, 32)]
-    assert (patches["row"] * 3 + patches["col"] == np.arange(9)).all()
+    assert len(patches) == 64 and (patches["tile"] == 0).all()
+    assert [tuple(b) for b in _boxes(patches[(patches["row"] == 1) & (patches["col"] == 2)])] == [(16, 8, 24, 16)]
+    assert (patches["row"] * 8 + patches["col"] == np.arange(64)).all()
 
 
 def test_llava_center_crop_and_pad_to_square(tiny_path):
@@ -166,23 +166,27 @@ def test_llava_center_crop_and_pad_to_square(tiny_path):
     p = lm.processor
 
     def with_image_processor(ip):
-        return replace(lm, processor=LlavaProcessor(image_processor=ip, tokenizer=p.tokenizer, patch_size=16,
+        return replace(lm, processor=LlavaProcessor(image_processor=ip, tokenizer=p.tokenizer, patch_size=8,
                                                     vision_feature_select_strategy="default",
                                                     num_additional_image_tokens=1, chat_template=p.chat_template))
 
-    crop = with_image_processor(CLIPImageProcessorPil(size={"shortest_edge": 48},
-                                                      crop_size={"height": 48, "width": 48}))
-    images = [[Image.new("RGB", (192, 96))]]  # resized to 96 x 48, then the centre 48 x 48 is kept
+    crop = with_image_processor(CLIPImageProcessorPil(size={"shortest_edge": 64},
+                                                      crop_size={"height": 64, "width": 64}))
+    images = [[Image.new("RGB", (256, 128))]]  # resized to 128 x 64, then the centre 64 x 64 is kept
     table = token_table(crop, _process(crop, images, PROMPTS[:1]), images)
     patches = table[table["role"] == role_code("image_patch")]
-    assert tuple(_boxes(patches)[0]) == (48, 0, 80, 32) and tuple(_boxes(patches)[-1]) == (112, 64, 144, 96)
+    assert len(patches) == 64  # 8 px patches of the 64 px crop: 16 px of the original
+    assert tuple(_boxes(patches)[0]) == (64, 0, 80, 16) and tuple(_boxes(patches)[-1]) == (176, 112, 192, 128)
 
-    pad = with_image_processor(LlavaImageProcessorPil(do_pad=True, size={"height": 48, "width": 48},
+    pad = with_image_processor(LlavaImageProcessorPil(do_pad=True, size={"height": 64, "width": 64},
                                                       do_center_crop=False))
-    images = [[Image.new("RGB", (96, 48))]]  # padded to 96 x 96 (image rows 24..72), resized to 48 x 48
+    images = [[Image.new("RGB", (128, 80))]]  # padded to 128 x 128 (image rows 24..104), resized to 64 x 64
     table = token_table(pad, _process(pad, images, PROMPTS[:1]), images)
     patches = table[table["role"] == role_code("image_patch")]
-    assert [tuple(b) for b in _boxes(patches[patches["col"] == 0])] == [(0, 0, 32, 8), (0, 8, 32, 40), (0, 40, 32, 48)]
+    # canvas rows of 16 px from y = -24: the first lies in the top padding, the last in the bottom one, two straddle it
+    assert [tuple(b) for b in _boxes(patches[patches["col"] == 0])] == [
+        (0, 0, 16, 0), (0, 0, 16, 8), (0, 8, 16, 24), (0, 24, 16, 40), (0, 40, 16, 56), (0, 56, 16, 72),
+        (0, 72, 16, 80), (0, 80, 16, 80)]
 
 
 def test_llava_next_tiles_and_unpadding(tiny_path):
@@ -305,9 +309,9 @@ def test_text_template_and_special_roles(tiny_path):
         token_table(lm, inputs, images, ["what shape is it ?", PROMPTS[1]])
 
     organism = load_model(str(tiny_path("llava")))  # word-level tokenizer, BOS from its post-processor
-    images = [[Image.new("RGB", (48, 48))]]
+    images = [[Image.new("RGB", (64, 64))]]
     table = token_table(organism, _process(organism, images, PROMPTS[:1]), images, PROMPTS[:1])
-    assert [ROLES[r] for r in table["role"]] == ["special"] + ["image_patch"] * 9 + ["text"] * 6
+    assert [ROLES[r] for r in table["role"]] == ["special"] + ["image_patch"] * 64 + ["text"] * 6
 
 
 def test_text_only_models_and_errors(tiny_path, monkeypatch):
