@@ -15,7 +15,7 @@ from interp.cache.shards import (ShardError, check_shards, finish_shards, is_sha
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, tiny_path):
-    """A tiny LLaVA cache with image-patch and text rows (24 samples, 13 rows each)."""
+    """A tiny LLaVA cache with image-patch and text rows (24 samples, 68 rows each: 64 patches, 4 text)."""
     from interp.cache.writer import CacheConfig, build_cache
 
     run = tmp_path_factory.mktemp("shards") / "run"
@@ -48,7 +48,7 @@ def test_sharded_cache_reads_as_the_single_file(cache, tmp_path):
     index = shard_cache(cache, tmp_path / "activations.h5", samples_per_shard=7)  # 7, 7, 7, 3 samples
     assert is_sharded(index) and not is_sharded(cache)
     shards = shard_files(index)
-    assert [s["samples"] for s in shards] == [7, 7, 7, 3] and sum(s["rows"] for s in shards) == 24 * 13
+    assert [s["samples"] for s in shards] == [7, 7, 7, 3] and sum(s["rows"] for s in shards) == 24 * 68
     with ActivationReader(cache) as single, ActivationReader(index) as sharded:
         same_reader(single, sharded)
     for roles in (("image_patch",), ("text",)):
