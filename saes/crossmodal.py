@@ -15,7 +15,7 @@ image_patch,text,answer`):
 The searches work on arrays (`crossmodal_concepts`) and never build a [rows, d_sae] array of the
 whole cache: F1 at "fires at all" picks candidate features chunk by chunk (one matrix product per
 chunk, as recovery), and only the candidates' columns are kept for the threshold search. Ground
-truth comes in as `TokenConcepts` (cache rows and their labels), so another world (v2) only needs
+truth comes in as `TokenConcepts` (cache rows and their labels), so another world only needs
 its own labels: `image_truth` and `word_truth` are the two places that know the world.
 
 RUN/crossmodal.json (format `lmmscope.crossmodal/1`, docs/formats.md) is written here and read back

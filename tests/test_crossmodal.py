@@ -17,11 +17,22 @@ from interp.cache.format import is_answer, is_image_patch, is_text, role_name
 from interp.infra.layout import RunLayout
 
 ROLES = ("image_patch", "text", "template", "answer")
-SHARED = ("red", "circle")  # one planted direction on their patches and on their words
-SEPARATE = ("blue", "square")  # one direction on the patches, another on the words
+SHARED = ("color:red", "shape:circle")  # one planted direction on their patches and on their words
+SEPARATE = ("color:blue", "shape:square")  # one direction on the patches, another on the words
 
 
-def qa_cache(run: Path, samples: int = 60, layer: str = "2") -> Path:
+PLANTED_SAMPLES = 240  # enough questions name each planted word (about 1 in 14 names "red") for the
+# explainer's top contexts and the scorer's held-out ones
+
+
+def word(concept: str) -> str:
+    """The word naming a concept in text ("color:red" -> "red")."""
+    from saes.crossmodal import world_words
+
+    return world_words([concept])[concept]
+
+
+def qa_cache(run: Path, samples: int = 60, layer: str = "4") -> Path:
     from interp.cache.writer import CacheConfig, build_cache
 
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
@@ -46,7 +57,7 @@ def test_a_qa_source_caches_question_and_answer_with_their_roles(qa_run):
     with ActivationReader(RunLayout(qa_run).cache) as r:
         tok = tokenizer_of(r)
         roles = r.tokens["role"]
-        assert is_image_patch(roles).sum() == 9 * 60 and is_answer(roles).any() and is_text(roles).sum() > 5 * 60
+        assert is_image_patch(roles).sum() == 64 * 60 and is_answer(roles).any() and is_text(roles).sum() > 5 * 60
         for i in range(8):
             s, truth = r.sample(i), source[i]
             assert s.prompt == truth.text
@@ -75,12 +86,12 @@ def plant(run: Path, d: int = 24, strength: float = 6.0, seed: int = 0) -> dict[
     """Replace the cache's activations by noise plus planted directions: each SHARED concept one unit direction
     on its patches and on the tokens of its word, each SEPARATE concept one direction per modality."""
     from interp.cache.reader import ActivationReader
-    from saes.crossmodal import image_truth, tokenizer_of, word_truth
+    from saes.crossmodal import image_truth, tokenizer_of, word_truth, world_words
 
     layout = RunLayout(run)
     with ActivationReader(layout.cache) as r:
         n = r.n_rows
-        img, txt = image_truth(r), word_truth(r, tokenizer_of(r), {c: c for c in SHARED + SEPARATE})
+        img, txt = image_truth(r), word_truth(r, tokenizer_of(r), world_words(SHARED + SEPARATE))
     rng = np.random.default_rng(seed)
     dirs = np.linalg.qr(rng.normal(size=(d, d)))[0].T  # orthonormal rows
     x = rng.normal(size=(n, d)) * 0.3
@@ -108,7 +119,7 @@ def planted_run(tmp_path_factory) -> Path:
     from saes.train import TrainConfig, TrainRunConfig, run_train
 
     run = tmp_path_factory.mktemp("planted-crossmodal") / "run"
-    qa_cache(run, samples=80)
+    qa_cache(run, samples=PLANTED_SAMPLES)
     plant(run)
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         run_train(TrainRunConfig(run=str(run), sae=SAEConfig(d_sae=24, k=4),
@@ -121,7 +132,7 @@ def planted_run(tmp_path_factory) -> Path:
 
 
 def test_the_pipeline_finds_a_planted_cross_modal_direction(planted_run):
-    from saes.crossmodal import CrossModalConfig, load_crossmodal, run_crossmodal
+    from saes.crossmodal import CrossModalConfig, image_truth, load_crossmodal, run_crossmodal, world_words
 
     report = run_crossmodal(CrossModalConfig(run=str(planted_run)))
     by = {c.concept: c for c in report.concepts}
@@ -131,13 +142,19 @@ def test_the_pipeline_finds_a_planted_cross_modal_direction(planted_run):
     for c in SEPARATE:  # a good feature on each modality, but not one for both
         assert by[c].image.f1 >= 0.9 and by[c].text.f1 >= 0.9, (c, by[c])
         assert by[c].image.feature != by[c].text.feature and by[c].shared_f1 < 0.9, (c, by[c])
-    for c in ("green", "triangle"):  # nothing planted
+    for c in ("color:green", "shape:triangle"):  # nothing planted
         assert by[c].shared_f1 < 0.9
     assert set(SHARED) == set(report.cross_modal)
-    assert report.cross_modal_fraction == round(len(SHARED) / 9, 4)
+    from interp.cache.reader import ActivationReader
+
+    with ActivationReader(RunLayout(planted_run).cache) as r:  # every worded concept of the world is searched
+        worded = world_words(image_truth(r).concepts)
+    assert [c.concept for c in report.concepts] == list(worded) and {"color:red", "cell:top left"} <= set(worded)
+    assert by["cell:top left"].word == "top left" and by["shape:letter k"].word == "letter k"
+    assert report.cross_modal_fraction == round(len(SHARED) / len(worded), 4)
     back = load_crossmodal(RunLayout(planted_run).crossmodal)
     assert back.cross_modal == report.cross_modal and back.to_json()["concepts"] == report.to_json()["concepts"]
-    assert {w for ws in report.text_matched().values() for w, _ in ws} >= set(SHARED + SEPARATE)
+    assert {w for ws in report.text_matched().values() for w, _ in ws} >= {word(c) for c in SHARED + SEPARATE}
 
 
 def test_feature_statistics_per_modality(planted_run):
@@ -149,10 +166,10 @@ def test_feature_statistics_per_modality(planted_run):
     with FeatureSources.open(planted_run) as src:
         stats: FeatureReader = src.features
         mods = stats.modalities()
-        assert mods[by["red"].shared_feature] == "both"
-        assert mods[by["blue"].image.feature] == "image" and mods[by["blue"].text.feature] == "text"
-        assert stats.meta["n_image_rows"] == 9 * 80 and stats.meta["n_text_rows"] > 0
-        f = by["square"].text.feature
+        assert mods[by["color:red"].shared_feature] == "both"
+        assert mods[by["color:blue"].image.feature] == "image" and mods[by["color:blue"].text.feature] == "text"
+        assert stats.meta["n_image_rows"] == 64 * PLANTED_SAMPLES and stats.meta["n_text_rows"] > 0
+        f = by["shape:square"].text.feature
         s = stats.stats(f)
         assert s.modality == "text" and s.density_text > 0 and s.max_image < 0.5 * s.max_text
         top = stats.top(f, modality="text")
@@ -198,7 +215,7 @@ def test_the_tokens_protocol_explains_and_scores_planted_text_features(planted_r
     explanations = {json.loads(x)["feature"]: json.loads(x) for x in layout.text_explanations.read_text().splitlines()[1:]}
     for c in SHARED + SEPARATE:
         f = {x.concept: x for x in report.concepts}[c].text.feature
-        assert explanations[f]["explanation"] == f'the word "{c}"', explanations[f]
+        assert explanations[f]["explanation"] == f'the word "{word(c)}"', explanations[f]
     m = summary["matched"]
     assert m["n"] == len(SHARED + SEPARATE) and m["text_explanation_accuracy"] == 1.0
     for r in m["features"].values():  # the word is in every top context and in no non-activating one ...
@@ -302,7 +319,7 @@ def test_the_feature_page_shows_text_examples_beside_image_examples(planted_run,
     from app.text_view import shaded_html
     from saes.crossmodal import load_crossmodal
 
-    red = {c.concept: c for c in load_crossmodal(RunLayout(planted_run).crossmodal).concepts}["red"]
+    red = {c.concept: c for c in load_crossmodal(RunLayout(planted_run).crossmodal).concepts}["color:red"]
     at = _app(monkeypatch, planted_run, "views/feature.py", {"feature": str(red.shared_feature)})
     headers = [h.value for h in at.header]
     assert "Top samples: image" in headers and "Top samples: text" in headers and "Quantile samples" in headers
@@ -339,14 +356,17 @@ def swept(tmp_path_factory) -> Path:
 
 def test_the_layer_sweep_writes_numbers_and_a_figure_per_layer(swept):
     from interp.pipeline.crossmodal import CrossModalSweepConfig, crossmodal_section
+    from interp.shapes.world import concept_names
+    from saes.crossmodal import world_words
 
+    worded = list(world_words(c for c in concept_names() if c != "object"))  # 25: colours, shapes, sizes, fills, cells
     layout = RunLayout(swept)
     sweep = json.loads(layout.crossmodal_sweep.read_text())
     assert [r["layer"] for r in sweep["layers"]] == [0, 3]
     for r in sweep["layers"]:
         sub = layout.crossmodal_run(r["layer"])
         report = json.loads(sub.crossmodal.read_text())
-        assert r["cross_modal_fraction"] == report["cross_modal_fraction"] and len(r["concepts"]) == 9
+        assert r["cross_modal_fraction"] == report["cross_modal_fraction"] and list(r["concepts"]) == worded
         assert sub.cache.exists() and (sub.sae / "cfg.json").exists()
     assert layout.figure("crossmodal_sweep", "html").exists() and layout.figure("crossmodal_sweep", "png").exists()
     t0 = layout.crossmodal_run(0).crossmodal.stat().st_mtime_ns
@@ -377,7 +397,8 @@ def test_steering_one_feature_on_text_and_on_image_positions(swept):
         out = steer_crossmodal(CrossModalSteerConfig(run=str(run.root), concept="red", strengths=(4.0,), questions=6,
                                                      progress=False))
     report = json.loads(run.crossmodal.read_text())
-    red = next(c for c in report["concepts"] if c["concept"] == "red")
+    red = next(c for c in report["concepts"] if c["concept"] == "color:red")  # "red" names it by its value
+    assert out["concept"] == "color:red"
     assert out["feature"] == red["shared_feature"] and out["cross_modal"] == red["cross_modal"]
     (row,) = out["rows"]
     assert set(row) == {"strength", "image", "text"} and row["strength"] == 4.0
