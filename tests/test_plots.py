@@ -95,7 +95,7 @@ def test_the_stages_write_their_figures_offline_with_a_png(shapes_run):
         rgb = pixels(html.with_suffix(".png").read_bytes())
         assert rgb.shape[0] >= 300 and count(rgb, (76, 120, 168)) > 200, html  # the data, in the figures' blue
     assert "dead (silent for the last 1,000 steps)" in run.training_figure("html").read_text()
-    assert "never fire on 1,080 rows" in run.density_figure("html").read_text()
+    assert "never fire on 7,680 rows" in run.density_figure("html").read_text()  # 120 samples x 64 image patches
 
 
 def test_an_unsupported_trace_type_is_refused_by_name_and_the_html_stays(tmp_path):
