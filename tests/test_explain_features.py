@@ -19,7 +19,7 @@ K = 5
 
 
 def make_run(root, tiny_path, d_sae: int = 64, seed: int = 0):
-    """A tiny LLaVA cache with image-patch and text rows (24 samples, 13 rows each) and a random TopK SAE."""
+    """A tiny LLaVA cache with image-patch and text rows (24 samples, 68 rows each: 64 image patches, 4 text) and a random TopK SAE."""
     cache = RunLayout(root / "made").cache
     if not cache.exists():
         build_cache(CacheConfig(run=str(root / "made"), model=str(tiny_path("llava")), layer="1", samples=24,
@@ -157,7 +157,7 @@ def test_token_activations_match_the_top_values(run):
         f = next(f for f in np.argsort(-src.features.summary_table()["max"]) if src.features.top(f))
         best = src.features.top(f)[0]
         tokens, acts = src.token_activations(f, best.sample)
-        assert is_image_patch(tokens["role"]).all() and len(tokens) == 9
+        assert is_image_patch(tokens["role"]).all() and len(tokens) == 64  # 8 x 8 patches
         assert acts.max() == pytest.approx(best.max) and acts.mean() == pytest.approx(best.mean)
         with pytest.raises(ValueError, match=r"sample 24 is out of range: the cache has 24 samples \(valid indices "
                                              r"0\.\.23\)"):
@@ -165,7 +165,7 @@ def test_token_activations_match_the_top_values(run):
 
 
 def test_wide_sae_stays_chunk_bounded(tmp_path, tiny_path, monkeypatch):
-    """100k features over 312 rows: every encode sees at most max_chunk_elements / d_sae rows, never all of them."""
+    """100k features over 1,632 rows: every encode sees at most max_chunk_elements / d_sae rows, never all of them."""
     cache, sae_dir = make_run(tmp_path, tiny_path, d_sae=100_000)
     seen = []
     entries = TopK.active_entries  # the pass encodes every chunk through it (dense: it returns None)
@@ -174,11 +174,11 @@ def test_wide_sae_stays_chunk_bounded(tmp_path, tiny_path, monkeypatch):
     t = time.perf_counter()
     out = features_of(tmp_path / "wide", cache, sae_dir, top_samples=K, max_chunk_elements=2**22)
     elapsed = time.perf_counter() - t
-    assert max(seen) * 100_000 <= 2**22 and sum(seen) == 312 and len(seen) > 1
+    assert max(seen) * 100_000 <= 2**22 and sum(seen) == 24 * 68 and len(seen) > 1
     assert elapsed < 20, elapsed
     with FeatureReader(out) as fs:
         assert fs.d_sae == 100_000 and fs.meta["chunk_rows"] == 2**22 // 100_000
-        assert fs.summary_table()["n_active"].sum() == 312 * 8  # TopK: k active features per row
+        assert fs.summary_table()["n_active"].sum() == 24 * 68 * 8  # TopK: k active features per row
         on_images = [f for f in np.argsort(-fs.summary_table()["max"])[:50] if fs.top(f)]
         assert on_images and all(fs.top(f)[0].max <= fs.stats(f).max for f in on_images)
 
@@ -228,11 +228,11 @@ def test_cli_and_crash_safety(run, tmp_path, monkeypatch, cli):
     out = tmp_path / "features.h5"
     argv = ["features", tmp_path, "--top-samples", "3", "--rank-by", "mean", "--no-progress", "--device", "cpu"]
     r = cli(*argv)
-    assert r.code == 0 and "64 features over 312 rows of 24 samples" in r.out
+    assert r.code == 0 and "64 features over 1632 rows of 24 samples" in r.out
     with FeatureReader(out) as fs:
         assert fs.rank_by == "mean" and fs.top_samples == 3 and fs.meta["sae_cfg"]["d_sae"] == 64
         assert fs.meta["versions"]["torch"] == torch.__version__ and len(fs.meta["sae_sha256"]) == 64
-        assert fs.meta["cache_identity"]["n_rows"] == 312 and fs.top(0) == fs.top(0, "mean")
+        assert fs.meta["cache_identity"]["n_rows"] == 24 * 68 and fs.top(0) == fs.top(0, "mean")
         before = fs.meta["created"]
     r = cli(*argv, "--top-samples", "0")
     assert r.code == 2 and "interp features: error: --top-samples must be at least 1, got 0" in r.err
