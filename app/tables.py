@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from explain.aggregate import CANNOT_TELL
+
 DENSE = 0.1  # firing rate above which a feature counts as dense (as saes.evaluate)
-VAGUE = ("cannot tell", "nothing")  # explain.prompts.CANNOT_TELL and NOTHING: answers that name no concept
-SORTS = {"density": "density", "max activation": "max", "score": "score", "feature": "feature",
-         "mean when active": "mean_active"}
+VAGUE = (CANNOT_TELL,)  # the explainer's answer that names nothing (explain.aggregate.CANNOT_TELL)
+SORTS = {"score": "score", "density": "density", "max activation": "max", "feature": "feature",
+         "mean when active": "mean_active"}  # the first is the feature list's default
 
 
 def explanation_text(record: dict[str, Any]) -> str:
@@ -94,19 +96,28 @@ def build_table(summary: dict[str, np.ndarray], explanations: dict[int, dict],
 @dataclass(frozen=True)
 class Query:
     search: str = ""  # substring of the explanation (case-insensitive), or a feature index
-    sort: str = "density"  # a key of SORTS
+    sort: str = "score"  # a key of SORTS
     descending: bool = True
     hide_dead: bool = True
     only_dense: bool = False
     only_unexplained: bool = False
     only_explained: bool = False
-    hide_vague: bool = False  # drop "cannot tell" / "nothing" explanations
-    vague_last: bool = True  # whatever the sort, "cannot tell" / "nothing" after the explanations that name something
+    hide_vague: bool = False  # drop "cannot tell" explanations
+    explained_first: bool = True  # whatever the sort: explanations that name something, then "cannot tell", then
+    # features not explained yet
     modality: str = "all"  # all, or one of image, text, both (features that fire there)
 
 
+def explanation_group(df: pd.DataFrame) -> np.ndarray:
+    """Per feature, 0: its explanation names something, 1: "cannot tell", 2: not explained yet."""
+    explained = df["explanation"].to_numpy() != ""
+    vague = df["vague"].to_numpy(dtype=bool) if "vague" in df else np.zeros(len(df), bool)
+    return np.where(~explained, 2, np.where(vague, 1, 0)).astype(np.int8)
+
+
 def select(df: pd.DataFrame, q: Query) -> np.ndarray:
-    """Row positions of `df` that pass the query's filters, in its sort order (NaN scores last)."""
+    """Row positions of `df` that pass the query's filters, in its sort order (NaN scores last; ties, such as
+    the unscored, densest first). With `explained_first`, the order holds within each explanation_group."""
     keep = np.ones(len(df), bool)
     status = df["status"].to_numpy()
     if q.hide_dead:
@@ -133,8 +144,9 @@ def select(df: pd.DataFrame, q: Query) -> np.ndarray:
     values = df[SORTS[q.sort]].to_numpy(dtype=np.float64)[rows]
     key = np.where(np.isnan(values), -np.inf if q.descending else np.inf, values)
     key = -key if q.descending else key
-    order = np.lexsort((key, vague[rows])) if q.vague_last else np.argsort(key, kind="stable")
-    return rows[order]
+    tie = -df["density"].to_numpy(dtype=np.float64)[rows]
+    keys = (tie, key, explanation_group(df)[rows]) if q.explained_first else (tie, key)
+    return rows[np.lexsort(keys)]
 
 
 def page(rows: np.ndarray, number: int, size: int) -> np.ndarray:

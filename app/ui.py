@@ -7,15 +7,15 @@ from collections.abc import Sequence
 import streamlit as st
 
 from app.run_dir import RunDir
+from explain.aggregate import CANNOT_TELL, CONTEXT
 
 FEATURE_PAGE = "views/feature.py"  # relative to app/main.py, as st.page_link and st.switch_page take it
 # the default first: an outline keeps every pixel's colour (a colour overlay turns red objects orange)
 VIEW_NAMES = {"contour": "outline", "overlay": "heatmap overlay", "heatmap": "heatmap", "masked": "mask",
               "crop": "crop", "original": "original"}
-VAGUE = {"cannot tell": "the explainer found nothing its examples have in common; the judge is never told an image "
-                        "shows it, so detection sits near chance (0.5)",
-         "nothing": "the feature fires on empty background (image regions with no object in them): the explainer "
-                    "describes what is there, which is nothing"}
+VAGUE = {CANNOT_TELL: "the explainer found nothing the regions where the feature fires have in common that the "
+                      "regions where it is silent lack; no region's description satisfies it, so its detection "
+                      "is at chance (0.5)"}
 
 
 def need(run: RunDir, *stages: str) -> bool:
@@ -61,8 +61,20 @@ def follow_url(key: str, value: int) -> None:
 
 
 def explanation_note(text: str) -> str | None:
-    """What a "cannot tell" / "nothing" explanation means (None for any other text)."""
-    return VAGUE.get((text or "").strip().lower())
+    """What a "cannot tell" explanation, or one with context ("empty background ; the image also holds a red
+    object"), means; None for any other text."""
+    text = (text or "").strip()
+    if text.lower() in VAGUE:
+        return VAGUE[text.lower()]
+    region, sep, context = text.partition(CONTEXT.strip())
+    region, context = region.strip(), context.strip()
+    if not sep or not context:
+        return None
+    where = ("its regions share nothing the silent ones lack" if region.lower() == CANNOT_TELL
+             else f"it fires on {region}")
+    return (f"{where}, and the images it fires on hold {context} (somewhere else in the image) clearly more often "
+            "than images where it is silent: the image tokens attend to the ones before them, so a patch can carry "
+            "what is elsewhere in the image")
 
 
 def open_image(ref: str, cache_meta: dict):

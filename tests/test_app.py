@@ -61,7 +61,7 @@ def recovered_feature(run: Path) -> tuple[int, str]:
 def test_run_dir_finds_every_stage_and_survives_a_move_or_a_link(demo_run, tmp_path):
     run = RunDir(demo_run)
     assert all(s.path is not None for s in run.status()), run.missing()
-    assert run.model_name == "shapes-subject" and run.layer == "layers.2" and run.is_shapes
+    assert run.model_name == "shapes-subject" and run.layer == "layers.4" and run.is_shapes
     assert run.sae == demo_run / "sae" and run.eval.name == "eval.json" and run.metrics.parent.name == "train"
     moved = tmp_path / "moved"
     shutil.copytree(demo_run, moved)
@@ -73,10 +73,11 @@ def test_run_dir_finds_every_stage_and_survives_a_move_or_a_link(demo_run, tmp_p
         (linked / name).symlink_to(demo_run / name)
     assert RunDir(linked).cache == linked / "activations.h5" and RunDir(linked).sae == linked / "sae"
     assert [s.stage for s in RunDir(linked).missing()] == ["metrics", "eval", "recovery", "explanations", "scores"]
-    nested = moved / "steering-layer0"  # the demo's layer-0 run inside the main one
+    nested = moved / "crossmodal-layer4"  # the demo's all-roles run at its layer, inside the main one
     nested.mkdir()
     shutil.copy(demo_run / "features.h5", nested / "features.h5")
-    assert [p.name for p in other.subruns()] == ["steering-layer0"] and run.subruns() == []
+    (moved / "crossmodal-layer3").mkdir()  # a folder without a stage's output is no run
+    assert [p.name for p in other.subruns()] == ["crossmodal-layer4"] and run.subruns() == []
 
 
 def test_missing_stages_name_their_commands(demo_run, tmp_path):
@@ -136,11 +137,17 @@ def test_feature_table_queries_are_vectorised_and_fast_for_100k_features():
     s = df["score"].to_numpy()[first]
     assert (np.diff(s[np.isfinite(s)]) <= 0).all() and np.isfinite(s[0])  # best score first, unscored last
     assert (df["status"].to_numpy()[dense] == "dense").all()
-    vague = df["vague"].to_numpy()[dense]  # "cannot tell" sorts after every explanation that names something
-    assert vague.any() and not vague[: (~vague).sum()].any()
-    for part in (~vague, vague):
-        assert (np.diff(df["max"].to_numpy()[dense][part]) >= 0).all()
-    plain = tables.select(df, tables.Query(only_dense=True, sort="max activation", descending=False, vague_last=False))
+    group = tables.explanation_group(df)[dense]  # named, then "cannot tell", then unexplained, whatever the sort
+    assert (np.diff(group) >= 0).all() and set(group.tolist()) == {0, 1, 2}
+    assert (group == 1).sum() == (df["vague"].to_numpy()[dense]).sum()
+    for g in (0, 1, 2):
+        assert (np.diff(df["max"].to_numpy()[dense][group == g]) >= 0).all()
+    by_score = tables.select(df, tables.Query())  # the default: best score first, within each group
+    assert (np.diff(tables.explanation_group(df)[by_score]) >= 0).all()
+    s = df["score"].to_numpy()[by_score][tables.explanation_group(df)[by_score] == 0]
+    assert np.isfinite(s[0]) and (np.diff(s[np.isfinite(s)]) <= 0).all() and np.isnan(s[-1])
+    plain = tables.select(df, tables.Query(only_dense=True, sort="max activation", descending=False,
+                                           explained_first=False))
     assert (np.diff(df["max"].to_numpy()[plain]) >= 0).all()
     assert len(tables.select(df, tables.Query(hide_vague=True, hide_dead=False))) == n - int(df["vague"].sum())
     assert len(unexplained) == n - len(explanations)
@@ -196,7 +203,7 @@ def test_nearest_features_concept_scores_and_patches(demo_run):
         pf = analysis.patch_features(sae, rows, tokens, k=3)
         with torch.no_grad():
             acts = sae.encode(rows).numpy()
-        assert pf.top_idx.shape == (9, 3) and pf.label(4) == "row 1, col 1"
+        assert pf.top_idx.shape == (64, 3) and pf.label(4) == "row 0, col 4" and pf.label(9) == "row 1, col 1"
         np.testing.assert_allclose(pf.top_val[:, 0], acts.max(1), rtol=1e-6)
         for g in pf.features:
             on = (pf.top_idx == g).any(1)
@@ -213,41 +220,72 @@ def test_nearest_features_concept_scores_and_patches(demo_run):
 
 
 def test_overview_page(demo_run, monkeypatch):
+    from interp.shapes.world import concept_names
+
     at = app_test(monkeypatch, demo_run)
     assert at.title[0].value == "Overview" and not at.error
     body = texts(at.markdown)
-    assert "shapes-subject" in body and "layers.2" in body and "topk, 32 features, k=4" in body
+    assert "shapes-subject" in body and "layers.4" in body and "topk, 32 features, k=4" in body
     assert {m.label for m in at.metric} >= {"FVU", "L0", "CE loss recovered", "Concepts recovered"}
     assert len(at.get("plotly_chart")) == 4  # training curves, density, scores, recovery
     recovery = at.dataframe[-1].value
-    assert set(recovery["concept"]) == {"red", "green", "blue", "yellow", "purple", "circle", "square", "triangle",
-                                        "cross"}
+    assert list(recovery["concept"]) == [c for c in concept_names() if c != "object"]  # the world's 32, in order
+    assert len(recovery) == 32
+    assert {"color:red", "shape:circle", "cell:top left", "background"} <= set(recovery["concept"])
 
 
-def test_feature_list_page(demo_run, monkeypatch):
-    at = app_test(monkeypatch, demo_run, "views/feature_list.py")
+def test_feature_list_page(shapes_run_copy, monkeypatch):
+    """It opens on the best-scored explanations that name something, then "cannot tell", then the features not
+    explained yet (issue 12: no wall of unexplained features first)."""
+    import json
+
+    from explain.aggregate import CANNOT_TELL
+
+    run = shapes_run_copy
+    explained = tables.read_store(run / "explanations.jsonl")
+    vague, failed = sorted(explained)[:2]
+    with open(run / "explanations.jsonl", "a") as f:  # as `interp explain --redo` appends them
+        f.write(json.dumps({"feature": vague, "status": "ok", "explanation": CANNOT_TELL}) + "\n")
+        f.write(json.dumps({"feature": failed, "status": "error", "error": "the explainer failed"}) + "\n")
+    with open(run / "scores.jsonl", "a") as f:  # and its score record (which holds what it scored) with it
+        f.write(json.dumps({"feature": failed, "status": "error", "error": "no explanation to score"}) + "\n")
+    at = app_test(monkeypatch, run, "views/feature_list.py")
+    assert at.selectbox(key="sort").value == "score" and at.checkbox(key="explained_first").value
     df = at.dataframe[0].value
     assert len(df) > 0 and (df["status"] != "dead").all()
-    vague = df["explanation"].str.lower().isin(["cannot tell", "nothing"]).to_numpy()
-    assert vague.any() and not vague[: (~vague).sum()].any()  # "cannot tell" / "nothing" out of the way, last
-    for part in (df[~vague], df[vague]):
-        assert list(part["density"]) == sorted(part["density"], reverse=True)
-    assert "“cannot tell” or “nothing”" in texts(at.caption)
-    at.checkbox(key="vague_last").uncheck().run()
-    assert list(at.dataframe[0].value["density"]) == sorted(df["density"], reverse=True)
+    text = df["explanation"].to_numpy()
+    group = np.where(text == "", 2, np.where(text == CANNOT_TELL, 1, 0))
+    assert (np.diff(group) >= 0).all() and group[0] == 0 and {1, 2} <= set(group)
+    assert vague in set(df["feature"][group == 1]) and failed in set(df["feature"][group == 2])
+    for g in (0, 1, 2):  # best score first, the unscored after the scored, ties densest first
+        part = df[group == g]
+        score = part["score"].to_numpy()
+        scored = np.isfinite(score)
+        assert (np.diff(score[scored]) <= 0).all() and not (scored[1:] & ~scored[:-1]).any()
+    n = [int((group == g).sum()) for g in (0, 1, 2)]
+    assert f"{n[0]:,} explained, {n[1]:,} “cannot tell”" in texts(at.caption)
+    assert f"{n[2]:,} not explained yet" in texts(at.caption)
+    at.checkbox(key="explained_first").uncheck().run()
+    score = at.dataframe[0].value["score"].to_numpy()
+    scored = np.isfinite(score)
+    assert (np.diff(score[scored]) <= 0).all() and not (scored[1:] & ~scored[:-1]).any()
+    at.checkbox(key="explained_first").check().run()
     at.checkbox(key="hide_vague").check().run()
-    assert len(at.dataframe[0].value) == (~vague).sum()
+    assert len(at.dataframe[0].value) == len(df) - n[1] and vague not in set(at.dataframe[0].value["feature"])
     at.checkbox(key="hide_vague").uncheck().run()
-    _, concept = recovered_feature(demo_run)
-    at.text_input(key="search").set_value(concept).run()
+    first = df.iloc[0]
+    word = first["explanation"].split()[-1]
+    at.text_input(key="search").set_value(word.upper()).run()
     hit = at.dataframe[0].value
-    assert len(hit) >= 1 and hit["explanation"].str.contains(concept).all()
+    assert first["feature"] in set(hit["feature"]) and hit["explanation"].str.contains(word, case=False).all()
     at.text_input(key="search").set_value("").run()
-    at.selectbox(key="sort").set_value("score").run()
-    scores = at.dataframe[0].value["score"].to_numpy()
-    assert (np.diff(scores[np.isfinite(scores)]) <= 0).all()
+    at.selectbox(key="sort").set_value("density").run()
+    shown = at.dataframe[0].value
+    order = np.where(shown["explanation"] == "", 2, np.where(shown["explanation"] == CANNOT_TELL, 1, 0))
+    for g in (0, 1, 2):
+        assert list(shown["density"][order == g]) == sorted(shown["density"][order == g], reverse=True)
     at.checkbox(key="only_unexplained").check().run()
-    assert not at.exception and "features match" in texts(at.caption)
+    assert not at.exception and list(at.dataframe[0].value["explanation"].unique()) == [""]
 
 
 def test_feature_page(demo_run, monkeypatch):
@@ -278,9 +316,9 @@ def test_sample_explorer_page(demo_run, monkeypatch):
     at = app_test(monkeypatch, demo_run, "views/samples.py", {"sample": "3"})
     assert "shapes:train:3:0" in texts(at.caption)
     patches = [b for b in at.button if str(b.key).startswith("patch_")]
-    assert len(patches) == 9
-    at.button(key="patch_0_2").click().run()
-    assert at.selectbox(key="patch").value == "row 0, col 2"
+    assert len(patches) == 64 and {b.key for b in patches} == {f"patch_{r}_{c}" for r in range(8) for c in range(8)}
+    at.button(key="patch_5_2").click().run()
+    assert at.selectbox(key="patch").value == "row 5, col 2"
     assert len(at.get("image")) == 1 and len(at.dataframe) == 2
     at.text_input(key="prompt_cached").set_value("what color is the circle ?").run()  # runs the model
     assert not at.exception and not at.error and len(at.dataframe) == 2
@@ -291,7 +329,7 @@ def test_sample_explorer_page(demo_run, monkeypatch):
     at.radio(key="source").set_value("upload").run()
     at.file_uploader(key="upload").set_value(("scene.png", buf.getvalue(), "image/png")).run()
     assert not at.exception and not at.error and len(at.dataframe) == 2
-    assert len([b for b in at.button if str(b.key).startswith("patch_")]) == 9
+    assert len([b for b in at.button if str(b.key).startswith("patch_")]) == 64
 
 
 def test_steering_page(demo_run, monkeypatch):
@@ -421,12 +459,31 @@ def test_the_url_follows_the_feature_and_an_invalid_id_warns(demo_run, monkeypat
     assert "?sample=500 is not a cached sample of this run" in texts(at.warning) and not at.exception
 
 
-def test_explanations_that_name_nothing_are_explained(demo_run, monkeypatch):
-    from app.tables import read_store
+def test_explanations_that_name_nothing_are_explained(shapes_run_copy, monkeypatch):
+    """"cannot tell" and an explanation with context get a line saying what they mean; a plain one does not."""
+    import json
 
-    vague = next(f for f, r in read_store(demo_run / "explanations.jsonl").items() if r["explanation"] == "nothing")
-    at = app_test(monkeypatch, demo_run, "views/feature.py", {"feature": str(vague)})
-    assert "“nothing”: the feature fires on empty background" in texts(at.caption)
+    from explain.aggregate import CANNOT_TELL, CONTEXT
+    from explain.feature_reader import FeatureReader
+
+    with FeatureReader(shapes_run_copy / "features.h5") as fs:
+        vague, context, plain = np.flatnonzero(fs.summary_table()["n_active"])[:3].tolist()
+    written = {vague: CANNOT_TELL, context: f"empty background{CONTEXT}a red object", plain: "a red object"}
+    with open(shapes_run_copy / "explanations.jsonl", "a") as f:  # as `interp explain` appends them
+        for feature, text in written.items():
+            f.write(json.dumps({"feature": feature, "status": "ok", "explanation": text}) + "\n")
+    notes = {}
+    for feature, text in written.items():
+        at = app_test(monkeypatch, shapes_run_copy, "views/feature.py", {"feature": str(feature)})
+        assert at.title[0].value == f"Feature {feature} · {text}"
+        notes[text] = [c for c in texts(at.caption).splitlines() if c.startswith(f"“{text}”: ")]
+    assert notes[CANNOT_TELL] == [f"“{CANNOT_TELL}”: the explainer found nothing the regions where the feature fires "
+                                  "have in common that the regions where it is silent lack; no region's description "
+                                  "satisfies it, so its detection is at chance (0.5)."]
+    assert len(notes[written[context]]) == 1
+    assert notes[written[context]][0].startswith(f"“{written[context]}”: it fires on empty background, and the images "
+                                                 "it fires on hold a red object (somewhere else in the image)")
+    assert notes["a red object"] == []
 
 
 def test_every_label_of_the_logit_chart_is_shown():
@@ -539,7 +596,7 @@ def test_load_image_reads_only_under_the_roots(tmp_path):
             load_image(ref, roots)
     with pytest.raises(UntrustedImageError, match=r"\(none \(the cache records no image folder or dataset\)\)"):
         load_image(f"file:{inside}", data_roots({"kind": "shapes"}))
-    assert load_image("shapes:test:0:0", ()).size == (48, 48)  # generated scenes need no root
+    assert load_image("shapes:test:0:0", ()).size == (64, 64)  # generated scenes need no root
     assert data_roots('{"kind": "hf", "path": "/d"}') == (Path("/d").resolve(),) and data_roots(None) == ()
 
 

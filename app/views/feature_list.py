@@ -1,4 +1,7 @@
-"""Feature list: search explanations, sort by density, max activation or score, filter, page through.
+"""Feature list: search explanations, sort by score, density or max activation, filter, page through.
+
+It opens on the best-scored explanations: whatever the sort, features whose explanation names something
+come first, then "cannot tell", then the features not explained yet (uncheck "Explained first" to mix them).
 
 All filtering and sorting is vectorised over the cached feature table (app.tables), so a
 rerun costs the same for 100 features as for 100k.
@@ -6,12 +9,15 @@ rerun costs the same for 100 features as for 100k.
 
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 
 from app import state, tables
 from app.ui import FEATURE_PAGE, VAGUE, need
 
 VAGUE_HELP = " · ".join(f"“{k}”: {v}" for k, v in VAGUE.items())
+FIRST_HELP = ("whatever the sort: features whose explanation names something, then “cannot tell”, then features "
+              "not explained yet · " + VAGUE_HELP)
 
 run = state.current_run()
 st.title("Feature list")
@@ -36,17 +42,17 @@ query = tables.Query(search=search, sort=sort, descending=descending, modality=m
                      only_dense=f2.checkbox(f"Only dense (> {tables.DENSE:.0%} of tokens)", key="only_dense"),
                      only_unexplained=f3.checkbox("Only unexplained", key="only_unexplained"),
                      only_explained=f4.checkbox("Only explained", key="only_explained"),
-                     vague_last=f5.checkbox("“cannot tell” / “nothing” last", value=True, key="vague_last",
-                                            help=VAGUE_HELP),
-                     hide_vague=f6.checkbox("Hide “cannot tell” / “nothing”", key="hide_vague", help=VAGUE_HELP))
+                     explained_first=f5.checkbox("Explained first", value=True, key="explained_first",
+                                                 help=FIRST_HELP),
+                     hide_vague=f6.checkbox("Hide “cannot tell”", key="hide_vague", help=VAGUE_HELP))
 rows = tables.select(table, query)
 n_pages = max(1, -(-len(rows) // size))
 counts = table["status"].value_counts()
-vague = int(table["vague"].sum()) if "vague" in table else 0
+groups = np.bincount(tables.explanation_group(table)[table["status"].to_numpy() != "dead"], minlength=3)
 st.caption(f"{len(rows):,} of {len(table):,} features match · {counts.get('live', 0):,} live, "
            f"{counts.get('dense', 0):,} dense, {counts.get('dead', 0):,} dead (never fire on the cache)"
-           + (f" · {vague:,} explained as “cannot tell” or “nothing” (hover the checkboxes for what they mean)"
-              if vague else ""))
+           + (f" · of the features that fire, {groups[0]:,} explained, {groups[1]:,} “cannot tell” (hover the "
+              f"checkboxes for what it means), {groups[2]:,} not explained yet" if run.explanations else ""))
 number = st.number_input(f"Page (of {n_pages})", min_value=1, max_value=n_pages, value=1, key="page") - 1
 shown = table.iloc[tables.page(rows, number, size)].copy()
 shown.insert(1, "open", [f"feature?feature={f}" for f in shown["feature"]])

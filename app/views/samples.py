@@ -109,7 +109,8 @@ with right:
                     text = "·" if top is None else f"{top}" + (f" · {labels[top][:12]}" if top in labels else "")
                     col.button(text, key=f"patch_{r}_{c}", on_click=_pick, args=(names[i],), width="stretch",
                                type="primary" if names[i] == st.session_state["patch"] else "secondary",
-                               help=f"{names[i]}: top feature {top}")
+                               help=f"{names[i]}: top feature {top}"
+                               + (f" · {labels[top]}" if top in labels else ""))
     patch = names.index(st.selectbox("Patch (row, col)", names, key="patch"))
     active = pf.top_val[patch] > 0
     feats = pf.top_idx[patch][active]
