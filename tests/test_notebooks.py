@@ -1,8 +1,9 @@
 """The analysis notebooks in notebooks/ run top to bottom (nbclient) on a small run of `interp demo`.
 
-Each notebook ends with assertions about the run (the red feature's top images hold a red object, the steering
-sweep flips answers, some SAE of the width × k grid recovers every concept), so a notebook that runs but shows
-the wrong thing fails here too. The kernel is this interpreter's (a kernelspec written for sys.executable and
+Each notebook ends with assertions about the run (the best-recovered concept's feature has that concept in its
+top images and under its most active patch, the steering sweep changes answers more and moves the answer
+distribution further as the clamp grows, FVU falls with k over the width × k grid), so a notebook that runs but
+shows the wrong thing fails here too. The kernel is this interpreter's (a kernelspec written for sys.executable and
 put first on JUPYTER_PATH), and it runs in notebooks/ as Jupyter would.
 """
 

@@ -37,7 +37,7 @@ class NotebooksConfig:
     names: tuple[str, ...] = field(default=NAMES, metadata=choices(list(NAMES)))
     """notebooks to run"""
     timeout: int = field(default=1800, metadata=at_least(1))
-    """seconds a cell may take (recovery_vs_width trains 9 SAEs in one cell)"""
+    """seconds a cell may take (recovery_vs_width trains 4 SAEs in one cell)"""
 
 
 @dataclass
