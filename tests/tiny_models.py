@@ -72,7 +72,7 @@ def _vision_kwargs(image_size: int, patch_size: int) -> dict:
 
 
 def build_llava():
-    """LLaVA 1.5 as the shapes organisms are: CLIP vision (48 px, 16 px patches: 3x3 tokens), Llama text."""
+    """LLaVA 1.5 as the shapes organisms are: CLIP vision (64 px, 8 px patches: 8x8 tokens), Llama text."""
     from interp.shapes.organisms.build import OrganismSpec, build_model, build_processor
 
     spec = OrganismSpec("tiny-llava", WIDTH, 1, WIDTH, 2, 2, ())

@@ -21,7 +21,7 @@ shared by several runs). The spec, with the formats of the files, is docs/format
     RUN/text_explanations.jsonl, text_scores.jsonl, text_score_summary.json   text features (interp explain-text, score-text)
     RUN/steering/NAME/          one steering sweep (interp sweep; `interp steer-targets` writes select/, test/)
     RUN/steering_summary.json   steering and attribution on the shapes world (interp steer-targets)
-    RUN/steering-layerL/        a nested run at layer L for steering (the demo's and benchmark's layer-0 twin)
+    RUN/steering-layerL/        a nested run for steering with an SAE at another layer L (the pipeline makes none)
     RUN/crossmodal-layerL/      a nested run with every token role at layer L; RUN/crossmodal_sweep.json (+ .html/.png)
                                 the layer sweep (interp crossmodal-sweep, the demo, the benchmark)
     RUN/summary.json            the demo's headline numbers; RUN/world.png its contact sheet (interp demo)
