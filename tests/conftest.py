@@ -159,6 +159,18 @@ def planted_run_copy(planted_run, tmp_path) -> Path:
 # ---------------------------------------------------------------- small pieces
 
 
+@pytest.fixture(scope="session")
+def subject_path(tmp_path_factory):
+    """A random-init shapes-subject v2 (8 LLM layers) saved like the shipped one (the Auto classes load it): for
+    tests whose behaviour does not depend on trained weights."""
+    from interp.shapes.organisms.build import SPECS, build_model, build_processor
+
+    path = tmp_path_factory.mktemp("subject-v2") / "model"
+    build_model(SPECS["subject"], seed=0).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def random_sae(tmp_path):
     """random_sae(d_in, d_sae, k=4, arch="topk", where=None) -> the directory of a saved random SAE."""

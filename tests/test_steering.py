@@ -23,17 +23,6 @@ from steering.sweep import SpecError, SweepSpec, answer_word, run_sweep
 MIDDLE = "model.language_model.layers.4"
 
 
-@pytest.fixture(scope="module")
-def subject_path(tmp_path_factory):
-    """A random-init shapes-subject v2 saved like the shipped one (the Auto classes load it)."""
-    from interp.shapes.organisms.build import SPECS, build_model, build_processor
-
-    path = tmp_path_factory.mktemp("subject-v2") / "model"
-    build_model(SPECS["subject"], seed=0).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return path
-
-
 def random_sae(model: str, d_in: int = 128, d_sae: int = 64, hook: str = MIDDLE, seed: int = 0) -> SAE:
     torch.manual_seed(seed)
     return SAE(SAEConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=4, model_name=str(model), hook_name=hook,

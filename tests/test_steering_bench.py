@@ -1,19 +1,7 @@
 """interp bench steer: every variant generates the same number of tokens; engines agree; ratios for each."""
 
-import pytest
 
 from steering.bench import BenchSteerConfig, bench_steer
-
-
-@pytest.fixture(scope="module")
-def subject_path(tmp_path_factory):
-    """A random-init shapes-subject v2 (8 LLM layers): the bench's cost does not depend on trained weights."""
-    from interp.shapes.organisms.build import SPECS, build_model, build_processor
-
-    path = tmp_path_factory.mktemp("subject-v2") / "model"
-    build_model(SPECS["subject"], seed=0).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return path
 
 
 def test_bench_steer_small(subject_path):
