@@ -31,6 +31,17 @@ PLANTED = ("color:red", "color:green", "color:blue", "shape:circle", "shape:squa
            "background", "cell:top left")  # the planted run's features 0..8, in this order
 
 
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """streamlit's AppTest runs the app as `__main__` and leaves it there; a later multiprocessing
+    "spawn" child (bench scale's stages) would then re-run the app instead of its target."""
+    import sys
+
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
 @pytest.fixture(scope="session")
 def subject():
     from interp.shapes.organisms import load_organism
