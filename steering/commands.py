@@ -136,8 +136,10 @@ class TargetsConfig:
     """test questions for the image-token reach (0: not measured)"""
     strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
     """clamp values in multiples of each feature's max"""
-    positions: str = field(default="object", metadata=choices(["object", "image", "text", "all"]))
-    """where to clamp (object: the image patches of the object the question names)"""
+    positions: tuple[str, ...] = field(default=("image", "all"), metadata=choices(["image", "object", "text", "all"]))
+    """where to clamp: each feature takes the one of these (with its strength) that flips most validation
+    answers (image: every image patch; all: every prompt and generated token; object: the patches of the
+    object the question names)"""
     ig_steps: int = field(default=4, metadata=at_least(1))
     """also rank by integrated gradients with this many steps (1: attribution patching only)"""
     engine: str = field(default="torch", metadata=choices(list(ENGINES)))
@@ -162,7 +164,7 @@ def run_targets(cfg: TargetsConfig) -> dict:
     strengths = tuple(check_strength(s, "--strengths value") for s in cfg.strengths)
     return shapes_targets(cfg.run, kinds=tuple(cfg.kinds), n_select=cfg.select_questions, n_eval=cfg.eval_questions,
                           n_attr=cfg.attribution_questions, n_validate=cfg.validate_questions, strengths=strengths,
-                          positions=cfg.positions, ig_steps=cfg.ig_steps, engine=cfg.engine,
+                          positions=tuple(cfg.positions), ig_steps=cfg.ig_steps, engine=cfg.engine,
                           batch_size=cfg.batch_size, seed=cfg.seed, reach_questions=cfg.reach_questions,
                           device=cfg.device, progress=cfg.progress)
 
@@ -170,18 +172,18 @@ def run_targets(cfg: TargetsConfig) -> dict:
 def _report_targets(r: dict, cfg: TargetsConfig) -> None:
     fmt = lambda v, spec=".3f": format(v, spec) if v is not None else "-"  # noqa: E731
     print(f"{r['model']} {r['layer']} ({r['module_path']}; the SAE's layer {r['sae_layer']}), clamp at "
-          f"{r['positions']} positions")
+          f"{' or '.join(r['positions'])} positions")
     for kind in cfg.kinds:
         flip = r["flip"][kind]
         print(f"{kind}: flip rate on test questions whose answer is another {kind} (unsteered accuracy "
               f"{fmt(flip['baseline_accuracy'])})")
         for c, v in flip["per_concept"].items():
-            print(f"  {c:16s} feature {v['feature']:4d} (F1 {v['f1']:.2f})  {v['strength_x_max']:g}×max  flip rate "
-                  f"{fmt(v['flip_rate'])} (n={v['n']})  coherence {fmt(v['coherence'])}")
+            print(f"  {c:16s} feature {v['feature']:4d} (F1 {v['f1']:.2f})  {v['strength_x_max']:g}×max "
+                  f"@{v['positions']:6s} flip rate {fmt(v['flip_rate'])} (n={v['n']})  coherence "
+                  f"{fmt(v['coherence'])}" + (f"  (feature shared with {', '.join(v['shares_feature_with'])})"
+                                               if v["shares_feature_with"] else ""))
         for c in flip["without_a_coherent_strength"]:
             print(f"  {c:16s} no strength kept the answers coherent")
-        for c in flip["sharing_a_feature"]:
-            print(f"  {c:16s} its best feature matches another {kind} better: not steered")
         print(f"  overall {kind} flip rate {fmt(flip['overall'])} (n={flip['n']})")
         for name, v in r["attribution"].get(kind, {}).items():
             if isinstance(v, dict) and "top5_rate" in v:

@@ -2,14 +2,16 @@
 against the shapes world's ground truth.
 
 For each kind of concept steered (`color`, `shape`), the features are the recovery report's
-(RUN/recovery.json) best features of the kind's concepts (`color:red`, `shape:letter e`, ...);
-a feature that several concepts share steers the one it matches best.
+(RUN/recovery.json) best features of the kind's concepts (`color:red`, `shape:letter e`, ...).
+Every concept is steered with its feature; a feature that several concepts share (a poorly
+recovered colour whose best feature is another colour's) runs once per concept, in sweeps of
+its own (`-2`, `-3` after the sweep name), so each concept's flip rate counts.
 
-1. Strength selection: a sweep clamping each feature, in multiples of its max activation, on
-   validation questions of the kind's task ("what color is the <shape> ?", "what shape is the
-   <colour> object ?"); each feature keeps the strength with the highest target rate among the
-   coherent ones (steering.sweep.best_strengths).
-2. Flip rate at those strengths on test questions (other scenes; nothing is tuned on them) whose
+1. Selection: sweeps clamping each feature, in multiples of its max activation, at each candidate
+   positions, on validation questions of the kind's task ("what color is the <shape> ?", "what
+   shape is the <colour> object ?"); each feature keeps the positions and strength with the highest
+   target rate among the coherent ones (steering.sweep.best_strengths).
+2. Flip rate at those positions and strengths on test questions (other scenes; nothing is tuned on them) whose
    answer is another value: the share whose answer becomes the feature's value.
 3. Attribution on test questions (answer: the true value's first token; baseline: the most
    likely other value with another first token): how often the true value's feature is in the
@@ -19,7 +21,18 @@ a feature that several concepts share steers the one it matches best.
    image's (interp.shapes.organisms.eval.image_token_reach). Near zero means the model has read the
    image before this layer, so no image-token feature here can steer an answer.
 
-Where to clamp: `positions` (default "object", the image patches of the object the question names).
+Where to clamp was chosen by measurement: each feature picks "image" (every image patch) or "all"
+(every prompt token and every generated one) on the validation questions. On shapes-subject v2 at
+layer 4 (a batchtopk SAE of 256 features, k 4, on 1500 samples), clamping each colour feature on 40
+validation questions flipped, pooled over the colours with a feature of their own, at the best of
+1, 2, 4, 8 x max: image patches 0.91 (4x), the named object's patches ("object") 0.50, the
+question's text 0.16 (coherence falls to 0.37 at 4x), "all" 0.91 at 1x but 0.18 at 4x (coherence
+0.18); shapes 0.30, 0.18, text not run, "all" 0.21. "image" wins for most features, but "all" at 1x
+is the better choice for some (blue, whose feature the SAE shares with purple: 0.94 against 0.47),
+hence the per-feature choice. The object's own patches are not enough because image tokens after
+it in raster order (causal attention) have already read its colour by layer 4. Zeroing the kind's
+other features along with the clamp ("swap") added at most 0.03 at the chosen strength, so the
+clamp stays alone.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ from steering.sweep import FeatureEntry, SweepSpec, WorldItems, answer_word, run
 
 KINDS = ("color", "shape")  # concept kinds steered; each is also the world task whose answer it is
 DEFAULT_STRENGTHS = (1.0, 2.0, 4.0)
-DEFAULT_POSITIONS = "object"
+DEFAULT_POSITIONS = ("image", "all")  # measured: see the module docstring
 MAX_NEW_TOKENS = 3  # "letter e" and the end of the answer
 
 
@@ -59,14 +72,29 @@ def kind_matches(report, kind: str) -> tuple[list, list[str]]:
     return own, [m.concept for m in mine if best[m.feature] is not m]
 
 
+def feature_rounds(matches: list) -> list[list]:
+    """`matches` in rounds in which no feature appears twice (best F1 first): a concept that shares its best
+    feature with another is steered in a later round, with the same feature."""
+    rounds: list[list] = []
+    for m in sorted(matches, key=lambda m: -m.f1):
+        free = next((g for g in rounds if all(o.feature != m.feature for o in g)), None)
+        if free is None:
+            rounds.append(free := [])
+        free.append(m)
+    return rounds
+
+
 def shapes_targets(run: str | Path | RunLayout, *, kinds: tuple[str, ...] = KINDS, n_select: int = 40,
                    n_eval: int = 100, n_attr: int = 60, n_validate: int = 12,
-                   strengths: tuple[float, ...] = DEFAULT_STRENGTHS, positions: str = DEFAULT_POSITIONS,
+                   strengths: tuple[float, ...] = DEFAULT_STRENGTHS,
+                   positions: str | tuple[str, ...] = DEFAULT_POSITIONS,
                    ig_steps: int = 4, engine: str = "torch", batch_size: int = 50, seed: int = 0,
                    reach_questions: int = 60, max_new_tokens: int = MAX_NEW_TOKENS, device: str = "auto",
                    progress: bool = True) -> dict:
     """Steering and attribution of the run's colour and shape features at the SAE's own layer, into
-    RUN/steering_summary.json (the sweeps into RUN/steering/select-KIND-POSITIONS/ and test-KIND-POSITIONS/)."""
+    RUN/steering_summary.json (the sweeps into RUN/steering/select-KIND-POSITIONS/ and test-KIND-POSITIONS/).
+    `positions`: where to clamp, or candidates each feature chooses from (with its strength) by its flips on
+    the validation questions (ties: the earlier candidate, then the smaller strength)."""
     from saes.recovery import recovery_of
     from steering.steer import load_setup
 
@@ -77,40 +105,65 @@ def shapes_targets(run: str | Path | RunLayout, *, kinds: tuple[str, ...] = KIND
     report = recovery_of(layout)  # bad input (no concepts of a kind) stops here, before the model loads
     matches = {kind: kind_matches(report, kind) for kind in kinds}
     setup = load_setup(layout, device=device)
+    cands = (positions,) if isinstance(positions, str) else tuple(positions)
+    if not cands:
+        raise TargetsError("give at least one positions to clamp at")
     selection, flip = {}, {"split": "test", "n_questions": n_eval}
     for kind, (own, shared) in matches.items():
-        base = SweepSpec(mode="clamp", unit="max", positions=positions,
-                         features=[FeatureEntry(m.feature, m.concept) for m in own], strengths=list(strengths),
-                         world=WorldItems(kind, n_select, "val", seed), max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, engine=engine, perplexity=False)
-        select = run_sweep(base, layout, f"select-{kind}-{positions}", setup, progress)
-        chosen = {b["feature"]: b for b in select.best}
-        picked = [FeatureEntry(m.feature, m.concept, (chosen[m.feature]["strength"],)) for m in own
-                  if chosen[m.feature]["strength"] is not None]
-        selection[kind] = {"split": "val", "n": n_select, "strengths": list(strengths),
-                           "best": {b["concept"]: b for b in select.best}, "sweep": str(select.out)}
-        per = {}
-        test = None
-        if picked:
-            test = run_sweep(replace(base, features=picked, world=WorldItems(kind, n_eval, "test", seed)), layout,
-                             f"test-{kind}-{positions}", setup, progress)
-            f1 = {m.feature: m.f1 for m in own}
-            for r in test.rows:
-                per[r["concept"]] = {"feature": r["feature"], "strength_x_max": r["strength"], "value": r["value"],
-                                     "flip_rate": r["target_rate"], "n": r["n_target"], "changed": r["changed"],
-                                     "coherence": r["coherence"], "kl": r["kl"], "f1": f1[r["feature"]]}
+        mine = own + [report.match(c) for c in shared]
+        best, by_positions, per, chosen_none, tests, sweeps = {}, {p: {} for p in cands}, {}, [], [], []
+        for r, group in enumerate(feature_rounds(mine)):  # a sweep keys generations by feature: one concept each
+            suffix = f"-{r + 1}" if r else ""
+            base = SweepSpec(mode="clamp", unit="max", positions=cands[0], features=[], strengths=list(strengths),
+                             world=WorldItems(kind, n_select, "val", seed), max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, engine=engine, perplexity=False)
+            picks: dict[str, list] = {p: [] for p in cands}
+            rows = {}
+            for p in cands:
+                spec = replace(base, positions=p, features=[FeatureEntry(m.feature, m.concept) for m in group])
+                select = run_sweep(spec, layout, f"select-{kind}-{p}{suffix}", setup, progress)
+                sweeps.append(str(select.out))
+                for b in select.best:
+                    by_positions[p][b["concept"]] = b
+                    rows.setdefault(b["concept"], []).append((p, b))
+            for m in group:  # the positions and strength with the most flips on the validation questions
+                ok = [(p, b) for p, b in rows[m.concept] if b["strength"] is not None]
+                if not ok:
+                    chosen_none.append(m.concept)
+                    best[m.concept] = rows[m.concept][0][1]
+                    continue
+                p, b = max(ok, key=lambda pb: (pb[1]["target_rate"], -cands.index(pb[0])))
+                best[m.concept] = {**b, "positions": p}
+                picks[p].append(FeatureEntry(m.feature, m.concept, (b["strength"],)))
+            f1 = {m.concept: m.f1 for m in group}
+            for p, picked in picks.items():
+                if not picked:
+                    continue
+                test = run_sweep(replace(base, positions=p, features=picked, world=WorldItems(kind, n_eval, "test",
+                                                                                             seed)),
+                                 layout, f"test-{kind}-{p}{suffix}", setup, progress)
+                tests.append(test.out)
+                for row in test.rows:
+                    per[row["concept"]] = {"feature": row["feature"], "positions": p, "strength_x_max": row["strength"],
+                                           "value": row["value"], "flip_rate": row["target_rate"],
+                                           "n": row["n_target"], "changed": row["changed"],
+                                           "coherence": row["coherence"], "kl": row["kl"], "f1": f1[row["concept"]],
+                                           "shares_feature_with": [o.concept for o in mine if o.feature ==
+                                                                   row["feature"] and o.concept != row["concept"]]}
+        selection[kind] = {"split": "val", "n": n_select, "strengths": list(strengths), "positions": list(cands),
+                           "best": best, "by_positions": by_positions, "sweeps": sweeps}
         hits = sum(round(v["flip_rate"] * v["n"]) for v in per.values() if v["flip_rate"] is not None)
         total = sum(v["n"] for v in per.values())
         flip[kind] = {"per_concept": per, "overall": hits / total if total else None, "n": total,
-                      "baseline_accuracy": _baseline_accuracy(test.out) if test else None,
-                      "without_a_coherent_strength": [m.concept for m in own if chosen[m.feature]["strength"] is None],
-                      "sharing_a_feature": shared}
-    attribution = attribution_targets(setup, {k: m[0] for k, m in matches.items()}, n_attr, ig_steps, batch_size,
+                      "baseline_accuracy": _baseline_accuracy(tests[0]) if tests else None,
+                      "without_a_coherent_strength": chosen_none, "sharing_a_feature": shared}
+    attribution = attribution_targets(setup, {k: m[0] + [report.match(c) for c in m[1]] for k, m in matches.items()},
+                                      n_attr, ig_steps, batch_size,
                                       n_validate=n_validate, seed=seed, progress=progress)
     result = {
         "sae": str(layout.sae), "features": str(layout.features), "model": setup.lm.name, "layer": setup.hook.name,
         "module_path": setup.hook.module_path, "sae_layer": sae_layer(setup), "steering_layer": setup.hook.index,
-        "positions": positions, "mode": "clamp", "unit": "max", "selection": selection, "flip": flip,
+        "positions": list(cands), "mode": "clamp", "unit": "max", "selection": selection, "flip": flip,
         "attribution": attribution, "reach": image_token_reach(setup, reach_questions, kinds, seed),
     }
     result["targets"] = {f"flip_rate>=0.8 ({kind})": bool(flip[kind]["overall"] is not None

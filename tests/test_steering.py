@@ -481,7 +481,7 @@ def test_object_positions_need_a_question_that_names_an_object(lm, setup, run, s
 def test_concepts_by_name_or_value():
     from interp.shapes.concepts import ConceptMatch, RecoveryReport
     from steering.sweep import concept_match
-    from steering.targets import TargetsError, kind_matches
+    from steering.targets import TargetsError, feature_rounds, kind_matches
 
     m = lambda c, f, f1=1.0: ConceptMatch(c, f, 0.1, f1, 1.0, 1.0, 1.0, 10, 0.5)  # noqa: E731
     report = RecoveryReport([m("color:red", 3), m("color:blue", 4, 0.95), m("color:cyan", 4, 0.6),
@@ -493,6 +493,8 @@ def test_concepts_by_name_or_value():
     with pytest.raises(SpecError, match=r"features\[2\] names concept 'magenta', which the run's recovery report "
                                         r"does not have; known concepts: color:red, color:blue"):
         concept_match(report, "magenta", "features[2]")
+    assert [[m.concept for m in g] for g in feature_rounds(report.concepts)] == [
+        ["color:red", "shape:letter e", "size:small", "color:blue"], ["color:cyan"]]  # best F1 first
     own, shared = kind_matches(report, "color")
     assert [o.concept for o in own] == ["color:red", "color:blue"] and shared == ["color:cyan"]  # blue's F1 wins
     with pytest.raises(TargetsError, match="no 'fill' concepts .* its kinds: color, shape, size"):
@@ -519,7 +521,8 @@ def make_planted_run(lm, subject_path, run, decoy: tuple[str, str] = ("pink", "c
     """A layer-4 cache of the random subject, and a ReLU SAE whose feature j is 1 on every row (W_enc 0, b_enc 1)
     and decodes along `answer_direction` of concept j's value x 100; the recovery report names them. The decoy
     concept (pink) is matched to a feature that decodes to another colour (cyan), so steering it must not flip
-    answers to pink. Returns the concepts in feature order."""
+    answers to pink; star is matched (F1 0.5) to circle's feature, which it then shares. Returns the concepts
+    in feature order."""
     from explain.features import FeaturesConfig, compute_features
     from interp.cache.writer import CacheConfig, build_cache
     from interp.shapes.concepts import ConceptMatch, RecoveryReport, write_recovery
@@ -541,8 +544,10 @@ def make_planted_run(lm, subject_path, run, decoy: tuple[str, str] = ("pink", "c
             sae.W_dec[j] = 100 * answer_direction(lm, decoy[1] if word == decoy[0] else word)
     sae.save(layout.sae)
     compute_features(FeaturesConfig(run=str(run), progress=False))
-    write_recovery(RecoveryReport([ConceptMatch(c, j, 0.5, 1.0, 1.0, 1.0, 1.0, 10, 0.2) for j, c in enumerate(concepts)],
-                                  extra={"sae_sha256": sae_fingerprint(layout.sae)}), layout.recovery)
+    circle = concepts.index("shape:circle")
+    matches = [ConceptMatch(c, circle, 0.5, 0.5, 0.5, 0.5, 0.5, 10, 0.2) if c == "shape:star" else
+               ConceptMatch(c, j, 0.5, 1.0, 1.0, 1.0, 1.0, 10, 0.2) for j, c in enumerate(concepts)]
+    write_recovery(RecoveryReport(matches, extra={"sae_sha256": sae_fingerprint(layout.sae)}), layout.recovery)
     return concepts
 
 
@@ -555,7 +560,8 @@ def test_planted_directions_flip_answers_through_steer_targets(lm, subject_path,
 
     run = tmp_path / "planted"
     concepts = make_planted_run(lm, subject_path, run)
-    r = shapes_targets(run, n_select=10, n_eval=16, n_attr=4, n_validate=2, strengths=(1.0, 4.0), positions="text",
+    r = shapes_targets(run, n_select=10, n_eval=16, n_attr=4, n_validate=2, strengths=(1.0, 4.0),
+                       positions=("object", "text"),
                        ig_steps=2, max_new_tokens=1, reach_questions=40, device="cpu", progress=False)
     layout = RunLayout(run)
     assert r == json.loads(layout.steering_summary.read_text())
@@ -563,30 +569,37 @@ def test_planted_directions_flip_answers_through_steer_targets(lm, subject_path,
     colour, shape = r["flip"]["color"], r["flip"]["shape"]
     assert set(colour["per_concept"]) == set(concepts[:8]) and set(shape["per_concept"]) == set(concepts[8:])
     for concept, v in {**colour["per_concept"], **shape["per_concept"]}.items():
-        if concept == "color:pink":  # decodes to cyan: answers turn cyan, never pink
+        if concept in ("color:pink", "shape:star"):  # decode to cyan and circle: those answers, never theirs
             assert v["flip_rate"] == 0.0 and v["changed"] > 0.5, v
-        else:
-            assert v["strength_x_max"] == 4.0 and v["flip_rate"] == 1.0 and v["n"] >= 8, (concept, v)
+        else:  # the planted directions act on the last prompt token: every feature picks "text" over "object"
+            assert v["positions"] == "text" and v["strength_x_max"] == 4.0 and v["flip_rate"] == 1.0, (concept, v)
+            assert v["n"] >= 8
     sel = r["selection"]["color"]
-    assert sel["split"] == "val" and sel["best"]["color:red"]["strength"] == 4.0
+    assert sel["split"] == "val" and sel["best"]["color:red"]["strength"] == 4.0 and r["positions"] == ["object", "text"]
+    assert sel["best"]["color:red"]["target_rate"] == 1.0  # at "object" the random model's answers hardly move:
+    assert (sel["by_positions"]["object"]["color:red"].get("target_rate") or 0) < 0.5  # none coherent, or few
     assert sel["best"]["color:pink"]["note"] == "no strength moved any answer to the target"
     for kind, split in (("color", "val"), ("color", "test"), ("shape", "test")):
         spec = json.loads(layout.sweep(f"{'select' if split == 'val' else 'test'}-{kind}-text").spec.read_text())
         assert spec["world"]["split"] == split and spec["world"]["task"] == kind
     assert colour["overall"] == pytest.approx(sum(v["n"] for c, v in colour["per_concept"].items()
                                                   if c != "color:pink") / colour["n"])
-    assert shape["overall"] == 1.0
+    assert shape["per_concept"]["shape:star"]["shares_feature_with"] == ["shape:circle"]
+    assert shape["sharing_a_feature"] == ["shape:star"] and layout.sweep("test-shape-text-2").summary.exists()
+    assert shape["overall"] == pytest.approx(sum(v["n"] for c, v in shape["per_concept"].items()
+                                                 if c != "shape:star") / shape["n"])
     h = headline(r)
-    assert h["steering_success"] == round(colour["overall"], 4) and h["steering_success_shape"] == 1.0
+    assert h["steering_success"] == round(colour["overall"], 4)
+    assert h["steering_success_shape"] == round(shape["overall"], 4)
     assert h["sae_layer"] == h["steering_layer"] == 4
     for key in ("attribution_top5", "attribution_top5_patching", "attribution_top5_shape"):
         assert 0 <= h[key] <= 1
     assert 0 <= r["reach"]["answers_changed"] <= 1
-    assert r["targets"]["flip_rate>=0.8 (shape)"] is True
+    assert r["targets"]["flip_rate>=0.8 (shape)"] is (shape["overall"] >= 0.8)
     # the pipeline's stage: the same measurement at the defaults' positions, its headline keys
     out = steer_and_attribute(run, 0, n_select=3, n_eval=3, n_attr=2)
-    assert set(out) == set(h) and out["steering_positions"] == "object" and out["sae_layer"] == 4
-    assert layout.sweep("select-color-object").summary.exists() and layout.sweep("select-shape-object").summary.exists()
+    assert set(out) == set(h) and out["steering_positions"] == ["image", "all"] and out["sae_layer"] == 4
+    assert layout.sweep("select-color-image").summary.exists() and layout.sweep("select-shape-all").summary.exists()
 
 
 def test_steer_targets_bad_input(lm, subject_path, tmp_path, cli):
@@ -596,7 +609,8 @@ def test_steer_targets_bad_input(lm, subject_path, tmp_path, cli):
     make_planted_run(lm, subject_path, run)
     for argv, words in ((["--select-questions", "0"], "argument --select-questions: must be at least 1, got 0"),
                         (["--kinds", "size"], "--kinds: unknown 'size'; choose from color, shape"),
-                        (["--positions", "everywhere"], "invalid choice: 'everywhere'"),
+                        (["--positions", "image,everywhere"], "--positions: unknown 'everywhere'; choose from image, "
+                                                              "object, text, all"),
                         (["--strengths", "nan"], "--strengths value must be finite, got nan")):
         r = cli("steer-targets", run, *argv)
         assert r.code == 2 and words in r.err.strip().splitlines()[-1], (argv, r.err)

@@ -36,13 +36,14 @@ def explain_and_score(run: str | Path | RunLayout, explainer: str = "shapes-expl
     return summary
 
 
-def steer_and_attribute(run: str | Path | RunLayout, seed: int = 0, *, n_select: int = 40, n_eval: int = 100,
+def steer_and_attribute(run: str | Path | RunLayout, seed: int = 0, *, n_select: int = 30, n_eval: int = 80,
                         n_attr: int = 40, progress: bool = False) -> dict:
     """`interp steer-targets` on a run's own SAE, at its own layer (no twin SAE): colour and shape features
-    clamped on the image patches of the object each question names, strengths picked on validation
-    questions, flip rates on test questions, attribution and image-token reach. Writes the recovery report
-    and feature statistics first when the run lacks them; returns the demo summary's steering keys
-    (`steering.targets.headline`; the whole measurement is RUN/steering_summary.json)."""
+    clamped on the image patches or on every token (steering.targets.DEFAULT_POSITIONS), positions and
+    strength picked per feature on validation questions, flip rates on test questions, attribution and
+    image-token reach (~100 s on 2 cores at these sizes). Writes the recovery report and feature statistics
+    first when the run lacks them; returns the demo summary's steering keys (`steering.targets.headline`;
+    the whole measurement is RUN/steering_summary.json)."""
     from explain.features import FeaturesConfig, compute_features
     from saes.recovery import RecoveryConfig, run_recovery
     from steering.targets import headline, shapes_targets
