@@ -30,6 +30,23 @@ def test_patch_coverage_partitions_every_patch():
             assert np.allclose(by_attr, cov["object"])
 
 
+def test_background_labels_need_most_of_a_patch_object_labels_a_little():
+    cfg = w.WorldConfig()
+    edge_patches = 0
+    for i in range(30):
+        s = w.sample_scene(cfg, i)
+        cov, lab = s.patch_coverage(), s.patch_labels()
+        for c in cov:
+            cut = 0.5 if c == "background" or c.startswith(("tone:", "texture:")) else 0.05
+            assert np.array_equal(lab[c], cov[c] > cut), c
+        partly = (cov["background"] > 0.05) & (cov["background"] <= 0.5)  # an object's edge patch
+        edge_patches += int(partly.sum())
+        assert not lab["background"][partly].any() and lab["object"][partly].all()
+    assert edge_patches > 30
+    background = np.mean([w.sample_scene(cfg, i).patch_labels()["background"].mean() for i in range(30)])
+    assert background < 0.9  # at 5% it was 0.96: an always-on feature "recovered" the background
+
+
 def test_large_objects_have_interior_patches_and_glyphs_are_solid():
     cfg = w.WorldConfig()
     interiors = []

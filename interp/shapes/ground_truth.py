@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interp.shapes.world import INTERIOR, POSITIONS, WorldConfig, check_concepts, concept_names, sample_scene
+from interp.shapes.world import (INTERIOR, POSITIONS, WorldConfig, check_concepts, concept_labels, concept_names,
+                                 sample_scene)
 
 
 @dataclass
@@ -25,8 +26,9 @@ class TokenConcepts:
     rows: np.ndarray  # which rows of the cache have labels (image tokens of shapes-world samples)
 
     def labels(self, threshold: float = 0.05) -> np.ndarray:
-        """[rows, concepts] bool: the concept covers more than `threshold` of the token's box."""
-        return self.coverage > threshold
+        """[rows, concepts] bool: an object's concept covers more than `threshold` of the token's box, a
+        background concept most of it (`world.concept_labels`)."""
+        return concept_labels(self.coverage, self.concepts, threshold)
 
 
 def parse_shapes_ref(ref: str) -> tuple[str, int, int] | None:
@@ -131,6 +133,6 @@ def object_mask(image_ref: str, attributes: dict[str, str] | None = None,
 
 def token_labels(image_ref: str, tokens: np.ndarray, concept: str, world: WorldConfig = WorldConfig(),
                  threshold: float = 0.05) -> np.ndarray:
-    """Per token-table row: the concept covers more than `threshold` of its pixel box (as recovery labels)."""
+    """Per token-table row: the concept's label for its pixel box, as recovery labels (`world.concept_labels`)."""
     boxes = np.stack([tokens[k] for k in ("x0", "y0", "x1", "y1")], axis=1).astype(float)
-    return box_coverage(scene_of(image_ref, world), boxes, (concept,))[:, 0] > threshold
+    return concept_labels(box_coverage(scene_of(image_ref, world), boxes, (concept,)), (concept,), threshold)[:, 0]
