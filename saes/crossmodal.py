@@ -189,15 +189,15 @@ def load_crossmodal(path: str | Path) -> CrossModalReport:
 
 
 def image_truth(reader, world=None, threshold: float = 0.05) -> TokenConcepts:
-    """Labels of the cache's image patches: each concept of the shapes world covers > `threshold` of a
-    patch's box (another world passes its own TokenConcepts)."""
+    """Labels of the cache's image patches, as recovery's (`TokenConcepts.labels`: an object's concept covers
+    > `threshold` of a patch's box, a background concept most of it; another world passes its own TokenConcepts)."""
     from interp.cache.format import is_image_patch
     from interp.shapes.ground_truth import token_concepts
     from interp.shapes.world import WorldConfig
 
     gt = token_concepts(reader, world or WorldConfig(), with_object=False)
     keep = is_image_patch(reader.tokens["role"][gt.rows])
-    return TokenConcepts(gt.concepts, (gt.coverage[keep] > threshold).astype(np.float64), gt.rows[keep])
+    return TokenConcepts(gt.concepts, gt.labels(threshold)[keep].astype(np.float64), gt.rows[keep])
 
 
 WORDED_KINDS = ("color", "shape", "size", "fill", "cell")
