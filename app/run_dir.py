@@ -17,7 +17,7 @@ from typing import Any
 
 import h5py
 
-from interp.infra.layout import CROSSMODAL_PREFIX, RunLayout
+from interp.infra.layout import RunLayout
 
 STAGES = ("cache", "sae", "metrics", "eval", "features", "recovery", "explanations", "scores")
 WHAT = {"cache": "activation cache (activations.h5)", "sae": "SAE (sae/)",
@@ -182,10 +182,7 @@ class RunDir:
     def subruns(self) -> list[Path]:
         """Run directories nested in this one (the demo's and the cross-modal sweep's crossmodal-layerL/, a
         steering run at another layer): each opens on its own."""
-        nested = set(self.layout.subruns())
-        if self.root.is_dir():
-            nested |= {p for p in self.root.glob(f"{CROSSMODAL_PREFIX}*") if p.is_dir()}
-        return [d for d in sorted(nested) if _is_features(RunLayout(d).features) or _is_sae(RunLayout(d).sae)]
+        return [d for d in self.layout.subruns() if _is_features(RunLayout(d).features) or _is_sae(RunLayout(d).sae)]
 
     def path(self, stage: str) -> Path | None:
         if stage not in STAGES:

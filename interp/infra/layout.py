@@ -19,6 +19,8 @@ shared by several runs). The spec, with the formats of the files, is docs/format
     RUN/explanations.jsonl      explanations; RUN/explainer_cache.jsonl the explainer's replies (interp explain)
     RUN/scores.jsonl            scores; RUN/score_summary.json their summary (interp score)
     RUN/text_explanations.jsonl, text_scores.jsonl, text_score_summary.json   text features (interp explain-text, score-text)
+    RUN/explanation-methods/METHOD/  explanations, scores and their summary per explanation method, side by side
+                                (explain.methods: ours, reference, contrastive)
     RUN/steering/NAME/          one steering sweep (interp sweep; `interp steer-targets` writes select/, test/)
     RUN/steering_summary.json   steering and attribution on the shapes world (interp steer-targets)
     RUN/steering-layerL/        a nested run for steering with an SAE at another layer L (the pipeline makes none)
@@ -185,6 +187,17 @@ class RunLayout:
     def text_score_summary(self) -> Path:
         return self.root / "text_score_summary.json"
 
+    @property
+    def explanation_methods(self) -> Path:
+        return self.root / "explanation-methods"
+
+    def explanation_method(self, method: str) -> RunLayout:
+        """One explanation method's records (explain.methods): RUN/explanation-methods/METHOD/ holds its
+        explanations.jsonl, scores.jsonl and score_summary.json, named as a run's own."""
+        if not method or "/" in method or method.startswith("."):
+            raise ValueError(f"an explanation method's name is one plain directory name, got {method!r}")
+        return RunLayout(self.explanation_methods / method)
+
     # ---------------------------------------------------------------- the steering stage
     def sweep(self, name: str) -> SweepDir:
         if not name or "/" in name or name.startswith("."):
@@ -246,8 +259,12 @@ class RunLayout:
         return sorted(self.root.glob("*_run.json")) if self.root.is_dir() else []
 
     def subruns(self) -> list[Path]:
-        """The nested steering runs (RUN/steering-layerL/)."""
-        return sorted(p for p in self.root.glob(f"{STEERING_PREFIX}*") if p.is_dir()) if self.root.is_dir() else []
+        """The nested runs: steering with an SAE at another layer (RUN/steering-layerL/) and cross-modal
+        caches (RUN/crossmodal-layerL/)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for prefix in (STEERING_PREFIX, CROSSMODAL_PREFIX) for p in self.root.glob(f"{prefix}*")
+                      if p.is_dir())
 
     # ---------------------------------------------------------------- sharing inputs between runs
     def link(self, name: str, target: str | os.PathLike) -> Path:
