@@ -28,12 +28,14 @@ def encoded_chunks(sae, reader, rows: np.ndarray, chunk_rows: int = 32768):
             yield x.numpy(), sae.encode(x.to(sae.device, sae.dtype)).float().cpu().numpy()
 
 
-def recover(sae, reader, f1_min: float = 0.9, threshold: float = 0.05, chunk_rows: int = 32768) -> RecoveryReport:
-    """The best feature of `sae` per concept, over the shapes-world image tokens of `reader`'s cache."""
+def recover(sae, reader, f1_min: float = 0.9, threshold: float = 0.05, chunk_rows: int = 32768,
+            gt=None) -> RecoveryReport:
+    """The best feature of `sae` per concept, over the shapes-world image tokens of `reader`'s cache
+    (`gt`: the cache's `token_concepts`, when the caller has them already)."""
     from interp.shapes.ground_truth import token_concepts
 
     sae.check_width(torch.zeros(1, reader.d))
-    gt = token_concepts(reader, with_object=False)
+    gt = gt if gt is not None else token_concepts(reader, with_object=False)
     matches = recover_concepts(lambda: encoded_chunks(sae, reader, gt.rows, chunk_rows), gt.concepts,
                                gt.labels(threshold))
     return RecoveryReport(matches, f1_min)
@@ -46,13 +48,15 @@ def recovery_across_seeds(reader, sae_cfg, train_cfg, seeds, known: dict | None 
     run's own SAE), not retrained."""
     from dataclasses import replace
 
+    from interp.shapes.ground_truth import token_concepts
     from saes.train import train
 
     out = dict(known or {})
+    gt = token_concepts(reader, with_object=False) if any(s not in out for s in seeds) else None
     for seed in seeds:
         if seed not in out:
             sae = train(sae_cfg, replace(train_cfg, seed=int(seed), progress=False), reader, None).sae
-            out[seed] = recover(sae, reader, f1_min)
+            out[seed] = recover(sae, reader, f1_min, gt=gt)
     return {s: out[s] for s in seeds}
 
 

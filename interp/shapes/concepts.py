@@ -53,18 +53,32 @@ def f1_of_counts(tp, pred, pos):
     return f1, precision, recall
 
 
-def best_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float, float]:
-    """(F1, precision, recall, threshold) of the best rule `scores >= threshold`."""
-    order = np.argsort(-scores, kind="stable")
-    y = labels[order].astype(float)
-    tp = np.cumsum(y)
-    pred = np.arange(1, len(y) + 1)
-    ends = np.append(np.flatnonzero(np.diff(scores[order]) != 0), len(y) - 1)  # cut only between distinct scores
-    if not len(ends):
+@dataclass(frozen=True)
+class Ranked:
+    """One score column sorted once (the cost of best_threshold), to try against many label columns."""
+
+    order: np.ndarray  # rows by descending score (stable)
+    ends: np.ndarray  # positions in `order` after which the score changes: the only cuts
+    cuts: np.ndarray  # the score at each end
+
+    @classmethod
+    def of(cls, scores: np.ndarray) -> Ranked:
+        order = np.argsort(-scores, kind="stable")
+        ranked = scores[order]
+        ends = np.append(np.flatnonzero(np.diff(ranked) != 0), len(ranked) - 1) if len(ranked) else np.zeros(0, int)
+        return cls(order, ends, ranked[ends])
+
+
+def best_threshold(scores: np.ndarray | Ranked, labels: np.ndarray) -> tuple[float, float, float, float]:
+    """(F1, precision, recall, threshold) of the best rule `scores >= threshold` (`scores` sorted already
+    when given as Ranked)."""
+    r = scores if isinstance(scores, Ranked) else Ranked.of(scores)
+    if not len(r.ends):
         return 0.0, 0.0, 0.0, float("inf")
-    f1, precision, recall = f1_of_counts(tp[ends], pred[ends], labels.sum())
+    tp = np.cumsum(labels[r.order], dtype=np.float64)
+    f1, precision, recall = f1_of_counts(tp[r.ends], r.ends + 1, labels.sum())
     i = int(f1.argmax())
-    return float(f1[i]), float(precision[i]), float(recall[i]), float(scores[order][ends[i]])
+    return float(f1[i]), float(precision[i]), float(recall[i]), float(r.cuts[i])
 
 
 def concept_scores(values: np.ndarray, labels: np.ndarray, concepts: tuple[str, ...]) -> list[dict]:
@@ -119,11 +133,19 @@ def recover_concepts(chunks: Chunks, concepts: tuple[str, ...], labels: np.ndarr
     f1_fired = np.stack([f1_of_counts(tp[j], fired, labels[:, j].sum())[0] for j in range(len(concepts))])
     pool = np.unique(np.argsort(-f1_fired, axis=1)[:, :candidates])
     columns = np.concatenate([acts[:, pool] for _, acts in chunks()])
+    ranked = [Ranked.of(columns[:, i]) for i in range(len(pool))]
+    neurons: dict[tuple[int, int], Ranked] = {}  # (dimension, sign), sorted once for every concept
+
+    def neuron_column(d: int, sign: int) -> Ranked:
+        if (d, sign) not in neurons:
+            neurons[(d, sign)] = Ranked.of(sign * raw_x[:, d])
+        return neurons[(d, sign)]
+
     out = []
     for j, concept in enumerate(concepts):
-        tried = [(best_threshold(columns[:, i], labels[:, j]), i) for i in range(len(pool))]
+        tried = [(best_threshold(ranked[i], labels[:, j]), i) for i in range(len(pool))]
         (f1, precision, recall, thr), i = max(tried, key=lambda t: t[0][0])
-        neuron = max(best_threshold(sign * raw_x[:, d], labels[:, j])[0]
+        neuron = max(best_threshold(neuron_column(int(d), sign), labels[:, j])[0]
                      for d in _top_neurons(raw_x, labels[:, j]) for sign in (1, -1))
         out.append(ConceptMatch(concept, int(pool[i]), thr, f1, precision, recall, auroc(columns[:, i], labels[:, j]),
                                 int(labels[:, j].sum()), neuron))
