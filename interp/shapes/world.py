@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from interp.infra.cli_config import Command, at_least, choices
 
@@ -257,6 +257,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     return pts
 
 
+def _erode(a: np.ndarray, k: int) -> np.ndarray:
+    """A square min filter of odd size `k` with the edges replicated: PIL's MinFilter, bit for bit, in a
+    tenth of its time (it was most of the ground truth's cost)."""
+    rows = np.lib.stride_tricks.sliding_window_view(np.pad(a, k // 2, mode="edge"), k, axis=0).min(-1)
+    return np.lib.stride_tricks.sliding_window_view(rows, k, axis=1).min(-1)
+
+
 def _draw(shape: str, fill: str, size: int, cx: float, cy: float, r: float) -> tuple[np.ndarray, np.ndarray]:
     """(painted coverage, silhouette) of one object on a `size`-px square canvas, anti-aliased."""
     S = SUPERSAMPLE
@@ -280,7 +287,7 @@ def _draw(shape: str, fill: str, size: int, cx: float, cy: float, r: float) -> t
     painted = solid
     if fill == "outline":
         border = max(5, int(round(r * 0.28)) | 1)  # odd filter size, at least ~1.3 px at 1x
-        inner = np.asarray(big.filter(ImageFilter.MinFilter(border)), float) / 255.0
+        inner = _erode(np.asarray(big), border).astype(float) / 255.0
         painted = solid - inner
     elif fill == "striped":
         yy, xx = np.mgrid[0: size * S, 0: size * S]
