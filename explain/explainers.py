@@ -223,7 +223,10 @@ class WorldExplainer:
     def __init__(self, backend: Backend | Describer, agree: float = 0.6, weighted: bool = True,
                  cutoff: float = 0.5, patches: int | None = 1, candidates: float = 0.5, tolerance: float = 0.02,
                  context_margin: float = 0.35, min_negatives: int = 5, silent: float = 0.0,
-                 world: WorldConfig = WorldConfig(), seed: int = 0):
+                 world: WorldConfig = WorldConfig(), seed: int = 0, contrast: bool = True):
+        """`contrast`: describe silent regions of the same size and keep only the attributes that tell the
+        feature's regions from them (the protocol's default); False: no silent regions, the attributes most
+        regions share (explain.aggregate without `silent`), the ablation explain.methods compares."""
         if not 0 < agree <= 1:
             raise ValueError(f"agree must be in (0, 1], got {agree}")
         if not 0 <= cutoff <= 1:
@@ -233,7 +236,7 @@ class WorldExplainer:
         self.agree, self.weighted, self.cutoff, self.patches = agree, weighted, cutoff, patches
         self.candidates, self.tolerance = candidates, tolerance
         self.context_margin, self.min_negatives, self.silent = context_margin, min_negatives, silent
-        self.world, self.seed = world, seed
+        self.world, self.seed, self.contrast = world, seed, contrast
         self.name = f"world:{self.describer.name}"
 
     @property
@@ -270,8 +273,9 @@ class WorldExplainer:
                 plan.regions = self.regions(plan.examples)
                 if not plan.regions:
                     raise ValueError("no example has an active patch to highlight: nothing to explain")
-                plan.silent = silent_regions(plan.regions, plan.examples, plan.negatives, self.world,
-                                             _seed(plan.examples, self.seed), self.silent)
+                if self.contrast:
+                    plan.silent = silent_regions(plan.regions, plan.examples, plan.negatives, self.world,
+                                                 _seed(plan.examples, self.seed), self.silent)
             except Exception as e:  # noqa: BLE001  (recorded for that feature)
                 plan.error = e
         live = [p for p in plans if p.error is None]

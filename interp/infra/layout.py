@@ -19,8 +19,8 @@ shared by several runs). The spec, with the formats of the files, is docs/format
     RUN/explanations.jsonl      explanations; RUN/explainer_cache.jsonl the explainer's replies (interp explain)
     RUN/scores.jsonl            scores; RUN/score_summary.json their summary (interp score)
     RUN/text_explanations.jsonl, text_scores.jsonl, text_score_summary.json   text features (interp explain-text, score-text)
-    RUN/explanation-methods/METHOD/  explanations, scores and their summary per explanation method, side by side
-                                (explain.methods: ours, reference, contrastive)
+    RUN/explanation-methods/METHOD/  explanations, scores, score summary of one explanation method
+                                (explain.methods: ours, reference, contrastive, side by side)
     RUN/steering/NAME/          one steering sweep (interp sweep; `interp steer-targets` writes select/, test/)
     RUN/steering_summary.json   steering and attribution on the shapes world (interp steer-targets)
     RUN/steering-layerL/        a nested run for steering with an SAE at another layer L (the pipeline makes none)
