@@ -7,6 +7,13 @@ reconstruction error stays in x, so a feature the edit leaves alone costs nothin
 that changes no activation returns x bit for bit. (`keep_error=False` instead replaces the
 edited rows by the SAE's reconstruction, for splicing experiments.)
 
+The reference method of steering.methods is the LMMs-Lab Multimodal-SAE's steering ("Large Multi-modal
+Models Can Interpret Features in Large Multi-modal Models", arXiv 2411.14982; `clamp_features_max` in
+EvolvingLMMs-Lab/multimodal-sae, sae_auto_interp/features/steering.py): in the prompt's forward it sets
+the feature's encoder PRE-activation to a value at every position and re-applies top-k, and in every
+forward (generated tokens too) the layer's output becomes the SAE's reconstruction, error term dropped.
+Here that is mode "clamp-pre" at positions "prompt" with `splice=True`.
+
 `FeatureEdit` is one callable, (layer output, generation step) -> new output, so the nnsight
 engine and the plain-hook engine run the very same arithmetic.
 """
@@ -20,10 +27,12 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-MODES = ("clamp", "add", "ablate")
+MODES = ("clamp", "add", "ablate", "clamp-pre")
+PRE_MODES = ("clamp-pre",)  # edits of the encoder's pre-activation: the SAE's sparsity is re-applied after them
 UNITS = ("absolute", "max")  # "max": a multiple of the feature's max activation (from features.h5)
-POSITIONS = ("image", "object", "text", "generated", "all")
+POSITIONS = ("image", "object", "text", "generated", "all", "prompt")
 PROMPT_POSITIONS = ("image", "object", "text", "all")  # the masks a prompt batch carries (see steer.PromptBatch)
+PREFILL_ONLY = {"prompt": "all"}  # positions of the prompt's forward alone, and the prompt mask they use
 
 
 class InterventionError(ValueError):
@@ -32,13 +41,15 @@ class InterventionError(ValueError):
 
 @dataclass(frozen=True)
 class Intervention:
-    """Change `feature` at `positions`: clamp it to `value`, add `value` to it, or ablate it (value unused).
+    """Change `feature` at `positions`: clamp it to `value`, add `value` to it, or ablate it (value unused);
+    "clamp-pre" sets its encoder pre-activation to `value` and re-applies the SAE's sparsity (see
+    `sparsify`), so the clamped feature can push others out of the top k (the reference method).
 
     positions: "image" (image-patch tokens of the prompt), "object" (the image patches of the
     object the question is about: shapes-world questions, see steer.question_region), "text" (the
     user's text in the prompt), "generated" (tokens the model generates; the first answer token is predicted
     from the prompt, so it is not affected), "all" (every non-padding prompt token and every
-    generated token).
+    generated token), "prompt" (every non-padding prompt token, and no generated one).
     """
 
     feature: int
@@ -81,6 +92,28 @@ class Intervention:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def pre_activations(sae, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's pre-activations of raw rows x, in the units of `sae.encode`'s activations."""
+    x = x.to(sae.dtype)
+    if not sae._normalised():
+        return sae.pre_acts(x)
+    return sae.pre_acts(sae.normalise(x)) * sae.norm_scale
+
+
+def sparsify(sae, pre: torch.Tensor) -> torch.Tensor:
+    """Activations from (edited) pre-activations in `pre_activations`' units: the SAE's own activation,
+    then, for SAEs whose sparsity is a k, at most ceil(k) features per row (the largest): the reference's
+    top-k re-application. For a TopK SAE this is exactly `encode`; a BatchTopK SAE's inference threshold
+    can keep more than k in a row, and the cap then also drops its weakest features."""
+    scale = sae.norm_scale if sae._normalised() else None
+    acts = sae.activation(pre if scale is None else pre / scale)
+    acts = acts if scale is None else acts * scale
+    if not sae.arch.uses_k or math.ceil(sae.cfg.k) >= acts.shape[-1]:
+        return acts
+    vals, idx = acts.topk(math.ceil(sae.cfg.k), dim=-1)
+    return torch.zeros_like(acts).scatter_(-1, idx, vals)
 
 
 def check_strength(value: float, what: str = "strength") -> float:
@@ -167,10 +200,15 @@ def sae_hook(lm, sae, layer: int | str | None = None):
 
 class FeatureEdit:
     """The layer-output edit for a batch: `edit(output, step)` with step 0 the prompt's forward
-    ([B, T, d]) and step s >= 1 the forward of generated token s ([B, 1, d], KV cache)."""
+    ([B, T, d]) and step s >= 1 the forward of generated token s ([B, 1, d], KV cache).
+
+    `splice=True` runs the model on the SAE's reconstruction at this layer: every non-padding row of
+    every forward (generated tokens too) becomes decode(its activations, edited where the interventions
+    reach), so the error term is dropped everywhere, as the reference method does; `keep_error` is then
+    moot."""
 
     def __init__(self, sae, interventions: Sequence[Intervention], masks: Mapping[str, torch.Tensor],
-                 keep_error: bool = True):
+                 keep_error: bool = True, splice: bool = False):
         bad = [iv for iv in interventions if iv.unit != "absolute" and iv.mode != "ablate"]
         if bad:
             raise InterventionError(f"resolve() the interventions first: {bad[0].describe()} is not in absolute units")
@@ -180,15 +218,19 @@ class FeatureEdit:
                 raise InterventionError(f"{iv.describe()}: this batch has no {iv.positions!r} positions (positions "
                                         "'object' need shapes-world images and a question that names one object, "
                                         "e.g. 'what color is the circle ?'); use one of "
-                                        f"{', '.join(p for p in POSITIONS if p in masks or p == 'generated')}")
-        self.sae, self.interventions, self.keep_error = sae, list(interventions), keep_error
+                                        f"{', '.join(p for p in POSITIONS if p in masks or p not in PROMPT_POSITIONS)}")
+        self.sae, self.interventions, self.keep_error, self.splice = sae, list(interventions), keep_error, splice
         self._feats = sorted({iv.feature for iv in self.interventions})  # the columns an edit changes
         self._column = {f: j for j, f in enumerate(self._feats)}
+        # a pre-activation edit can move any column (top-k re-applied), and splicing decodes every row anew
+        self._dense = splice or any(iv.mode in PRE_MODES for iv in self.interventions)
         self.masks = {k: v.bool() for k, v in masks.items()}
         self.prompt_shape = tuple(next(iter(self.masks.values())).shape)
 
     def _rows(self, positions: str, step: int, shape: tuple[int, int]) -> torch.Tensor | None:
         if step == 0:
+            if positions in PREFILL_ONLY:
+                return self.masks[PREFILL_ONLY[positions]]
             return self.masks[positions] if positions in PROMPT_POSITIONS else None
         return torch.ones(shape, dtype=torch.bool) if positions in ("generated", "all") else None
 
@@ -208,31 +250,60 @@ class FeatureEdit:
         for r in rows:
             if r is not None:
                 union |= r
+        if self.splice:
+            union |= self._rows("all", step, shape).to(out.device)
         if not union.any():
             return out
         x = out[union]
+        sels = [None if r is None else r[union] for r in rows]
+        edited = self._dense_edit(x, sels) if self._dense else self._column_edit(x, sels)
+        result = out.clone()
+        result[union] = edited
+        return result
+
+    @staticmethod
+    def _set(acts: torch.Tensor, iv: Intervention, sel: torch.Tensor, j: int) -> None:
+        """Apply a post-activation intervention to column j of `acts` at rows `sel`, in place."""
+        if iv.mode == "clamp":
+            acts[sel, j] = iv.value
+        elif iv.mode == "add":
+            acts[sel, j] += iv.value
+        elif iv.mode == "ablate":
+            acts[sel, j] = 0.0
+
+    def _column_edit(self, x: torch.Tensor, sels: list) -> torch.Tensor:
         acts = self.sae.encode(x)
         # only the intervened features' columns change: edit those [rows, F] and decode the change
         # through their decoder rows (rank F), not a dense [rows, d_sae] @ W_dec
         feats, column = self._feats, self._column
         old = acts[:, feats]
         new = old.clone()
-        for iv, r in zip(self.interventions, rows):
-            if r is None:
-                continue
-            sel, j = r[union], column[iv.feature]
-            if iv.mode == "clamp":
-                new[sel, j] = iv.value
-            elif iv.mode == "add":
-                new[sel, j] += iv.value
-            else:
-                new[sel, j] = 0.0
+        for iv, sel in zip(self.interventions, sels):
+            if sel is not None:
+                self._set(new, iv, sel, column[iv.feature])
         # decode is affine: decode(new) - decode(acts) == (new - acts) @ W_dec, exactly 0 where nothing changed
         if self.keep_error:
-            edited = x + ((new - old) @ self.sae.W_dec[feats]).to(x.dtype)
-        else:
-            acts[:, feats] = new
-            edited = self.sae.decode(acts).to(x.dtype)
-        result = out.clone()
-        result[union] = edited
-        return result
+            return x + ((new - old) @ self.sae.W_dec[feats]).to(x.dtype)
+        acts[:, feats] = new
+        return self.sae.decode(acts).to(x.dtype)
+
+    def _dense_edit(self, x: torch.Tensor, sels: list) -> torch.Tensor:
+        """Pre-activation edits first (their rows re-sparsified: `sparsify`), then the others on the result."""
+        sae = self.sae
+        acts = sae.encode(x)
+        new = acts.clone()
+        pre_rows = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        pre = None
+        for iv, sel in zip(self.interventions, sels):
+            if sel is not None and iv.mode in PRE_MODES:
+                pre = pre_activations(sae, x) if pre is None else pre
+                pre[sel, iv.feature] = iv.value
+                pre_rows |= sel
+        if pre is not None:
+            new[pre_rows] = sparsify(sae, pre[pre_rows])
+        for iv, sel in zip(self.interventions, sels):
+            if sel is not None and iv.mode not in PRE_MODES:
+                self._set(new, iv, sel, iv.feature)
+        if self.keep_error and not self.splice:  # exactly x where no activation changed, as in _column_edit
+            return x + ((new - acts) @ sae.W_dec).to(x.dtype)
+        return sae.decode(new).to(x.dtype)

@@ -216,8 +216,10 @@ class Generation:
 
 
 def generate(setup: SteerSetup, batch: PromptBatch, interventions: Sequence[Intervention] = (), *,
-             max_new_tokens: int = 8, engine: str = "nnsight", keep_error: bool = True) -> Generation:
-    """Greedy generation with the (already resolved) interventions applied at the SAE's layer."""
+             max_new_tokens: int = 8, engine: str = "nnsight", keep_error: bool = True,
+             splice: bool = False) -> Generation:
+    """Greedy generation with the (already resolved) interventions applied at the SAE's layer (`splice`: the
+    model runs on the SAE's reconstruction there, see FeatureEdit)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     lm = setup.lm
@@ -225,7 +227,7 @@ def generate(setup: SteerSetup, batch: PromptBatch, interventions: Sequence[Inte
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True, output_logits=True,
                   return_dict_in_generate=True, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
                   else tok.eos_token_id)
-    edit = FeatureEdit(setup.sae, interventions, batch.masks, keep_error) if interventions else None
+    edit = FeatureEdit(setup.sae, interventions, batch.masks, keep_error, splice) if interventions else None
     with torch.no_grad():
         if edit is None:
             out = lm.model.generate(**batch.inputs, **kwargs)

@@ -28,9 +28,14 @@ but features optional):
     unit: max                                # absolute | max
     positions: image                         # image | object | text | generated | all
     world: {task: color, n: 100, split: test, seed: 0}   # or prompts: [...] with images: [...]
+                                             # with scenes_of: color, the task's questions on the
+                                             # images of the colour task's n questions
     max_new_tokens: 8
     coherence_floor: 0.9
     perplexity: true                         # false: skip scoring outputs under the unsteered model
+    keep_error: true                         # false: edited rows become the SAE's reconstruction
+    splice: false                            # true: the model runs on the SAE's reconstruction (needs keep_error false)
+    figure: true                             # false: no sweep.html/.png (a few MB and ~1 s each)
 
 A concept is named as the recovery report names it (`color:green`), or by its value alone where
 one concept has it (`green`); the target answer of a `kind:value` concept is its value. Positions
@@ -58,7 +63,7 @@ from steering.steer import ENGINES, Query, SteerSetup
 FREE_TEXT_TASKS = ("caption", "region", "at")  # answers composed of the world's words: coherent if all are words
 METRICS = ("target_rate", "kl", "changed", "coherence", "perplexity")
 # what must match for records of an earlier run to count as this sweep's generations
-IDENTITY = ("sae_sha256", "model", "hook", "mode", "unit", "positions", "max_new_tokens", "keep_error")
+IDENTITY = ("sae_sha256", "model", "hook", "mode", "unit", "positions", "max_new_tokens", "keep_error", "splice")
 
 
 class SpecError(ValueError):
@@ -78,18 +83,23 @@ def _check_keys(d: Any, cls: type, where: str) -> dict:
 
 @dataclass(frozen=True)
 class WorldItems:
-    """Held-out shapes-world questions of one task (interp.shapes.organisms.eval.world_items)."""
+    """Held-out shapes-world questions of one task (interp.shapes.organisms.eval.world_items); with
+    `scenes_of`, the task's questions on the images of `scenes_of`'s n questions (those that can pose it),
+    e.g. the size of the objects whose colour a colour sweep steers."""
 
     task: str = "color"
     n: int = 100
     split: str = "test"
     seed: int = 0
+    scenes_of: str | None = None
 
     def __post_init__(self) -> None:
         from interp.shapes.world import SPLITS, TASKS
 
         if self.task not in TASKS:
             raise SpecError(f"unknown world task {self.task!r}; use one of {', '.join(TASKS)}")
+        if self.scenes_of is not None and self.scenes_of not in TASKS:
+            raise SpecError(f"unknown world scenes_of {self.scenes_of!r}; use one of {', '.join(TASKS)}")
         if self.split not in SPLITS:
             raise SpecError(f"unknown world split {self.split!r}; use one of {', '.join(SPLITS)}")
         if int(self.n) != self.n or self.n < 1:
@@ -124,6 +134,8 @@ class SweepSpec:
     coherence_floor: float = 0.9
     answer_set: list[str] | None = None
     perplexity: bool = True  # score every output under the unsteered model (one more forward per batch)
+    splice: bool = False  # the model runs on the SAE's reconstruction at the layer (FeatureEdit); error term dropped
+    figure: bool = True  # write sweep.html / .png
 
     @classmethod
     def from_dict(cls, raw: dict) -> SweepSpec:
@@ -181,6 +193,9 @@ class SweepSpec:
                 raise SpecError(f"{key} must be a positive integer, got {v!r}")
         if not 0 <= float(self.coherence_floor) <= 1:
             raise SpecError(f"coherence_floor must be in [0, 1], got {self.coherence_floor!r}")
+        if self.splice and self.keep_error:
+            raise SpecError("splice runs the model on the SAE's reconstruction, which drops the error term: "
+                            "set keep_error false with it")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -240,7 +255,7 @@ def items_for(spec: SweepSpec) -> list[Item]:
 
         w = spec.world
         out = []
-        for scene, qa in world_items(w.task, w.n, w.split, w.seed):
+        for scene, qa in world_pairs(w) if w.scenes_of else world_items(w.task, w.n, w.split, w.seed):
             ref = f"shapes:{w.split}:{scene.index}:{w.seed}"
             if qa.highlight is not None:  # the reference alone would render the image without its highlight
                 ref += "#highlight=" + ",".join(map(str, qa.highlight.astype(int).ravel()))
@@ -253,6 +268,21 @@ def items_for(spec: SweepSpec) -> list[Item]:
     images = {r: load_image(r) for r in refs if r is not None}
     return [Item(Query(p, images.get(r), r or "", question_region(r, p) if r else None))
             for p in spec.prompts for r in refs]
+
+
+def world_pairs(w: WorldItems) -> list:
+    """(scene, QA) of `w.task` on the scenes of `w.scenes_of`'s n questions that can pose it (fewer than n
+    where some cannot), its own random stream per task (the questions are the same on every call)."""
+    from interp.shapes.organisms.eval import world_items
+    from interp.shapes.world import scene_questions
+
+    rng = np.random.default_rng([w.seed, 3, sum(map(ord, w.task))])
+    out = []
+    for scene, _ in world_items(w.scenes_of, w.n, w.split, w.seed):
+        qas = scene_questions(scene, rng, (w.task,))
+        if qas:
+            out.append((scene, qas[0]))
+    return out
 
 
 def answer_word(concept: str | None) -> str | None:
@@ -371,7 +401,8 @@ def sweep_identity(spec: SweepSpec, setup: SteerSetup) -> dict:
 
     return {"sae_sha256": sae_fingerprint(setup.run.sae), "model": setup.lm.name, "hook": setup.hook.module_path,
             "mode": spec.mode, "unit": spec.unit, "positions": spec.positions,
-            "max_new_tokens": spec.max_new_tokens, "keep_error": spec.keep_error}
+            "max_new_tokens": spec.max_new_tokens, "keep_error": spec.keep_error,
+            **({"splice": True} if spec.splice else {})}  # absent when off: earlier sweeps' identities still match
 
 
 def run_sweep(spec: SweepSpec, run: str | Path | RunLayout, name: str, setup: SteerSetup | None = None,
@@ -436,7 +467,7 @@ def _run_batch(spec, setup, batch: list[Item], conditions, resolved, records: Ge
     missing_base = [i for i, k in enumerate(base_keys) if k not in records]
     if not todo and not missing_base:
         return 0
-    kw = dict(max_new_tokens=spec.max_new_tokens, engine=spec.engine, keep_error=spec.keep_error)
+    kw = dict(max_new_tokens=spec.max_new_tokens, engine=spec.engine, keep_error=spec.keep_error, splice=spec.splice)
     generated = 0
     if missing_base:
         sub = prepare(setup.lm, [batch[i].query for i in missing_base])
@@ -525,7 +556,8 @@ def _write_outputs(sweep: SweepDir, spec: SweepSpec, rows: list[dict], best: lis
         w.writeheader()
         w.writerows(rows)
     write_json(sweep.summary, {"rows": rows, "best": best, "spec": spec.to_json()}, indent=1, default=str)
-    plot(rows, best, sweep)
+    if spec.figure:
+        plot(rows, best, sweep)
 
 
 def plot(rows: list[dict], best: list[dict], sweep: SweepDir) -> None:
