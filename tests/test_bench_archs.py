@@ -65,7 +65,8 @@ def test_benchmark_scores_ours_and_the_other_trainers(shapes_run, tmp_path):
     cfg = BenchmarkConfig(run=str(tmp_path / "bench"), cache=str(shapes_run / "activations.h5"),
                           archs=("topk", "matryoshka", "sae-lens", "sparsify"), d_sae=32, k=4, steps=60,
                           batch_size=256, widths=(16, 32), sweep_archs=("matryoshka",), sweep_steps=30,
-                          ce_samples=4, explain=False, readme=str(readme))
+                          ce_samples=4, explain=False, methods_features=4, methods_questions=6, crossmodal=False,
+                          readme=str(readme))  # the cross-modal section has its own test (test_crossmodal.py)
     report = run_benchmark(cfg)
     on_disk = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert on_disk["architectures"].keys() == {"topk", "matryoshka", "sae-lens", "sparsify"}
@@ -79,12 +80,49 @@ def test_benchmark_scores_ours_and_the_other_trainers(shapes_run, tmp_path):
     assert on_disk["architectures"]["sparsify"]["architecture"] == "topk"
     assert on_disk["architectures"]["matryoshka"]["architecture"] == "matryoshka"
     assert set(on_disk["width_sweep"]["matryoshka"]) == {"16", "32"}
+    em, sm = on_disk["explanation_methods"], on_disk["steering_methods"]  # on topk, the first of ours
+    assert em["sae"] == sm["sae"] == "topk" and 0 < em["features"] <= 4
+    for m in ("ours", "reference", "contrastive"):
+        assert 0 <= em[m]["explanation_accuracy_all"] <= 1 and "explanations" not in em[m]
+    for m in ("ours", "reference"):
+        assert {"flip_rate", "collateral", "coherence"} <= set(sm[m]), m
     assert on_disk == json.loads(json.dumps(report))
     text = (tmp_path / "bench" / "report.md").read_text()
     assert "| sparsify | sparsify |" in text and "## Width sweep" in text
     for fig in ("recovery", "absorption", "width_sweep"):
         assert (tmp_path / "bench" / f"{fig}.html").exists() and (tmp_path / "bench" / f"{fig}.png").exists()
-    assert "| sae-lens | sae-lens |" in readme.read_text()
+    assert "| sae-lens | sae-lens |" in readme.read_text() and "| contrastive |" in readme.read_text()
+    assert "## The reference work's methods against ours" in text
     # a re-run reads the trained SAEs back instead of training them again
     again = run_benchmark(cfg)
     assert again["architectures"]["topk"]["fvu"] == report["architectures"]["topk"]["fvu"]
+
+
+def test_the_methods_sections_pick_one_of_our_saes_and_render_both_tables(tmp_path):
+    from interp.pipeline.benchmark import BenchmarkConfig
+
+    assert BenchmarkConfig().methods_arch == "batchtopk"
+    assert BenchmarkConfig(archs=("topk", "sparsify")).methods_arch == "topk"
+    assert BenchmarkConfig(archs=("sparsify",), methods=False).methods_arch is None
+    with pytest.raises(ValueError, match="the methods sections need one of our architectures"):
+        BenchmarkConfig(archs=("sparsify",))
+    with pytest.raises(ValueError, match="--methods-arch relu is not"):
+        BenchmarkConfig(archs=("topk",), methods_arch="relu")
+    explained = {m: {"explanation_accuracy_all": a, "explanation_accuracy": 0.5, "detection_balanced_accuracy_all": 0.7,
+                     "iou": 0.2, "explained_fraction": 0.25} for m, a in
+                 (("ours", 0.05), ("reference", 0.0), ("contrastive", 0.23))}
+    ref = {"flip_rate": 0.4, "collateral": 0.3, "collateral_kl": 1.5, "coherence": 0.6}
+    ours = {"flip_rate": 0.8, "collateral": 0.05, "collateral_kl": 0.2, "coherence": 0.95}
+    steered = {"reference": {**ref, "per_kind": {"color": ref}},
+               "ours": {**ours, "variant": {"color": "clamp-image"}, "per_kind": {"color": ours}}}
+    report = {"explanation_methods": {"sae": "batchtopk", "features": 40, **explained},
+              "steering_methods": {"sae": "batchtopk", **steered}, "architectures": {}}
+    text = bench_archs.render_methods(report)
+    assert "| contrastive | 0.230 | 50% | 0.700 | 0.200 | 25% |" in text
+    assert "| color | reference | 40% | 0.300 | 1.500 | 60% |" in text and "| color | ours (clamp-image) | 80% |" in text
+    assert "| all | ours (color: clamp-image) | 80% | 0.050 | 0.200 | 95% |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{bench_archs.README_BEGIN}\nold\n{bench_archs.README_END}\ny\n")
+    assert bench_archs.paste_into(readme, report)
+    assert "old" not in readme.read_text() and "| color | ours (clamp-image) |" in readme.read_text()
+    assert bench_archs.render_methods({"architectures": {}}) == ""

@@ -67,6 +67,16 @@ class BenchmarkConfig:
     """the cross-modal section: an SAE on image and text tokens at every layer (interp.pipeline.crossmodal)"""
     steer: bool = False
     """the steering column: each of our SAEs steered at its own layer, its colour- and shape-flip rates"""
+    methods: bool = True
+    """the methods sections: explanation methods (explain.methods) and steering methods (steering.methods)
+    side by side on one SAE, the reference work's against ours"""
+    methods_arch: str | None = None
+    """the architecture whose SAE the methods sections explain and steer (default: batchtopk, the demo's
+    recipe, when it is among --archs, else the first of ours)"""
+    methods_features: int = field(default=64, metadata=at_least(1))
+    """explanation methods: the densest this many live features"""
+    methods_questions: int = field(default=60, metadata=at_least(1))
+    """steering methods: test (and validation) questions per kind"""
     readme: str | None = None
     """a markdown file whose benchmark-table block (between its markers) gets the rendered table"""
 
@@ -76,6 +86,13 @@ class BenchmarkConfig:
         bad = [a for a in self.archs + self.sweep_archs if a not in known]
         if bad:
             raise ValueError(f"unknown SAE {', '.join(map(repr, bad))}; choose from {', '.join(known)}")
+        ours = [a for a in self.archs if a not in bench_archs.EXTERNAL]
+        if self.methods_arch is None and self.methods:
+            self.methods_arch = "batchtopk" if "batchtopk" in ours else (ours[0] if ours else None)
+        if self.methods and self.methods_arch not in ours:
+            raise ValueError(f"the methods sections need one of our architectures among --archs ({', '.join(self.archs)}):"
+                             f" {'--methods-arch ' + self.methods_arch + ' is not' if self.methods_arch else 'none is'}"
+                             "; add it or pass --no-methods")
         if any(a in bench_archs.EXTERNAL for a in self.sweep_archs):
             raise ValueError(f"the width sweep runs our architectures only; drop {', '.join(bench_archs.EXTERNAL)} "
                              "from --sweep-archs")
@@ -93,6 +110,24 @@ def _steer_column(arch_run: RunLayout) -> dict:
     except ValueError as e:
         print(e)
         return {}
+
+
+def _methods_sections(arch_run: RunLayout, cfg: BenchmarkConfig) -> dict:
+    """`explanation_methods` and `steering_methods` on one architecture's SAE: the reference work's methods
+    against ours, on the same features, images and questions (the per-feature records stay in its run)."""
+    from explain.features import FeaturesConfig, compute_features
+    from explain.methods import explanation_methods
+    from steering.methods import steering_methods
+
+    if not arch_run.features.exists():
+        compute_features(FeaturesConfig(run=str(arch_run.root), progress=False))
+    explained = explanation_methods(arch_run, max_features=cfg.methods_features, seed=cfg.seed)
+    out = {"explanation_methods": {"sae": cfg.methods_arch, "features": explained["n_features"],
+                                   **{m: {k: v for k, v in explained[m].items() if k != "explanations"}
+                                      for m in ("ours", "reference", "contrastive")}}}
+    steered = steering_methods(arch_run, kinds=("color", "shape"), n_questions=cfg.methods_questions, seed=cfg.seed)
+    out["steering_methods"] = {**steered, "sae": cfg.methods_arch, "sae_path": steered["sae"]}
+    return out
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
@@ -130,6 +165,11 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         sweep = bench_archs.run_width_sweep(run, reader, scored, cfg.sweep_archs if cfg.widths else (), cfg.widths,
                                             k=cfg.k, steps=cfg.sweep_steps, batch_size=cfg.batch_size, seed=cfg.seed)
         timings["width_sweep"] = round(time.time() - t, 1)
+        methods = {}
+        if cfg.methods:
+            t = time.time()
+            methods = _methods_sections(run.arch_run(cfg.methods_arch), cfg)
+            timings["methods"] = round(time.time() - t, 1)
         first = next(iter(archs.values()), {})
         neurons = {"sparse_probing_top1": first.get("sparse_probing_neurons_top1"),
                    "sparse_probing_top5": first.get("sparse_probing_neurons_top5")}
@@ -143,7 +183,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
               "held_out_rows": int(scored.test.sum()),
               "budget": {"d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
                          "seed": cfg.seed, "sweep_steps": cfg.sweep_steps},
-              "architectures": archs, "neurons": neurons, "width_sweep": sweep, "seconds": timings}
+              "architectures": archs, "neurons": neurons, "width_sweep": sweep, **methods, "seconds": timings}
     write_json(run.benchmark, report, indent=1)
     _write_report(report, run)
     if cfg.crossmodal:  # its own section, appended to report.md and benchmark.json
@@ -171,6 +211,9 @@ def _write_report(report: dict, run: RunLayout) -> None:
     sweep = bench_archs.render_sweep(report)
     if sweep:
         lines += [f"## Width sweep ({budget['sweep_steps']} steps each)", "", sweep, ""]
+    methods = bench_archs.render_methods(report)
+    if methods:
+        lines += ["## The reference work's methods against ours", "", methods, ""]
     archs, concepts = report["architectures"], report["concepts"]
     lines += ["## Best F1 per concept", "", "| concept | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
     for c in concepts:
