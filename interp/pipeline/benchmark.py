@@ -73,7 +73,7 @@ class BenchmarkConfig:
     methods_arch: str | None = None
     """the architecture whose SAE the methods sections explain and steer (default: batchtopk, the demo's
     recipe, when it is among --archs, else the first of ours)"""
-    methods_features: int = field(default=64, metadata=at_least(1))
+    methods_features: int = field(default=32, metadata=at_least(1))
     """explanation methods: the densest this many live features"""
     methods_questions: int = field(default=60, metadata=at_least(1))
     """steering methods: test (and validation) questions per kind"""

@@ -9,7 +9,7 @@ from interp.infra.layout import RunLayout
 
 
 def explain_and_score(run: str | Path | RunLayout, explainer: str = "shapes-explainer", judge: str | None = None,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, features: list[int] | None = None) -> dict:
     """`interp explain` then `interp score` on a run holding features.h5 (every live feature; `explainer`:
     shapes-explainer, or "oracle" for the world's ground truth in its grammar; `judge`: the explainer
     unless given). Returns the score summary (RUN/score_summary.json), whose headline keys are
@@ -21,16 +21,18 @@ def explain_and_score(run: str | Path | RunLayout, explainer: str = "shapes-expl
 
     Sized for the demo's budget (a few hundred features in about two minutes on two cores): 12
     examples per explanation (3 top, 9 from the quantile bands) against as many silent regions, and
-    16 held-out regions (4 top, 12 banded) against 16 silent ones per score."""
-    from explain.commands import ExplainConfig, ScoreConfig, run_explain, run_score
+    16 held-out regions (4 top, 12 banded) against 16 silent ones per score. `features`: only these
+    (default: every live one)."""
+    from explain.commands import ExplainConfig, FeatureSelection, ScoreConfig, run_explain, run_score
 
     layout = RunLayout.of(run)
+    selection = FeatureSelection(features=tuple(features) if features else None)
     explained = run_explain(ExplainConfig(run=str(layout.root), explainer=explainer, explain_top=3, explain_quantile=9,
-                                          progress=progress))
+                                          selection=selection, progress=progress))
     if explained.failed or explained.aborted:
         raise ValueError(f"the explain stage failed on {layout.root}; see the messages above")
     summary = run_score(ScoreConfig(run=str(layout.root), judge=judge, score_top=4, score_quantile=12,
-                                    progress=progress))
+                                    selection=selection, progress=progress))
     if summary["failed"]:
         raise ValueError(f"the score stage failed on {layout.root}; see the messages above")
     return summary
