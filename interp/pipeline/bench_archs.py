@@ -293,11 +293,11 @@ def render_methods(report: dict) -> str:
                          f"| {_fmt(r.get('explained_fraction'), '.0%')} |")
     sm = report.get("steering_methods")
     if sm:
-        lines += (["", ""] if lines else []) + [
+        lines += ([""] if lines else []) + [
             f"Steering methods, on the {sm['sae']} SAE's colour and shape features (`steering.methods`; test questions, "
             "strengths picked on validation ones):", "",
-            "| concepts | method | flip rate | collateral (accuracy drop on the image's other attributes) | KL on "
-            "unrelated prompts | coherence |", "|---|---|---|---|---|---|"]
+            "| concepts | method | flip rate | collateral (accuracy drop on the image's other attributes) | next-token "
+            "KL on those questions | coherence |", "|---|---|---|---|---|---|"]
         chosen = sm["ours"].get("variant") or {}
         for kind in [*(sm["ours"].get("per_kind") or {}), None]:  # each kind, then pooled
             for m in ("reference", "ours"):
