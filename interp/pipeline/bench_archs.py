@@ -146,12 +146,10 @@ def explain_columns(arch_run: RunLayout, densest: int = EXPLAIN_DENSEST) -> dict
     keeps an SAE with many live features (ReLU's 256) from taking minutes; a stage that fails leaves the
     columns out (n/a) instead of stopping the benchmark."""
     from explain.feature_reader import FeatureReader
-    from explain.features import FeaturesConfig, compute_features
-    from interp.pipeline.stages import explain_and_score
+    from interp.pipeline.stages import ensure_features, explain_and_score
     from interp.shapes.concepts import load_recovery
 
-    if not arch_run.features.exists():
-        compute_features(FeaturesConfig(run=str(arch_run.root), progress=False))
+    ensure_features(arch_run)
     matched = sorted(load_recovery(arch_run.recovery).matched()) if arch_run.recovery.exists() else []
     with FeatureReader(arch_run.features) as stats:
         table = stats.summary_table()

@@ -115,12 +115,11 @@ def _steer_column(arch_run: RunLayout) -> dict:
 def _methods_sections(arch_run: RunLayout, cfg: BenchmarkConfig) -> dict:
     """`explanation_methods` and `steering_methods` on one architecture's SAE: the reference work's methods
     against ours, on the same features, images and questions (the per-feature records stay in its run)."""
-    from explain.features import FeaturesConfig, compute_features
     from explain.methods import explanation_methods
+    from interp.pipeline.stages import ensure_features
     from steering.methods import steering_methods
 
-    if not arch_run.features.exists():
-        compute_features(FeaturesConfig(run=str(arch_run.root), progress=False))
+    ensure_features(arch_run)
     explained = explanation_methods(arch_run, max_features=cfg.methods_features, seed=cfg.seed)
     out = {"explanation_methods": {"sae": cfg.methods_arch, "features": explained["n_features"],
                                    **{m: {k: v for k, v in explained[m].items() if k != "explanations"}

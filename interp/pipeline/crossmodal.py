@@ -131,14 +131,13 @@ def plot_sweep(sweep: dict, run: RunLayout) -> None:
 def crossmodal_stage(run: RunLayout, layer: int, samples: int, d_sae: int, k: int, steps: int, seed: int) -> dict:
     """The demo's cross-modal stage at its layer: the nested all-roles run, its features, text explanations
     (the tokens protocol) and their scores; returns the summary keys (summary.json) it measures."""
-    from explain.features import FeaturesConfig, compute_features
     from explain.text_commands import TextExplainConfig, TextScoreConfig, run_explain_text, run_score_text
+    from interp.pipeline.stages import ensure_features
 
     cfg = CrossModalSweepConfig(run=str(run.root), samples=samples, d_sae=d_sae, k=k, steps=steps, seed=seed)
     row = crossmodal_layer_run(run, layer, cfg)
     sub = run.crossmodal_run(layer)
-    if not sub.features.exists():
-        compute_features(FeaturesConfig(run=str(sub.root), seed=seed, progress=False))
+    ensure_features(sub, seed)
     run_explain_text(TextExplainConfig(run=str(sub.root), progress=False))
     scores = run_score_text(TextScoreConfig(run=str(sub.root), progress=False, seed=seed))
     return {"text_explanation_accuracy": scores["matched"]["text_explanation_accuracy"],

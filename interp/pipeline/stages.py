@@ -8,6 +8,16 @@ from pathlib import Path
 from interp.infra.layout import RunLayout
 
 
+def ensure_features(run: str | Path | RunLayout, seed: int = 0) -> RunLayout:
+    """`interp features` on a run that lacks RUN/features.h5 (quietly); the run's layout."""
+    from explain.features import FeaturesConfig, compute_features
+
+    layout = RunLayout.of(run)
+    if not layout.features.exists():
+        compute_features(FeaturesConfig(run=str(layout.root), seed=seed, progress=False))
+    return layout
+
+
 def explain_and_score(run: str | Path | RunLayout, explainer: str = "shapes-explainer", judge: str | None = None,
                       progress: bool = False, features: list[int] | None = None) -> dict:
     """`interp explain` then `interp score` on a run holding features.h5 (every live feature; `explainer`:
@@ -46,7 +56,6 @@ def steer_and_attribute(run: str | Path | RunLayout, seed: int = 0, *, n_select:
     image-token reach (~100 s on 2 cores at these sizes). Writes the recovery report and feature statistics
     first when the run lacks them; returns the demo summary's steering keys (`steering.targets.headline`;
     the whole measurement is RUN/steering_summary.json)."""
-    from explain.features import FeaturesConfig, compute_features
     from saes.recovery import RecoveryConfig, run_recovery
     from steering.targets import headline, shapes_targets
 
@@ -55,7 +64,6 @@ def steer_and_attribute(run: str | Path | RunLayout, seed: int = 0, *, n_select:
         raise FileNotFoundError(f"no SAE at {layout.sae}: train one first (`interp train {layout.root}`)")
     if not layout.recovery.exists():
         run_recovery(RecoveryConfig(run=str(layout.root)))
-    if not layout.features.exists():
-        compute_features(FeaturesConfig(run=str(layout.root), seed=seed, progress=False))
+    ensure_features(layout, seed)
     return headline(shapes_targets(layout, n_select=n_select, n_eval=n_eval, n_attr=n_attr, seed=seed,
                                    progress=progress))
