@@ -126,3 +126,43 @@ def test_image_token_reach_rejects_a_layer_the_model_lacks():
 
     with pytest.raises(ValueError, match="layer 8 is not an LLM layer of this model; it has layers 0 to 7"):
         image_token_reach(build_model(SPECS["subject"]), build_processor(), 8)
+
+
+def test_vision_pretraining_stops_at_its_gate_and_resumes_stopped(tmp_path):
+    from interp.shapes.organisms.build import build_model
+    from interp.shapes.organisms.train import CellHeads, vision_pretrain
+
+    world = WorldConfig(striped_outline=True)
+    cfg = TrainConfig(which="subject", vision_pretrain_steps=50, vision_check_every=2, vision_gate_shape=0.0)
+    model = build_model(SPECS["subject"], world, seed=0)
+    batcher = Batcher(cfg, world)
+    calls = []
+    real = Batcher.cell_batch
+    batcher.cell_batch = lambda step, n=64, split="train": calls.append((step, split)) or real(batcher, step, n, split)
+    held_out = vision_pretrain(model, batcher, cfg, tmp_path / "vision")
+    train_steps = [s for s, split in calls if split == "train"]
+    assert train_steps == [0, 1], "a gate of 0 is reached at the first held-out check"
+    assert set(held_out) == {"color", "shape", "size", "fill"} and all(0 <= v <= 1 for v in held_out.values())
+    calls.clear()
+    again = vision_pretrain(build_model(SPECS["subject"], world, seed=0), batcher, cfg, tmp_path / "vision")
+    assert again == held_out and calls == [], "a gated pretraining resumes as finished"
+    assert CellHeads(8, world).pool.shape == (4, 64)
+
+
+def test_sincos_positions_are_distinct_and_scaled():
+    from interp.shapes.organisms.build import build_model
+    from interp.shapes.organisms.train import init_positions
+
+    world = WorldConfig()
+    model = build_model(SPECS["subject"], world, seed=0)
+    init_positions(model, TrainConfig(position_init="sincos", position_init_std=0.5), world)
+    pe = model.model.vision_tower.embeddings.position_embedding.weight.detach()
+    patches = pe[1:]
+    assert torch.count_nonzero(pe[0]) == 0, "the class token's position stays at zero"
+    assert abs(float(patches.std()) - 0.5) < 1e-3
+    dist = torch.cdist(patches, patches) + torch.eye(len(patches)) * 1e9
+    assert float(dist.min()) > 0.1, "every patch position has its own embedding"
+    # neighbours are closer than far cells: the embedding is smooth in both axes
+    assert float(dist[0, 1]) < float(dist[0, 7]) and float(dist[0, 8]) < float(dist[0, 56])
+    with pytest.raises(ValueError, match="position_init 'learned'"):
+        init_positions(model, TrainConfig(position_init="learned"), world)

@@ -100,3 +100,17 @@ def test_bad_config_and_unknown_concepts_say_why():
         w.WorldConfig(colors=("red", "teal"))
     with pytest.raises(w.WorldConfigError, match="known: color:red"):
         w.check_concepts(["color:teal"])
+
+
+def test_striped_objects_keep_their_outline_when_asked():
+    import numpy as np
+
+    from interp.shapes.world import WorldConfig, _draw
+
+    bare, solid = _draw("star", "striped", 32, 16, 16, 7)
+    ringed, solid2 = _draw("star", "striped", 32, 16, 16, 7, striped_outline=True)
+    outline, _ = _draw("star", "outline", 32, 16, 16, 7)
+    assert np.array_equal(solid, solid2), "the silhouette does not depend on the fill"
+    assert np.all(ringed >= bare - 1e-9) and np.all(ringed >= outline - 1e-9), "stripes inside the outline"
+    assert ringed.sum() > bare.sum() + 0.5 * outline.sum() * 0.3
+    assert not WorldConfig().striped_outline, "the default world stays v2's until the v3 organisms ship"

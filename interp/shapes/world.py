@@ -67,6 +67,7 @@ class WorldConfig:
     large: tuple[float, float] = (0.78, 0.92)
     color_jitter: int = 12
     noise: int = 18  # amplitude of the noisy background texture
+    striped_outline: bool = False  # striped objects keep their contour (organisms v3); else bare stripes
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.colors if c not in COLORS]
@@ -264,8 +265,12 @@ def _erode(a: np.ndarray, k: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(rows, k, axis=1).min(-1)
 
 
-def _draw(shape: str, fill: str, size: int, cx: float, cy: float, r: float) -> tuple[np.ndarray, np.ndarray]:
-    """(painted coverage, silhouette) of one object on a `size`-px square canvas, anti-aliased."""
+def _draw(shape: str, fill: str, size: int, cx: float, cy: float, r: float,
+          striped_outline: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(painted coverage, silhouette) of one object on a `size`-px square canvas, anti-aliased.
+
+    `striped_outline` draws the stripes inside the outline: bare stripes on a small star or
+    diamond are a few diagonal dashes with no contour to name (docs/organisms.md)."""
     S = SUPERSAMPLE
     big = Image.new("L", (size * S, size * S), 0)
     d = ImageDraw.Draw(big)
@@ -285,14 +290,14 @@ def _draw(shape: str, fill: str, size: int, cx: float, cy: float, r: float) -> t
         d.polygon(_polygon(shape, cx, cy, r), fill=255)
     solid = np.asarray(big, float) / 255.0
     painted = solid
-    if fill == "outline":
+    if fill == "outline" or (fill == "striped" and striped_outline):
         border = max(5, int(round(r * 0.28)) | 1)  # odd filter size, at least ~1.3 px at 1x
         inner = _erode(np.asarray(big), border).astype(float) / 255.0
         painted = solid - inner
-    elif fill == "striped":
+    if fill == "striped":
         yy, xx = np.mgrid[0: size * S, 0: size * S]
         stripes = ((xx + yy) // (2 * S)) % 2 == 0  # diagonal stripes of 2 px, period 4 px
-        painted = solid * stripes
+        painted = np.maximum(painted, solid * stripes) if striped_outline else solid * stripes
     down = lambda a: a.reshape(size, S, size, S).mean(axis=(1, 3))  # noqa: E731
     return down(painted), down(solid)
 
@@ -322,7 +327,8 @@ def sample_scene(config: WorldConfig, index: int, split: str = "train", seed: in
         # drawn on its own cell's canvas (4x cheaper than the whole image), then placed
         y0, x0 = row * c, col * c
         painted, solid = np.zeros((s, s)), np.zeros((s, s))
-        painted[y0:y0 + c, x0:x0 + c], solid[y0:y0 + c, x0:x0 + c] = _draw(shape, fill, c, cx - x0, cy - y0, r)
+        painted[y0:y0 + c, x0:x0 + c], solid[y0:y0 + c, x0:x0 + c] = _draw(shape, fill, c, cx - x0, cy - y0, r,
+                                                                          config.striped_outline)
         ys, xs = np.nonzero(solid > 0)
         bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         objects.append(WorldObject(shape, color, size, fill, row, col, bbox, rgb, painted, solid))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,13 @@ class TrainConfig:
     weight_decay: float = 0.01
     vision_pretrain_steps: int = 3000
     vision_pretrain_lr: float = 1e-3
+    vision_lr_end: float = 5e-5  # cosine decay to this: at a constant rate shape plateaued at 0.70-0.78
+    vision_min_objects: int = 3  # dense scenes: more labelled cells per image
+    vision_gate_shape: float = 0.97  # held-out cell-level shape accuracy that ends the pretraining early
+    vision_check_every: int = 100  # steps between held-out checks (and vision checkpoints)
+    position_init: str = "sincos"  # "sincos": 2D sine-cosine (MAE's); "normal": random
     position_init_std: float = 0.5
+    striped_outline: bool = True  # the world's rendering: striped objects keep their contour
     seed: int = 0
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -57,9 +63,9 @@ class TrainConfig:
 
 
 RECIPES = {
-    "subject": TrainConfig(which="subject", steps=4500, batch_images=24, turns=6),
+    "subject": TrainConfig(which="subject", steps=4500, batch_images=24, turns=6, vision_pretrain_steps=4000),
     "explainer": TrainConfig(which="explainer", steps=2500, batch_images=12, turns=2, region_fraction=2.0,
-                             lr=1.5e-3, vision_pretrain_steps=2000),
+                             lr=1.5e-3, vision_pretrain_steps=3000),
 }
 
 
@@ -120,10 +126,11 @@ class Batcher:
                     seqs.append(self.sequence([qa]))
         return collate(images, seqs, self.tok.pad_token_id)
 
-    def cell_batch(self, step: int, n: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Images and, per position cell, the attributes of the object there (-100: the cell is empty)."""
+    def cell_batch(self, step: int, n: int = 64, split: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Dense scenes and, per position cell, the attributes of the object there (-100: the cell is empty)."""
         g = self.world.grid
-        scenes = [w.sample_scene(self.world, 10_000_000 + step * n + j, "train", self.cfg.seed) for j in range(n)]
+        dense = replace(self.world, min_objects=max(self.world.min_objects, self.cfg.vision_min_objects))
+        scenes = [w.sample_scene(dense, 10_000_000 + step * n + j, split, self.cfg.seed) for j in range(n)]
         y = {k: torch.full((n, g * g), -100) for k in CELL_TARGETS}
         y["occupied"] = torch.zeros(n, g * g)
         for i, s in enumerate(scenes):
@@ -184,6 +191,59 @@ class CellHeads(torch.nn.Module):
         return loss, acc
 
 
+def sincos_positions(grid: int, width: int) -> torch.Tensor:
+    """2D sine-cosine position embeddings (MAE's), [grid*grid, width]: half the width per axis."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for axis in (rows.flatten(), cols.flatten()):
+        angle = axis[:, None] * omega[None]
+        parts += [torch.sin(angle), torch.cos(angle)]
+    emb = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(emb, (0, width - emb.shape[1])).float()
+
+
+def init_positions(model, cfg: TrainConfig, world: w.WorldConfig) -> None:
+    """Position embeddings at std `position_init_std`: CLIP's 0.02 is ~20x below the patch
+    embeddings, which left image tokens position-blind (docs/organisms.md)."""
+    weight = model.model.vision_tower.embeddings.position_embedding.weight
+    with torch.no_grad():
+        if cfg.position_init == "normal":
+            torch.nn.init.normal_(weight, std=cfg.position_init_std)
+        elif cfg.position_init == "sincos":
+            emb = sincos_positions(world.patches, weight.shape[1])
+            emb = (emb - emb.mean()) / emb.std() * cfg.position_init_std
+            weight.zero_()
+            weight[weight.shape[0] - emb.shape[0]:] = emb  # the class token (first) stays at zero
+        else:
+            raise ValueError(f"position_init {cfg.position_init!r}: use 'sincos' or 'normal'")
+
+
+@torch.no_grad()
+def cell_accuracy(model, heads: "CellHeads", batcher: Batcher, n: int = 256) -> dict[str, float]:
+    """Held-out (val split) cell-level accuracy per attribute: the vision pretraining's gate."""
+    right: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for b in range(n // 64):
+        x, y = batcher.cell_batch(b, 64, split="val")
+        cells = torch.einsum("ct,btd->bcd", heads.pool, image_token_features(model, x))
+        for k, head in heads.heads.items():
+            m = y[k] >= 0
+            right[k] = right.get(k, 0) + int((head(cells).argmax(-1)[m] == y[k][m]).sum())
+            total[k] = total.get(k, 0) + int(m.sum())
+    return {k: right[k] / max(1, total[k]) for k in right}
+
+
+def vision_lr(step: int, cfg: TrainConfig) -> float:
+    """100 warm-up steps, then cosine decay from vision_pretrain_lr to vision_lr_end."""
+    if step < 100:
+        return cfg.vision_pretrain_lr * (step + 1) / 100
+    t = (step - 100) / max(1, cfg.vision_pretrain_steps - 100)
+    return cfg.vision_lr_end + (cfg.vision_pretrain_lr - cfg.vision_lr_end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def vision_pretrain(model, batcher: Batcher, cfg: TrainConfig, ckpt: Path) -> dict[str, float]:
     """What object is in each position cell, from the mean of the cell's image tokens.
 
@@ -197,13 +257,15 @@ def vision_pretrain(model, batcher: Batcher, cfg: TrainConfig, ckpt: Path) -> di
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=cfg.vision_pretrain_lr)
     both = torch.nn.ModuleDict({"model": model, "heads": heads})
     meta = _load(ckpt, both, opt)
+    if meta and meta.get("gated"):
+        return meta["held_out"]
     start = meta["step"] if meta else 0
     acc: dict[str, float] = {}
     bar = tqdm(range(start, cfg.vision_pretrain_steps), initial=start, total=cfg.vision_pretrain_steps,
                desc="vision pretrain", mininterval=10)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = cfg.vision_pretrain_lr * min(1.0, (step + 1) / 100)
+            g["lr"] = vision_lr(step, cfg)
         x, y = batcher.cell_batch(step)
         loss, acc = heads(image_token_features(model, x), y)
         opt.zero_grad()
@@ -211,10 +273,16 @@ def vision_pretrain(model, batcher: Batcher, cfg: TrainConfig, ckpt: Path) -> di
         torch.nn.utils.clip_grad_norm_(both.parameters(), 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", shape=f"{acc['shape']:.2f}")
-        if (step + 1) % 100 == 0 or step + 1 == cfg.vision_pretrain_steps:
+        if (step + 1) % cfg.vision_check_every == 0 or step + 1 == cfg.vision_pretrain_steps:
+            held_out = cell_accuracy(model, heads, batcher)
+            gated = held_out["shape"] >= cfg.vision_gate_shape
             tqdm.write(json.dumps({"vision_pretrain_step": step + 1, "loss": round(loss.item(), 4),
-                                   **{k: round(v, 3) for k, v in acc.items()}}))
-            _save(ckpt, both, opt, {"step": step + 1})
+                                   **{k: round(v, 3) for k, v in acc.items()},
+                                   "held_out": {k: round(v, 3) for k, v in held_out.items()}}))
+            _save(ckpt, both, opt, {"step": step + 1, "held_out": held_out, "gated": gated})
+            acc = held_out
+            if gated:
+                break
     return acc
 
 
@@ -245,15 +313,16 @@ def _load(path: Path, model, opt) -> dict | None:
     return meta
 
 
-def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig = w.WorldConfig(), threads: int | None = None) -> Path:
+def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None, threads: int | None = None) -> Path:
     """Train into `out` (checkpoint under out/checkpoint); re-running resumes where it stopped."""
+    world = world or w.WorldConfig(striped_outline=cfg.striped_outline)
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(SPECS[cfg.which], world, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=cfg.position_init_std)
+    init_positions(model, cfg, world)
     processor = build_processor(world)
     batcher = Batcher(cfg, world)
     opt = make_optimizer(model, cfg)
@@ -309,7 +378,6 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig = w.WorldConfi
 
 if __name__ == "__main__":  # a background job: python -m interp.shapes.organisms.train subject OUT [STEPS [VISION_STEPS]]
     import sys
-    from dataclasses import replace
 
     which, out = sys.argv[1], sys.argv[2]
     recipe = RECIPES[which]
