@@ -273,8 +273,7 @@ def pre_activations(sources: FeatureSources, feature: int, sample: int) -> np.nd
     s = sources.reader.sample(sample)
     sae = sources.sae
     x = sources.reader.read(s.start, s.stop).to(sae.device, sae.dtype)
-    if sae._normalised():
-        x = (x - sae.norm_mean) / sae.norm_scale
+    x = sae.normalise(x)
     with torch.no_grad():
         pre = pre_activation_column(sae, x, int(feature)).float().cpu().numpy()
     return pre[is_image_patch(s.tokens["role"])]

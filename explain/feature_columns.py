@@ -57,7 +57,7 @@ class RowStatsRecorder:
 
 def supports(sae) -> bool:
     """Whether `feature_column` can compute this SAE's features from their columns."""
-    return not sae._normalised() and sae.cfg.arch in _ACTIVATIONS
+    return not sae.is_normalised() and sae.cfg.arch in _ACTIVATIONS
 
 
 @torch.no_grad()

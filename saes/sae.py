@@ -142,7 +142,8 @@ class SAE(nn.Module):
             raise ValueError(f"this SAE takes inputs of width d_in={self.cfg.d_in}, "
                              f"but got width {x.shape[-1]} (input shape {tuple(x.shape)})")
 
-    def _normalised(self) -> bool:
+    def is_normalised(self) -> bool:
+        """Whether inputs are still normalised inside (training); folded SAEs take raw rows as they are."""
         return bool(self.norm_scale != 1) or bool(self.norm_mean.any())
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,16 +158,29 @@ class SAE(nn.Module):
         """Raw activations [..., d_in] -> feature activations [..., d_sae] (raw units)."""
         self.check_width(x)
         x = x.to(self.dtype)
-        if not self._normalised():
+        if not self.is_normalised():
             return self.activation(self.pre_acts(x))
         return self.activation(self.pre_acts((x - self.norm_mean) / self.norm_scale)) * self.norm_scale
+
+    def raw_pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations of raw rows, in the units of `encode`'s activations (what an intervention edits)."""
+        x = x.to(self.dtype)
+        if not self.is_normalised():
+            return self.pre_acts(x)
+        return self.pre_acts(self.normalise(x)) * self.norm_scale
+
+    def activate_raw(self, pre: torch.Tensor) -> torch.Tensor:
+        """Activations from pre-activations in `raw_pre_acts`' units: `encode` = activate_raw(raw_pre_acts)."""
+        if not self.is_normalised():
+            return self.activation(pre)
+        return self.activation(pre / self.norm_scale) * self.norm_scale
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         """Feature activations [..., d_sae] -> reconstruction of the raw activations [..., d_in]."""
         if acts.shape[-1] != self.cfg.d_sae:
             raise ValueError(f"this SAE has d_sae={self.cfg.d_sae} features, but got width {acts.shape[-1]}")
         acts = acts.to(self.dtype)
-        if not self._normalised():
+        if not self.is_normalised():
             return acts @ self.W_dec + self.b_dec
         return acts @ self.W_dec + (self.b_dec * self.norm_scale + self.norm_mean)
 
@@ -245,7 +259,7 @@ class SAE(nn.Module):
     def sae_lens_state(self) -> dict[str, torch.Tensor]:
         """The weights as SAELens stores them (normalisation folded into a copy)."""
         sae = self
-        if self._normalised():
+        if self.is_normalised():
             import copy
 
             sae = copy.deepcopy(self)

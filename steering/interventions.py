@@ -94,22 +94,12 @@ class Intervention:
         return asdict(self)
 
 
-def pre_activations(sae, x: torch.Tensor) -> torch.Tensor:
-    """The encoder's pre-activations of raw rows x, in the units of `sae.encode`'s activations."""
-    x = x.to(sae.dtype)
-    if not sae._normalised():
-        return sae.pre_acts(x)
-    return sae.pre_acts(sae.normalise(x)) * sae.norm_scale
-
-
 def sparsify(sae, pre: torch.Tensor) -> torch.Tensor:
-    """Activations from (edited) pre-activations in `pre_activations`' units: the SAE's own activation,
+    """Activations from (edited) pre-activations in `SAE.raw_pre_acts`' units: the SAE's own activation,
     then, for SAEs whose sparsity is a k, at most ceil(k) features per row (the largest): the reference's
     top-k re-application. For a TopK SAE this is exactly `encode`; a BatchTopK SAE's inference threshold
     can keep more than k in a row, and the cap then also drops its weakest features."""
-    scale = sae.norm_scale if sae._normalised() else None
-    acts = sae.activation(pre if scale is None else pre / scale)
-    acts = acts if scale is None else acts * scale
+    acts = sae.activate_raw(pre)
     if not sae.arch.uses_k or math.ceil(sae.cfg.k) >= acts.shape[-1]:
         return acts
     vals, idx = acts.topk(math.ceil(sae.cfg.k), dim=-1)
@@ -296,7 +286,7 @@ class FeatureEdit:
         pre = None
         for iv, sel in zip(self.interventions, sels):
             if sel is not None and iv.mode in PRE_MODES:
-                pre = pre_activations(sae, x) if pre is None else pre
+                pre = sae.raw_pre_acts(x) if pre is None else pre
                 pre[sel, iv.feature] = iv.value
                 pre_rows |= sel
         if pre is not None:

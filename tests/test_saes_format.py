@@ -65,9 +65,15 @@ def test_folding_normalisation_keeps_the_function():
         sae = random_sae(arch, seed=3)
         x = 5 * torch.randn(50, 32) + 2
         before_a, before_x = sae.encode(x), sae(x)
+        before_pre = sae.raw_pre_acts(x)
+        assert sae.is_normalised()
+        torch.testing.assert_close(sae.activate_raw(before_pre), before_a, atol=1e-5, rtol=1e-5)
         sae.fold_normalisation()
-        assert not sae._normalised()
+        assert not sae.is_normalised()
         torch.testing.assert_close(sae.encode(x), before_a, atol=1e-4, rtol=1e-4)
+        # pre-activations, the units interventions edit, are in raw units either way
+        torch.testing.assert_close(sae.raw_pre_acts(x), before_pre, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(sae.activate_raw(sae.raw_pre_acts(x)), sae.encode(x))
         torch.testing.assert_close(sae(x), before_x, atol=1e-4, rtol=1e-4)
 
 

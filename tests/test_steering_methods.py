@@ -64,8 +64,6 @@ def test_reference_edit_clamps_the_prefill_and_only_splices_generated_tokens():
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_top_k_is_re_applied_after_the_pre_activation_clamp(arch):
-    from steering.interventions import pre_activations
-
     sae = small_sae(arch, d_sae=32)  # batchtopk at inference: threshold 0, i.e. every positive pre-activation
     torch.manual_seed(2)
     x = torch.randn(40, 16) * 3
@@ -73,8 +71,8 @@ def test_top_k_is_re_applied_after_the_pre_activation_clamp(arch):
         if arch == "batchtopk":
             assert ((sae.encode(x) > 0).sum(-1) > 4).any()  # the threshold alone keeps more than k
         else:
-            assert torch.equal(sparsify(sae, pre_activations(sae, x)), sae.encode(x))  # unedited: encode exactly
-        pre = pre_activations(sae, x)
+            assert torch.equal(sparsify(sae, sae.raw_pre_acts(x)), sae.encode(x))  # unedited: encode exactly
+        pre = sae.raw_pre_acts(x)
         pre[:, 7] = 1e3
         acts = sparsify(sae, pre)
         assert ((acts > 0).sum(-1) <= 4).all() and torch.equal(acts[:, 7], torch.full((40,), 1e3))

@@ -36,7 +36,7 @@ class TopK(Architecture):
         [rows, d_sae] tensor for the bias sum (added in place into `buf`, reused between chunks), the
         dense zero-and-scatter, and the scan for nonzeros; left are the encoder matmul and the top-k."""
         cfg = sae.cfg
-        if sae._normalised() or x.dtype != sae.dtype:
+        if sae.is_normalised() or x.dtype != sae.dtype:
             return None
         sae_in = x - sae.b_dec if cfg.apply_b_dec_to_input else x
         pre = torch.matmul(sae_in, sae.W_enc, out=buf[: len(x)] if buf is not None else None)
