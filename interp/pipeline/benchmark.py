@@ -63,8 +63,9 @@ class BenchmarkConfig:
     """samples for CE loss recovered with each SAE spliced in (0: skip)"""
     explain: bool = True
     """the explanation columns (shapes-explainer explains and scores each SAE's features)"""
-    crossmodal: bool = True
-    """the cross-modal section: an SAE on image and text tokens at every layer (interp.pipeline.crossmodal)"""
+    crossmodal: bool = False
+    """append the cross-modal section: an SAE on image and text tokens at every layer, as `interp
+    crossmodal-sweep` (interp.pipeline.crossmodal); off by default, it doubles the benchmark's time"""
     steer: bool = False
     """the steering column: each of our SAEs steered at its own layer, its colour- and shape-flip rates"""
     methods: bool = True
