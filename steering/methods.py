@@ -147,7 +147,7 @@ def measure(setup, layout: RunLayout, name: str, method: Method, kind: str, conc
         picked = []
         for m in group:
             b = best[m.concept]
-            val_hits = round(b["target_rate"] * b["n_target"]) if b["strength"] is not None else 0
+            val_hits = b["hits"] if b["strength"] is not None else 0
             counts.update(val_hits=val_hits, val_n=val_n[m.concept])
             per[m.concept] = {"feature": m.feature, "f1": m.f1, "strength_x_max": b["strength"],
                               "value": b.get("value"), "validation_flip_rate": val_hits / val_n[m.concept]
@@ -165,9 +165,7 @@ def measure(setup, layout: RunLayout, name: str, method: Method, kind: str, conc
                          layout, f"methods-test-{kind}-{name}{suffix}", setup, progress)
         sweeps.append(str(test.out))
         for row in test.rows:
-            hits = round((row["target_rate"] or 0.0) * row["n_target"])
-            coherent = round((row["coherence"] or 0.0) * row["n"])
-            counts.update(hits=hits, n=row["n_target"], coherent=coherent, outputs=row["n"])
+            counts.update(hits=row["hits"], n=row["n_target"], coherent=row["n_coherent"], outputs=row["n"])
             if row["kl"] is not None:
                 counts.update(kl_sum=row["kl"] * row["n"], kl_n=row["n"])
             per[row["concept"]].update(flip_rate=row["target_rate"], n=row["n_target"], coherence=row["coherence"],

@@ -527,6 +527,7 @@ def summarize(records, conditions: list[Condition], items: list[Item]) -> list[d
         nll = _mean([r["nll"] for r in recs])
         rows.append({"feature": c.feature, "concept": c.concept, "strength": c.strength,
                      "value": recs[0]["value"] if recs else None, "n": len(recs), "n_target": len(hits),
+                     "hits": int(sum(hits)), "n_coherent": sum(bool(r["coherent"]) for r in recs),
                      "target_rate": _mean(hits), "kl": _mean([r["kl"] for r in recs]),
                      "changed": _mean([r["changed"] for r in recs]),
                      "coherence": _mean([r["coherent"] for r in recs]),
@@ -544,7 +545,7 @@ def best_strengths(rows: list[dict], floor: float) -> list[dict]:
         note = {"note": "no strength moved any answer to the target"} if best and best["target_rate"] == 0 else {}
         out.append({"feature": feature, "concept": mine[0]["concept"], "coherence_floor": floor, **note,
                     **({k: best[k] for k in ("strength", "value", "target_rate", "coherence", "kl", "changed",
-                                              "perplexity", "n_target")} if best else
+                                              "perplexity", "n_target", "hits")} if best else
                        {"strength": None, "reason": "no target concept" if mine[0]["concept"] is None
                         else f"no strength keeps coherence >= {floor}"})})
     return out

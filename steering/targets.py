@@ -146,13 +146,13 @@ def shapes_targets(run: str | Path | RunLayout, *, kinds: tuple[str, ...] = KIND
                 for row in test.rows:
                     per[row["concept"]] = {"feature": row["feature"], "positions": p, "strength_x_max": row["strength"],
                                            "value": row["value"], "flip_rate": row["target_rate"],
-                                           "n": row["n_target"], "changed": row["changed"],
+                                           "n": row["n_target"], "hits": row["hits"], "changed": row["changed"],
                                            "coherence": row["coherence"], "kl": row["kl"], "f1": f1[row["concept"]],
                                            "shares_feature_with": [o.concept for o in mine if o.feature ==
                                                                    row["feature"] and o.concept != row["concept"]]}
         selection[kind] = {"split": "val", "n": n_select, "strengths": list(strengths), "positions": list(cands),
                            "best": best, "by_positions": by_positions, "sweeps": sweeps}
-        hits = sum(round(v["flip_rate"] * v["n"]) for v in per.values() if v["flip_rate"] is not None)
+        hits = sum(v.get("hits", 0) for v in per.values())
         total = sum(v["n"] for v in per.values())
         flip[kind] = {"per_concept": per, "overall": hits / total if total else None, "n": total,
                       "baseline_accuracy": _baseline_accuracy(tests[0]) if tests else None,
