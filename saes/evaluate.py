@@ -34,7 +34,7 @@ def reconstruction_metrics(sae, reader, chunk_rows: int = 16384, max_rows: int |
     if n == 0:
         raise ValueError(f"{reader.path} holds no rows to evaluate on")
     total = torch.zeros(reader.d, dtype=torch.float64)
-    sq_total, err_total, l0_total = 0.0, 0.0, 0.0
+    sq_total, err_total = 0.0, 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     for s in range(0, n, chunk_rows):
         x = reader.read(s, min(s + chunk_rows, n)).to(sae.device, sae.dtype)
@@ -42,16 +42,14 @@ def reconstruction_metrics(sae, reader, chunk_rows: int = 16384, max_rows: int |
         err_total += (sae.decode(acts) - x).double().pow(2).sum().item()
         total += x.double().sum(0).cpu()
         sq_total += x.double().pow(2).sum().item()
-        on = acts > 0
-        l0_total += on.sum().item()
-        fired += on.double().sum(0).cpu()
+        fired += (acts > 0).sum(0, dtype=torch.float64).cpu()  # summed as float64: no float copy of the mask
     mean = total / n
     var_total = sq_total - n * mean.pow(2).sum().item()  # sum of squared deviations from the mean row
     density = (fired / n).numpy()
     log_density = np.log10(np.clip(density[density > 0], 1e-10, None))
     hist, edges = np.histogram(log_density, bins=30) if len(log_density) else (np.array([]), np.array([]))
     return {
-        "rows": n, "fvu": err_total / var_total, "mse": err_total / (n * reader.d), "l0": l0_total / n,
+        "rows": n, "fvu": err_total / var_total, "mse": err_total / (n * reader.d), "l0": fired.sum().item() / n,
         "dead_fraction": float((density == 0).mean()), "dense_fraction": float((density > DENSE).mean()),
         "density_histogram": {"log10_density_edges": edges.round(4).tolist(), "counts": hist.tolist()},
         "density": density,

@@ -175,11 +175,33 @@ def top_neurons(raw: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-diff, kind="stable")[:k]
 
 
+def neuron_probing(raw: np.ndarray, labels: np.ndarray, concepts, test: np.ndarray,
+                   ks: tuple[int, ...] = (1, 5)) -> dict[str, dict]:
+    """Sparse probing's baseline: per concept, the held-out F1 of probes on its top-k raw neurons
+    (`neurons_top{k}`). It depends on the rows only, so a caller scoring many SAEs on the same rows computes
+    it once and hands it to `sparse_probing`."""
+    train = ~test
+    r_tr, r_te = raw[train], raw[test]
+    per: dict[str, dict] = {}
+    for j, c in enumerate(concepts):
+        y = labels[:, j].astype(bool)
+        y_tr, y_te = y[train], y[test]
+        if y_tr.sum() == 0 or y_te.sum() == 0:
+            continue
+        per[c] = {}
+        for k in ks:
+            neurons = top_neurons(r_tr, y_tr, k)
+            per[c][f"neurons_top{k}"] = round(_probe_f1(r_tr[:, neurons], y_tr, r_te[:, neurons], y_te), 4)
+    return per
+
+
 def sparse_probing(acts, raw: np.ndarray, labels: np.ndarray, concepts, test: np.ndarray,
-                   ks: tuple[int, ...] = (1, 5)) -> dict:
-    """Held-out F1 of logistic probes on each concept's top-k features and top-k neurons, per k; see the module."""
+                   ks: tuple[int, ...] = (1, 5), neurons: dict[str, dict] | None = None) -> dict:
+    """Held-out F1 of logistic probes on each concept's top-k features and top-k neurons, per k; see the
+    module. `neurons`: `neuron_probing` of the same rows, when already computed."""
     acts = _csr(acts)
     train = ~test
+    neurons = neurons if neurons is not None else neuron_probing(raw, labels, concepts, test, ks)
     a_tr, a_te = acts[np.flatnonzero(train)], acts[np.flatnonzero(test)]
     per: dict[str, dict] = {}
     for j, c in enumerate(concepts):
@@ -193,8 +215,7 @@ def sparse_probing(acts, raw: np.ndarray, labels: np.ndarray, concepts, test: np
             feats = top_features(a_tr, y_tr, k)
             row[f"top{k}"] = round(_probe_f1(a_tr[:, feats].toarray(), y_tr, a_te[:, feats].toarray(), y_te), 4)
             row[f"top{k}_features"] = [int(f) for f in feats]
-            neurons = top_neurons(raw[train], y_tr, k)
-            row[f"neurons_top{k}"] = round(_probe_f1(raw[train][:, neurons], y_tr, raw[test][:, neurons], y_te), 4)
+            row[f"neurons_top{k}"] = neurons[c][f"neurons_top{k}"]
         per[c] = row | {"positives": int(y.sum())}
     out = {"concepts": per}
     for k in ks:
@@ -375,11 +396,13 @@ def mcc(decoder: np.ndarray, directions: np.ndarray, concepts=None) -> dict:
 
 
 def dictionary_metrics(acts, raw: np.ndarray, labels: np.ndarray, concepts, decoder: np.ndarray,
-                       b_dec: np.ndarray, test: np.ndarray, probes: Probes | None = None) -> dict:
-    """Sparse probing, absorption and MCC of one dictionary on labelled rows (the benchmark's per-SAE numbers)."""
+                       b_dec: np.ndarray, test: np.ndarray, probes: Probes | None = None,
+                       neurons: dict[str, dict] | None = None) -> dict:
+    """Sparse probing, absorption and MCC of one dictionary on labelled rows (the benchmark's per-SAE numbers;
+    `probes` and `neurons`, the parts that depend on the rows only, when the caller has them)."""
     probes = probes if probes is not None else train_probes(raw[~test], labels[~test])
     acts = _csr(acts)
-    sp = sparse_probing(acts, raw, labels, concepts, test)
+    sp = sparse_probing(acts, raw, labels, concepts, test, neurons=neurons)
     ab = absorption(acts, raw, labels, concepts, decoder, b_dec, test, probes)
     m = mcc(decoder, probes.directions, concepts)
     return {"absorption": ab["absorption"], "absorption_saebench": ab["absorption_saebench"],

@@ -29,15 +29,17 @@ def encoded_chunks(sae, reader, rows: np.ndarray, chunk_rows: int = 32768):
 
 
 def recover(sae, reader, f1_min: float = 0.9, threshold: float = 0.05, chunk_rows: int = 32768,
-            gt=None) -> RecoveryReport:
+            gt=None, neuron_f1: dict[str, float] | None = None) -> RecoveryReport:
     """The best feature of `sae` per concept, over the shapes-world image tokens of `reader`'s cache
-    (`gt`: the cache's `token_concepts`, when the caller has them already)."""
+    (`gt`: the cache's `token_concepts`, and `neuron_f1`: the best raw neuron's F1 per concept, when the
+    caller has them already)."""
     from interp.shapes.ground_truth import token_concepts
 
     sae.check_width(torch.zeros(1, reader.d))
     gt = gt if gt is not None else token_concepts(reader, with_object=False)
+    baseline = None if neuron_f1 is None else [neuron_f1[c] for c in gt.concepts]
     matches = recover_concepts(lambda: encoded_chunks(sae, reader, gt.rows, chunk_rows), gt.concepts,
-                               gt.labels(threshold))
+                               gt.labels(threshold), neuron_f1=baseline)
     return RecoveryReport(matches, f1_min)
 
 
@@ -56,7 +58,9 @@ def recovery_across_seeds(reader, sae_cfg, train_cfg, seeds, known: dict | None 
     for seed in seeds:
         if seed not in out:
             sae = train(sae_cfg, replace(train_cfg, seed=int(seed), progress=False), reader, None).sae
-            out[seed] = recover(sae, reader, f1_min, gt=gt)
+            first = next(iter(out.values()), None)  # the neuron baseline is the same for every seed
+            out[seed] = recover(sae, reader, f1_min, gt=gt, neuron_f1=None if first is None else
+                                {m.concept: m.neuron_f1 for m in first.concepts})
     return {s: out[s] for s in seeds}
 
 

@@ -117,8 +117,10 @@ in the order of the labels; called twice."""
 
 
 def recover_concepts(chunks: Chunks, concepts: tuple[str, ...], labels: np.ndarray,
-                     candidates: int = 8) -> list[ConceptMatch]:
-    """The best feature per concept; `labels` [rows, concepts] bool in the order `chunks` yields rows."""
+                     candidates: int = 8, neuron_f1: np.ndarray | None = None) -> list[ConceptMatch]:
+    """The best feature per concept; `labels` [rows, concepts] bool in the order `chunks` yields rows.
+    `neuron_f1`: the best raw neuron's F1 per concept (`neuron_f1s`) when the caller scores several SAEs
+    on the same rows; computed here otherwise."""
     tp = fired = None
     raw = []
     s = 0
@@ -134,30 +136,36 @@ def recover_concepts(chunks: Chunks, concepts: tuple[str, ...], labels: np.ndarr
     pool = np.unique(np.argsort(-f1_fired, axis=1)[:, :candidates])
     columns = np.concatenate([acts[:, pool] for _, acts in chunks()])
     ranked = [Ranked.of(columns[:, i]) for i in range(len(pool))]
-    neurons: dict[tuple[int, int], Ranked] = {}  # (dimension, sign), sorted once for every concept
-
-    def neuron_column(d: int, sign: int) -> Ranked:
-        if (d, sign) not in neurons:
-            neurons[(d, sign)] = Ranked.of(sign * raw_x[:, d])
-        return neurons[(d, sign)]
-
+    neuron_f1 = neuron_f1s(raw_x, labels) if neuron_f1 is None else np.asarray(neuron_f1)
     out = []
     for j, concept in enumerate(concepts):
         tried = [(best_threshold(ranked[i], labels[:, j]), i) for i in range(len(pool))]
         (f1, precision, recall, thr), i = max(tried, key=lambda t: t[0][0])
-        neuron = max(best_threshold(neuron_column(int(d), sign), labels[:, j])[0]
-                     for d in _top_neurons(raw_x, labels[:, j]) for sign in (1, -1))
         out.append(ConceptMatch(concept, int(pool[i]), thr, f1, precision, recall, auroc(columns[:, i], labels[:, j]),
-                                int(labels[:, j].sum()), neuron))
+                                int(labels[:, j].sum()), float(neuron_f1[j])))
     return out
 
 
-def _top_neurons(x: np.ndarray, labels: np.ndarray, n: int = 16) -> np.ndarray:
-    """The raw dimensions whose means differ most between positives and negatives (the F1 search's candidates)."""
-    if labels.all() or not labels.any():
-        return np.arange(min(n, x.shape[1]))
-    diff = np.abs(x[labels].mean(0) - x[~labels].mean(0)) / (x.std(0) + 1e-6)
-    return np.argsort(-diff)[:n]
+def neuron_f1s(x: np.ndarray, labels: np.ndarray, n: int = 16) -> np.ndarray:
+    """[concepts] the best single raw neuron's F1 per concept (either sign, at its best threshold): the
+    baseline a feature is compared with. It depends on the rows only, so a caller scoring many SAEs on the
+    same rows computes it once. The search tries the `n` dimensions whose means differ most between
+    positives and negatives."""
+    sd = x.std(0) + 1e-6
+    columns: dict[tuple[int, int], Ranked] = {}  # (dimension, sign), sorted once for every concept
+    out = np.zeros(labels.shape[1])
+    for j in range(labels.shape[1]):
+        y = labels[:, j]
+        if y.all() or not y.any():
+            dims = np.arange(min(n, x.shape[1]))
+        else:
+            dims = np.argsort(-(np.abs(x[y].mean(0) - x[~y].mean(0)) / sd))[:n]
+        for d in dims:
+            for sign in (1, -1):
+                if (int(d), sign) not in columns:
+                    columns[(int(d), sign)] = Ranked.of(sign * x[:, d])
+                out[j] = max(out[j], best_threshold(columns[(int(d), sign)], y)[0])
+    return out
 
 
 def contiguous_runs(rows: np.ndarray):
