@@ -16,6 +16,7 @@ Pointing it at another world: `--world` names the labels (`bench_archs.GROUND_TR
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from interp.infra.cli_config import Command, at_least, choices, positional
@@ -80,6 +81,9 @@ class BenchmarkConfig:
     """steering methods: test (and validation) questions per kind"""
     readme: str | None = None
     """a markdown file whose benchmark-table block (between its markers) gets the rendered table"""
+    parallel: bool = True
+    """run the width sweep in a second process beside the architectures and methods sections, the torch
+    threads split between the two (most of the scoring and explaining is single-threaded Python)"""
 
     def __post_init__(self) -> None:
         self.archs, self.widths, self.sweep_archs = tuple(self.archs), tuple(self.widths), tuple(self.sweep_archs)
@@ -130,6 +134,71 @@ def _methods_sections(arch_run: RunLayout, cfg: BenchmarkConfig) -> dict:
     return out
 
 
+def _sweep_job(cache: str, scored: bench_archs.Scored, names: tuple, widths: tuple, threads: int, kw: dict) -> dict:
+    """The width sweep in a process of its own (`--parallel`), on the parent's labelled rows."""
+    import torch
+
+    from interp.cache.reader import ActivationReader
+
+    torch.set_num_threads(threads)
+    with ActivationReader(cache) as reader:
+        return bench_archs.run_width_sweep(None, reader, scored, names, widths, **kw)
+
+
+@contextmanager
+def _sweep_beside(cfg: BenchmarkConfig, run: RunLayout, scored: bench_archs.Scored, names: tuple):
+    """The width sweep started in a process beside this one (`--parallel`; spawned: torch and forks do
+    not mix) with half the torch threads, this process keeping the rest; yields its pending result, or
+    None when it runs in line. Leaving the block stops the process (a no-op once it is done) and gives
+    the threads back."""
+    if not (cfg.parallel and names):
+        yield None
+        return
+    import multiprocessing as mp
+
+    import torch
+
+    threads = torch.get_num_threads()
+    child = max(1, threads // 2)
+    pool = mp.get_context("spawn").Pool(1)
+    kw = {"k": cfg.k, "steps": cfg.sweep_steps, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    result = pool.apply_async(_sweep_job, (str(run.cache), scored, names, cfg.widths, child, kw))
+    torch.set_num_threads(max(1, threads - child))
+    try:
+        yield result
+    finally:
+        pool.terminate()
+        torch.set_num_threads(threads)
+
+
+def _sections(cfg: BenchmarkConfig, run: RunLayout, reader, scored, sweep_names: tuple, beside, timings: dict,
+              t_sweep: float) -> tuple[dict, dict, dict]:
+    """The architectures, methods and width-sweep sections (the sweep's result from `beside` when it runs
+    in its own process)."""
+    t = time.time()
+    archs = bench_archs.run_architectures(run, reader, scored, cfg.archs, d_sae=cfg.d_sae, k=cfg.k,
+                                          steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                                          explain=cfg.explain, ce_samples=cfg.ce_samples)
+    if cfg.steer:
+        for name in cfg.archs:
+            if name not in bench_archs.EXTERNAL:
+                archs[name].update(_steer_column(run.arch_run(name)))
+    timings["architectures"] = round(time.time() - t, 1)
+    methods = {}
+    if cfg.methods:
+        t = time.time()
+        methods = _methods_sections(run.arch_run(cfg.methods_arch), cfg)
+        timings["methods"] = round(time.time() - t, 1)
+    if beside is None:
+        t_sweep = time.time()
+        sweep = bench_archs.run_width_sweep(run, reader, scored, sweep_names, cfg.widths, k=cfg.k,
+                                            steps=cfg.sweep_steps, batch_size=cfg.batch_size, seed=cfg.seed)
+    else:
+        sweep = beside.get()
+    timings["width_sweep" + ("_in_parallel" if beside else "")] = round(time.time() - t_sweep, 1)
+    return archs, methods, sweep
+
+
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
     from interp.cache.reader import ActivationReader
     from interp.cache.writer import CacheConfig, build_cache
@@ -152,24 +221,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         t = time.time()
         scored = bench_archs.Scored.of(reader, cfg.world, seed=cfg.seed)
         timings["ground_truth"] = round(time.time() - t, 1)
-        t = time.time()
-        archs = bench_archs.run_architectures(run, reader, scored, cfg.archs, d_sae=cfg.d_sae, k=cfg.k,
-                                              steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                                              explain=cfg.explain, ce_samples=cfg.ce_samples)
-        if cfg.steer:
-            for name in cfg.archs:
-                if name not in bench_archs.EXTERNAL:
-                    archs[name].update(_steer_column(run.arch_run(name)))
-        timings["architectures"] = round(time.time() - t, 1)
-        t = time.time()
-        sweep = bench_archs.run_width_sweep(run, reader, scored, cfg.sweep_archs if cfg.widths else (), cfg.widths,
-                                            k=cfg.k, steps=cfg.sweep_steps, batch_size=cfg.batch_size, seed=cfg.seed)
-        timings["width_sweep"] = round(time.time() - t, 1)
-        methods = {}
-        if cfg.methods:
-            t = time.time()
-            methods = _methods_sections(run.arch_run(cfg.methods_arch), cfg)
-            timings["methods"] = round(time.time() - t, 1)
+        sweep_names = cfg.sweep_archs if cfg.widths else ()
+        t_sweep = time.time()
+        with _sweep_beside(cfg, run, scored, sweep_names) as beside:
+            archs, methods, sweep = _sections(cfg, run, reader, scored, sweep_names, beside, timings, t_sweep)
         first = next(iter(archs.values()), {})
         neurons = {"sparse_probing_top1": first.get("sparse_probing_neurons_top1"),
                    "sparse_probing_top5": first.get("sparse_probing_neurons_top5")}
