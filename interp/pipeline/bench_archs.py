@@ -172,8 +172,10 @@ def explain_columns(arch_run: RunLayout, densest: int = EXPLAIN_DENSEST) -> dict
 
 
 def run_architectures(run: RunLayout, reader, scored: Scored, names, *, d_sae: int, k: int, steps: int,
-                      batch_size: int, seed: int, explain: bool, ce_samples: int, say=print) -> dict:
-    """`architectures.<name>` of benchmark.json: every SAE trained and scored (module doc)."""
+                      batch_size: int, seed: int, explain: bool, ce_samples: int, say=print,
+                      done: Callable[[str], None] | None = None) -> dict:
+    """`architectures.<name>` of benchmark.json: every SAE trained and scored (module doc); `done(name)` is
+    called once an architecture's run is complete (the benchmark hands its run to another process then)."""
     from interp.shapes.concepts import write_recovery
     from saes.sae import sae_fingerprint
 
@@ -202,6 +204,8 @@ def run_architectures(run: RunLayout, reader, scored: Scored, names, *, d_sae: i
             f"absorption {res['absorption']}  probing top1 {res['sparse_probing_top1']}  MCC {res['mcc']}  "
             f"CE rec {res.get('ce_loss_recovered')}  explanations {res.get('explanation_accuracy')}  "
             f"{res['seconds']:.0f} s")
+        if done:
+            done(name)
     return out
 
 
@@ -285,9 +289,10 @@ def render_methods(report: dict) -> str:
     lines = []
     em = report.get("explanation_methods")
     if em:
-        lines += [f"Explanation methods, on the {em['sae']} SAE's {em['features']} densest live features (`explain.methods`; "
+        which = f"the {em['features']} densest" if em.get("max_features") else f"all {em['features']}"
+        lines += [f"Explanation methods, on {which} live image features of the {em['sae']} SAE (`explain.methods`; "
                   "contrastive is what `interp explain` runs):", "",
-                  "| method | explanation accuracy (all live features) | names the matched concept | detection balanced "
+                  "| method | explanation accuracy (all explained features) | names the matched concept | detection balanced "
                   "accuracy (all) | IoU | explained |", "|---|---|---|---|---|---|"]
         for m in ("reference", "ours", "contrastive"):
             r = em[m]

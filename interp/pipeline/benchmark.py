@@ -75,15 +75,16 @@ class BenchmarkConfig:
     methods_arch: str | None = None
     """the architecture whose SAE the methods sections explain and steer (default: batchtopk, the demo's
     recipe, when it is among --archs, else the first of ours)"""
-    methods_features: int = field(default=32, metadata=at_least(1))
-    """explanation methods: the densest this many live features"""
+    methods_features: int | None = field(default=None, metadata=at_least(1))
+    """explanation methods: only the densest this many live image features (default: every live one)"""
     methods_questions: int = field(default=60, metadata=at_least(1))
     """steering methods: test (and validation) questions per kind"""
     readme: str | None = None
     """a markdown file whose benchmark-table block (between its markers) gets the rendered table"""
     parallel: bool = True
-    """run the width sweep in a second process beside the architectures and methods sections, the torch
-    threads split between the two (most of the scoring and explaining is single-threaded Python)"""
+    """split the sections between this process and a second one beside it, the torch threads split between
+    the two (most of the scoring and explaining is single-threaded Python): the architectures and the sweep's
+    first architecture here, its other architectures and the methods sections there"""
 
     def __post_init__(self) -> None:
         self.archs, self.widths, self.sweep_archs = tuple(self.archs), tuple(self.widths), tuple(self.sweep_archs)
@@ -127,6 +128,7 @@ def _methods_sections(arch_run: RunLayout, cfg: BenchmarkConfig) -> dict:
     ensure_features(arch_run)
     explained = explanation_methods(arch_run, max_features=cfg.methods_features, seed=cfg.seed)
     out = {"explanation_methods": {"sae": cfg.methods_arch, "features": explained["n_features"],
+                                   "max_features": cfg.methods_features,
                                    **{m: {k: v for k, v in explained[m].items() if k != "explanations"}
                                       for m in ("ours", "reference", "contrastive")}}}
     steered = steering_methods(arch_run, kinds=("color", "shape"), n_questions=cfg.methods_questions, seed=cfg.seed)
@@ -135,7 +137,7 @@ def _methods_sections(arch_run: RunLayout, cfg: BenchmarkConfig) -> dict:
 
 
 def _sweep_job(cache: str, scored: bench_archs.Scored, names: tuple, widths: tuple, threads: int, kw: dict) -> dict:
-    """The width sweep in a process of its own (`--parallel`), on the parent's labelled rows."""
+    """The width sweep's architectures `names`, in the process beside (`--parallel`), on the parent's rows."""
     import torch
 
     from interp.cache.reader import ActivationReader
@@ -145,14 +147,23 @@ def _sweep_job(cache: str, scored: bench_archs.Scored, names: tuple, widths: tup
         return bench_archs.run_width_sweep(None, reader, scored, names, widths, **kw)
 
 
+def _methods_job(arch_run: RunLayout, cfg: BenchmarkConfig, threads: int) -> tuple[dict, float]:
+    """The methods sections in the process beside (`--parallel`); returns them and their seconds."""
+    import torch
+
+    torch.set_num_threads(threads)
+    t = time.time()
+    return _methods_sections(arch_run, cfg), round(time.time() - t, 1)
+
+
 @contextmanager
-def _sweep_beside(cfg: BenchmarkConfig, run: RunLayout, scored: bench_archs.Scored, names: tuple):
-    """The width sweep started in a process beside this one (`--parallel`; spawned: torch and forks do
-    not mix) with half the torch threads, this process keeping the rest; yields its pending result, or
-    None when it runs in line. Leaving the block stops the process (a no-op once it is done) and gives
-    the threads back."""
-    if not (cfg.parallel and names):
-        yield None
+def _beside(cfg: BenchmarkConfig, needed: bool):
+    """A process beside this one (`--parallel`; spawned: torch and forks do not mix) with half the torch
+    threads, this process keeping the rest; yields (its pool, its threads), or (None, 0) in line. Its jobs
+    run one after another in the order they are given. Leaving the block stops it (a no-op once its jobs
+    are done) and gives the threads back."""
+    if not (cfg.parallel and needed):
+        yield None, 0
         return
     import multiprocessing as mp
 
@@ -161,42 +172,54 @@ def _sweep_beside(cfg: BenchmarkConfig, run: RunLayout, scored: bench_archs.Scor
     threads = torch.get_num_threads()
     child = max(1, threads // 2)
     pool = mp.get_context("spawn").Pool(1)
-    kw = {"k": cfg.k, "steps": cfg.sweep_steps, "batch_size": cfg.batch_size, "seed": cfg.seed}
-    result = pool.apply_async(_sweep_job, (str(run.cache), scored, names, cfg.widths, child, kw))
     torch.set_num_threads(max(1, threads - child))
     try:
-        yield result
+        yield pool, child
     finally:
         pool.terminate()
         torch.set_num_threads(threads)
 
 
-def _sections(cfg: BenchmarkConfig, run: RunLayout, reader, scored, sweep_names: tuple, beside, timings: dict,
-              t_sweep: float) -> tuple[dict, dict, dict]:
-    """The architectures, methods and width-sweep sections (the sweep's result from `beside` when it runs
-    in its own process)."""
-    t = time.time()
-    archs = bench_archs.run_architectures(run, reader, scored, cfg.archs, d_sae=cfg.d_sae, k=cfg.k,
-                                          steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                                          explain=cfg.explain, ce_samples=cfg.ce_samples)
-    if cfg.steer:
-        for name in cfg.archs:
-            if name not in bench_archs.EXTERNAL:
-                archs[name].update(_steer_column(run.arch_run(name)))
-    timings["architectures"] = round(time.time() - t, 1)
-    methods = {}
-    if cfg.methods:
+def _sections(cfg: BenchmarkConfig, run: RunLayout, reader, scored, sweep_names: tuple, timings: dict
+              ) -> tuple[dict, dict, dict]:
+    """The architectures, methods and width-sweep sections. With `--parallel` the work is split in two
+    lanes of about equal length (measured on 2 cores: architectures 545 s, methods 429 s, sweep topk
+    156 s and matryoshka 311 s): this process trains and scores the architectures, then sweeps the first
+    of the sweep's architectures; the process beside sweeps the others, then runs the methods sections,
+    given to it once the methods' SAE is trained and scored here (its run is not touched here after)."""
+    kw = {"k": cfg.k, "steps": cfg.sweep_steps, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    with _beside(cfg, needed=cfg.methods or len(sweep_names) > 1) as (pool, child):
+        here, there = (sweep_names[:1], sweep_names[1:]) if pool else (sweep_names, ())
+        swept = pool.apply_async(_sweep_job, (str(run.cache), scored, there, cfg.widths, child, kw)) if there else None
+        pending: dict = {}
+
+        def done(name: str) -> None:
+            if pool and cfg.methods and name == cfg.methods_arch:
+                pending["methods"] = pool.apply_async(_methods_job, (run.arch_run(name), cfg, child))
+
         t = time.time()
-        methods = _methods_sections(run.arch_run(cfg.methods_arch), cfg)
-        timings["methods"] = round(time.time() - t, 1)
-    if beside is None:
-        t_sweep = time.time()
-        sweep = bench_archs.run_width_sweep(run, reader, scored, sweep_names, cfg.widths, k=cfg.k,
-                                            steps=cfg.sweep_steps, batch_size=cfg.batch_size, seed=cfg.seed)
-    else:
-        sweep = beside.get()
-    timings["width_sweep" + ("_in_parallel" if beside else "")] = round(time.time() - t_sweep, 1)
-    return archs, methods, sweep
+        archs = bench_archs.run_architectures(run, reader, scored, cfg.archs, d_sae=cfg.d_sae, k=cfg.k,
+                                              steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                                              explain=cfg.explain, ce_samples=cfg.ce_samples, done=done)
+        if cfg.steer:
+            for name in cfg.archs:
+                if name not in bench_archs.EXTERNAL:
+                    archs[name].update(_steer_column(run.arch_run(name)))
+        timings["architectures"] = round(time.time() - t, 1)
+        methods = {}
+        if cfg.methods and not pool:
+            t = time.time()
+            methods = _methods_sections(run.arch_run(cfg.methods_arch), cfg)
+            timings["methods"] = round(time.time() - t, 1)
+        sweep = bench_archs.run_width_sweep(run, reader, scored, here, cfg.widths, **kw)
+        t = time.time()
+        if swept is not None:
+            sweep.update(swept.get())
+        if "methods" in pending:
+            methods, timings["methods"] = pending["methods"].get()
+        timings["waiting_beside"] = round(time.time() - t, 1)
+    timings["width_sweep"] = round(sum(r["seconds"] for by_width in sweep.values() for r in by_width.values()), 1)
+    return archs, methods, {name: sweep[name] for name in sweep_names}
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
@@ -222,9 +245,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         scored = bench_archs.Scored.of(reader, cfg.world, seed=cfg.seed)
         timings["ground_truth"] = round(time.time() - t, 1)
         sweep_names = cfg.sweep_archs if cfg.widths else ()
-        t_sweep = time.time()
-        with _sweep_beside(cfg, run, scored, sweep_names) as beside:
-            archs, methods, sweep = _sections(cfg, run, reader, scored, sweep_names, beside, timings, t_sweep)
+        archs, methods, sweep = _sections(cfg, run, reader, scored, sweep_names, timings)
         first = next(iter(archs.values()), {})
         neurons = {"sparse_probing_top1": first.get("sparse_probing_neurons_top1"),
                    "sparse_probing_top5": first.get("sparse_probing_neurons_top5")}
