@@ -52,6 +52,8 @@ def test_unknown_names_are_refused_with_the_choices():
         BenchmarkConfig(archs=("topk", "magic"))
     with pytest.raises(ValueError, match="the width sweep runs our architectures only"):
         BenchmarkConfig(sweep_archs=("sparsify",))
+    with pytest.raises(ValueError, match="--seeds compares topk and matryoshka: add matryoshka to --archs"):
+        BenchmarkConfig(archs=("topk", "batchtopk"), seeds=3)
     with pytest.raises(ValueError, match="no ground truth for world 'v9'; known: shapes"):
         bench_archs.Scored.of(None, "v9")
 
@@ -66,7 +68,7 @@ def test_benchmark_scores_ours_and_the_other_trainers(shapes_run, tmp_path):
                           archs=("topk", "matryoshka", "sae-lens", "sparsify"), d_sae=32, k=4, steps=60,
                           batch_size=256, widths=(16, 32), sweep_archs=("matryoshka",), sweep_steps=30,
                           ce_samples=4, explain=False, methods_features=4, methods_questions=6, crossmodal=False,
-                          readme=str(readme))  # the cross-modal section has its own test (test_crossmodal.py)
+                          seeds=2, readme=str(readme))  # the cross-modal section has its own test (test_crossmodal.py)
     report = run_benchmark(cfg)
     on_disk = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert on_disk["architectures"].keys() == {"topk", "matryoshka", "sae-lens", "sparsify"}
@@ -86,13 +88,24 @@ def test_benchmark_scores_ours_and_the_other_trainers(shapes_run, tmp_path):
         assert 0 <= em[m]["explanation_accuracy_all"] <= 1 and "explanations" not in em[m]
     for m in ("ours", "reference"):
         assert {"flip_rate", "collateral", "coherence"} <= set(sm[m]), m
+    seeds = on_disk["seeds"]  # seed 1: topk (the methods' SAE) and matryoshka retrained, the methods again
+    assert seeds["seeds"] == [0, 1] and [p["seed"] for p in seeds["per_seed"]] == [0, 1]
+    assert seeds["per_seed"][0]["absorption"]["topk"] == on_disk["architectures"]["topk"]["absorption"]
+    again_seed = seeds["per_seed"][1]
+    assert 0 <= again_seed["absorption"]["matryoshka"] <= 1 and 0 <= again_seed["explanation"]["contrastive"] <= 1
+    assert again_seed["steering"]["ours"]["flip_rate"] is not None
+    assert (tmp_path / "bench" / "seed-1" / "matryoshka" / "sae" / "cfg.json").exists()
+    assert set(seeds["target_met_at_every_seed"]) == {"explanation_contrastive_minus_reference",
+                                                      "steering_flip_ours_minus_reference",
+                                                      "steering_collateral_ours_over_reference",
+                                                      "absorption_topk_minus_matryoshka"}
     assert on_disk == json.loads(json.dumps(report))
     text = (tmp_path / "bench" / "report.md").read_text()
     assert "| sparsify | sparsify |" in text and "## Width sweep" in text
     for fig in ("recovery", "absorption", "width_sweep"):
         assert (tmp_path / "bench" / f"{fig}.html").exists() and (tmp_path / "bench" / f"{fig}.png").exists()
     assert "| sae-lens | sae-lens |" in readme.read_text() and "| contrastive |" in readme.read_text()
-    assert "## The reference work's methods against ours" in text
+    assert "## The reference work's methods against ours" in text and "## Across SAE training seeds" in text
     # a re-run reads the trained SAEs back instead of training them again
     again = run_benchmark(cfg)
     assert again["architectures"]["topk"]["fvu"] == report["architectures"]["topk"]["fvu"]
@@ -126,3 +139,27 @@ def test_the_methods_sections_pick_one_of_our_saes_and_render_both_tables(tmp_pa
     assert bench_archs.paste_into(readme, report)
     assert "old" not in readme.read_text() and "| color | ours (clamp-image) |" in readme.read_text()
     assert bench_archs.render_methods({"architectures": {}}) == ""
+
+
+def test_seed_margins_report_the_mean_and_the_worst_seed_and_a_missing_seed_fails_its_target():
+    from interp.pipeline.benchmark import seed_margins
+
+    def seed(contrastive, reference, flips, collaterals, absorptions):
+        return {"explanation": {"ours": 0.1, "reference": reference, "contrastive": contrastive},
+                "steering": {"ours": {"flip_rate": flips[0], "collateral": collaterals[0]},
+                             "reference": {"flip_rate": flips[1], "collateral": collaterals[1]}},
+                "absorption": {"topk": absorptions[0], "matryoshka": absorptions[1]}}
+
+    m = seed_margins([seed(0.3, 0.0, (0.6, 0.2), (0.1, 0.6), (0.08, 0.03)),
+                      seed(0.15, 0.1, (0.5, 0.5), (0.2, 0.3), (0.05, 0.06))])
+    assert m["explanation_contrastive_minus_reference"] == {"mean": 0.175, "worst": 0.05, "n": 2}
+    assert m["steering_collateral_ours_over_reference"]["worst"] == pytest.approx(0.6667, abs=1e-4)
+    assert m["absorption_topk_minus_matryoshka"]["worst"] == pytest.approx(-0.01)
+    met = m["target_met_at_every_seed"]
+    assert met == {"explanation_contrastive_minus_reference": False, "steering_flip_ours_minus_reference": True,
+                   "steering_collateral_ours_over_reference": False, "absorption_topk_minus_matryoshka": False}
+    lacking = seed_margins([seed(0.3, 0.0, (0.6, 0.2), (0.1, 0.6), (0.08, 0.03)),
+                            seed(0.3, None, (0.6, 0.2), (0.1, 0.6), (0.08, 0.03))])
+    assert lacking["explanation_contrastive_minus_reference"]["n"] == 1
+    assert lacking["target_met_at_every_seed"]["explanation_contrastive_minus_reference"] is False
+    assert lacking["target_met_at_every_seed"]["absorption_topk_minus_matryoshka"] is True

@@ -27,7 +27,8 @@ shared by several runs). The spec, with the formats of the files, is docs/format
     RUN/crossmodal-layerL/      a nested run with every token role at layer L; RUN/crossmodal_sweep.json (+ .html/.png)
                                 the layer sweep (interp crossmodal-sweep, the demo, the benchmark)
     RUN/summary.json            the demo's headline numbers; RUN/world.png its contact sheet (interp demo)
-    RUN/report.md, benchmark.json, FIGURE.html/.json, ARCH/   (interp benchmark; ARCH/ is a run per architecture)
+    RUN/report.md, benchmark.json, FIGURE.html/.json, ARCH/, seed-S/ARCH/   (interp benchmark; ARCH/ is a run per
+                                architecture, seed-S/ those of a further SAE training seed)
     RUN/STAGE_run.json          how each stage that wrote here was run (config, versions, argv, time)
 """
 
@@ -251,6 +252,10 @@ class RunLayout:
     def arch_run(self, arch: str) -> RunLayout:
         """The benchmark's run of one SAE architecture."""
         return RunLayout(self.root / arch)
+
+    def seed_run(self, seed: int) -> RunLayout:
+        """The benchmark's runs of one further SAE training seed (`--seeds`), one per architecture inside."""
+        return RunLayout(self.root / f"seed-{seed}")
 
     def run_info(self, stage: str) -> Path:
         return self.root / f"{stage.replace(' ', '_')}_run.json"

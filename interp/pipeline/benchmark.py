@@ -19,10 +19,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from interp.infra.cli_config import Command, at_least, choices, positional
 from interp.infra.durable import write_json, write_text
 from interp.infra.layout import RunLayout
 from interp.pipeline import bench_archs
+
+SEED_ARCHS = ("topk", "matryoshka")  # --seeds: the absorption comparison's two architectures
 
 
 @dataclass
@@ -79,6 +83,11 @@ class BenchmarkConfig:
     """explanation methods: only the densest this many live image features (default: every live one)"""
     methods_questions: int = field(default=60, metadata=at_least(1))
     """steering methods: test (and validation) questions per kind"""
+    seeds: int = field(default=1, metadata=at_least(1))
+    """SAE training seeds (seed, seed + 1, ...) of issue 16's three comparisons: the methods sections and
+    TopK's and Matryoshka's absorption at --d-sae, again per further seed (RUN/seed-S/); benchmark.json
+    `seeds` gets each margin's mean and worst seed (1: the benchmark's own SAEs only; each further seed
+    is about 11 minutes of one core, two run at a time)"""
     readme: str | None = None
     """a markdown file whose benchmark-table block (between its markers) gets the rendered table"""
     parallel: bool = True
@@ -102,6 +111,9 @@ class BenchmarkConfig:
         if any(a in bench_archs.EXTERNAL for a in self.sweep_archs):
             raise ValueError(f"the width sweep runs our architectures only; drop {', '.join(bench_archs.EXTERNAL)} "
                              "from --sweep-archs")
+        if self.seeds > 1 and not set(SEED_ARCHS) <= set(self.archs):
+            raise ValueError(f"--seeds compares {' and '.join(SEED_ARCHS)}: add {', '.join(a for a in SEED_ARCHS if a not in self.archs)}"
+                             " to --archs, or pass --seeds 1")
         if any(w < 1 for w in self.widths):
             raise ValueError(f"widths must be positive, got {list(self.widths)}")
 
@@ -260,6 +272,11 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
               "budget": {"d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
                          "seed": cfg.seed, "sweep_steps": cfg.sweep_steps},
               "architectures": archs, "neurons": neurons, "width_sweep": sweep, **methods, "seconds": timings}
+    if cfg.seeds > 1:
+        t = time.time()
+        report["seeds"] = _seeds_section(cfg, run, scored, report)
+        timings["seeds"] = round(time.time() - t, 1)
+        timings["total"] = round(time.time() - t0, 1)
     write_json(run.benchmark, report, indent=1)
     _write_report(report, run)
     if cfg.crossmodal:  # its own section, appended to report.md and benchmark.json
@@ -270,6 +287,81 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         print(f"{cfg.readme} has no benchmark-table markers ({bench_archs.README_BEGIN} ... "
               f"{bench_archs.README_END}): nothing pasted")
     return report
+
+
+# ---------------------------------------------------------------- across SAE training seeds (--seeds)
+
+def _seed_numbers(sections: dict) -> dict:
+    """One seed's numbers of issue 16's three comparisons, from a report's (or a seed run's) sections."""
+    em, sm, archs = sections.get("explanation_methods") or {}, sections.get("steering_methods") or {}, sections["architectures"]
+    return {"explanation": {m: (em.get(m) or {}).get("explanation_accuracy_all") for m in ("ours", "reference", "contrastive")},
+            "steering": {m: {k: (sm.get(m) or {}).get(k) for k in ("flip_rate", "collateral")} for m in ("ours", "reference")},
+            "absorption": {a: (archs.get(a) or {}).get("absorption") for a in SEED_ARCHS}}
+
+
+def seed_margins(per_seed: list[dict]) -> dict:
+    """Mean and worst seed of each margin the issue's targets are about, and whether each target holds at
+    every seed (a margin some seed lacks counts as not met)."""
+    def stat(values: list, worst=min) -> dict:
+        vals = [v for v in values if v is not None]
+        return ({"mean": round(float(np.mean(vals)), 4), "worst": round(float(worst(vals)), 4), "n": len(vals)}
+                if vals else {"n": 0})
+
+    def diff(a, b):
+        return None if a is None or b is None else a - b
+
+    e, st, ab = ([s[k] for s in per_seed] for k in ("explanation", "steering", "absorption"))
+    out = {"explanation_contrastive_minus_reference": stat([diff(x["contrastive"], x["reference"]) for x in e]),
+           "explanation_ours_minus_reference": stat([diff(x["ours"], x["reference"]) for x in e]),
+           "steering_flip_ours_minus_reference": stat([diff(x["ours"]["flip_rate"], x["reference"]["flip_rate"])
+                                                       for x in st]),
+           "steering_collateral_ours_over_reference": stat(
+               [x["ours"]["collateral"] / x["reference"]["collateral"]
+                if x["ours"]["collateral"] is not None and x["reference"]["collateral"] else None for x in st], max),
+           "absorption_topk_minus_matryoshka": stat([diff(x["topk"], x["matryoshka"]) for x in ab])}
+    targets = {"explanation_contrastive_minus_reference": lambda w: w >= 0.1,
+               "steering_flip_ours_minus_reference": lambda w: w >= 0,
+               "steering_collateral_ours_over_reference": lambda w: w <= 0.5,
+               "absorption_topk_minus_matryoshka": lambda w: w > 0}
+    out["target_met_at_every_seed"] = {k: out[k]["n"] == len(per_seed) and bool(f(out[k]["worst"]))
+                                       for k, f in targets.items()}
+    return out
+
+
+def _seed_job(run: RunLayout, scored: bench_archs.Scored, cfg: BenchmarkConfig, seed: int, threads: int) -> dict:
+    """One further seed (`--seeds`), in a process of its own: the methods' SAE and TopK and Matryoshka
+    retrained with `seed` under RUN/seed-S/, scored, and the methods sections run on the first."""
+    import torch
+
+    from interp.cache.reader import ActivationReader
+
+    torch.set_num_threads(threads)
+    seed_run = run.seed_run(seed).mkdir()
+    seed_run.link("cache", run.cache)
+    names = tuple(dict.fromkeys(((cfg.methods_arch,) if cfg.methods else ()) + SEED_ARCHS))
+    with ActivationReader(run.cache) as reader:
+        archs = bench_archs.run_architectures(seed_run, reader, scored, names, d_sae=cfg.d_sae, k=cfg.k,
+                                              steps=cfg.steps, batch_size=cfg.batch_size, seed=seed, explain=False,
+                                              ce_samples=0)
+    methods = _methods_sections(seed_run.arch_run(cfg.methods_arch), cfg) if cfg.methods else {}
+    return {"seed": seed, **_seed_numbers({"architectures": archs, **methods})}
+
+
+def _seeds_section(cfg: BenchmarkConfig, run: RunLayout, scored, report: dict) -> dict:
+    """`seeds` of benchmark.json (`--seeds N`): the methods sections and TopK's and Matryoshka's absorption
+    again for SAE training seeds seed+1 .. seed+N-1 on the same cache, examples and questions (only the
+    SAEs' initialisation and batch order change), two seeds at a time in processes of their own (one torch
+    thread each). A re-run reads the trained SAEs back and resumes the steering sweeps."""
+    import multiprocessing as mp
+
+    seeds = list(range(cfg.seed + 1, cfg.seed + cfg.seeds))
+    print(f"seeds {', '.join(map(str, seeds))}: {' and '.join(dict.fromkeys((cfg.methods_arch,) + SEED_ARCHS))} "
+          "retrained per seed, the methods sections run again")
+    with mp.get_context("spawn").Pool(min(2, len(seeds))) as pool:
+        rest = pool.starmap(_seed_job, [(run, scored, cfg, s, 1) for s in seeds])
+    per_seed = [{"seed": cfg.seed, **_seed_numbers(report)}] + rest
+    return {"sae": cfg.methods_arch, "seeds": [p["seed"] for p in per_seed], "per_seed": per_seed,
+            **seed_margins(per_seed)}
 
 
 def _write_report(report: dict, run: RunLayout) -> None:
@@ -290,6 +382,9 @@ def _write_report(report: dict, run: RunLayout) -> None:
     methods = bench_archs.render_methods(report)
     if methods:
         lines += ["## The reference work's methods against ours", "", methods, ""]
+    seeds = bench_archs.render_seeds(report)
+    if seeds:
+        lines += ["## Across SAE training seeds", "", seeds, ""]
     archs, concepts = report["architectures"], report["concepts"]
     lines += ["## Best F1 per concept", "", "| concept | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
     for c in concepts:
