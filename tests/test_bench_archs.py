@@ -143,11 +143,13 @@ def test_the_methods_sections_pick_one_of_our_saes_and_render_both_tables(tmp_pa
 
 def test_seed_margins_report_the_mean_and_the_worst_seed_and_a_missing_seed_fails_its_target():
     from interp.pipeline.benchmark import seed_margins
+    from steering.methods import target
 
     def seed(contrastive, reference, flips, collaterals, absorptions):
+        steering = {"ours": {"flip_rate": flips[0], "collateral": collaterals[0]},
+                    "reference": {"flip_rate": flips[1], "collateral": collaterals[1]}}
         return {"explanation": {"ours": 0.1, "reference": reference, "contrastive": contrastive},
-                "steering": {"ours": {"flip_rate": flips[0], "collateral": collaterals[0]},
-                             "reference": {"flip_rate": flips[1], "collateral": collaterals[1]}},
+                "steering": steering, "steering_target": target(steering["ours"], steering["reference"]),
                 "absorption": {"topk": absorptions[0], "matryoshka": absorptions[1]}}
 
     m = seed_margins([seed(0.3, 0.0, (0.6, 0.2), (0.1, 0.6), (0.08, 0.03)),

@@ -265,7 +265,6 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
             from interp.shapes.concepts import load_recovery
 
             neurons["mean_f1"] = load_recovery(run.arch_run(next(iter(archs))).recovery).mean_neuron_f1
-    timings["total"] = round(time.time() - t0, 1)
     report = {"world": cfg.world, "cache": str(run.cache), "steering": "at the SAE's own layer" if cfg.steer else None,
               "concepts": list(scored.gt.concepts), "labelled_rows": int(len(scored.gt.rows)),
               "held_out_rows": int(scored.test.sum()),
@@ -276,7 +275,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         t = time.time()
         report["seeds"] = _seeds_section(cfg, run, scored, report)
         timings["seeds"] = round(time.time() - t, 1)
-        timings["total"] = round(time.time() - t0, 1)
+    timings["total"] = round(time.time() - t0, 1)  # the report holds `timings` itself
     write_json(run.benchmark, report, indent=1)
     _write_report(report, run)
     if cfg.crossmodal:  # its own section, appended to report.md and benchmark.json
@@ -296,12 +295,14 @@ def _seed_numbers(sections: dict) -> dict:
     em, sm, archs = sections.get("explanation_methods") or {}, sections.get("steering_methods") or {}, sections["architectures"]
     return {"explanation": {m: (em.get(m) or {}).get("explanation_accuracy_all") for m in ("ours", "reference", "contrastive")},
             "steering": {m: {k: (sm.get(m) or {}).get(k) for k in ("flip_rate", "collateral")} for m in ("ours", "reference")},
+            "steering_target": sm.get("target") or {},  # steering.methods.target: the one place of that rule
             "absorption": {a: (archs.get(a) or {}).get("absorption") for a in SEED_ARCHS}}
 
 
 def seed_margins(per_seed: list[dict]) -> dict:
     """Mean and worst seed of each margin the issue's targets are about, and whether each target holds at
-    every seed (a margin some seed lacks counts as not met)."""
+    every seed (a margin some seed lacks counts as not met; the steering targets are each seed's
+    `steering.methods.target`)."""
     def stat(values: list, worst=min) -> dict:
         vals = [v for v in values if v is not None]
         return ({"mean": round(float(np.mean(vals)), 4), "worst": round(float(worst(vals)), 4), "n": len(vals)}
@@ -319,13 +320,23 @@ def seed_margins(per_seed: list[dict]) -> dict:
                [x["ours"]["collateral"] / x["reference"]["collateral"]
                 if x["ours"]["collateral"] is not None and x["reference"]["collateral"] else None for x in st], max),
            "absorption_topk_minus_matryoshka": stat([diff(x["topk"], x["matryoshka"]) for x in ab])}
-    targets = {"explanation_contrastive_minus_reference": lambda w: w >= 0.1,
-               "steering_flip_ours_minus_reference": lambda w: w >= 0,
-               "steering_collateral_ours_over_reference": lambda w: w <= 0.5,
-               "absorption_topk_minus_matryoshka": lambda w: w > 0}
-    out["target_met_at_every_seed"] = {k: out[k]["n"] == len(per_seed) and bool(f(out[k]["worst"]))
-                                       for k, f in targets.items()}
+    def every_seed(key: str, holds) -> bool:
+        return out[key]["n"] == len(per_seed) and bool(holds(out[key]["worst"]))
+
+    def every_steering(key: str) -> bool:
+        return all((s.get("steering_target") or {}).get(key) is True for s in per_seed)
+
+    out["target_met_at_every_seed"] = {
+        "explanation_contrastive_minus_reference": every_seed("explanation_contrastive_minus_reference", lambda w: w >= 0.1),
+        "steering_flip_ours_minus_reference": every_steering("flip_rate>=reference"),
+        "steering_collateral_ours_over_reference": every_steering("collateral<=reference/2"),
+        "absorption_topk_minus_matryoshka": every_seed("absorption_topk_minus_matryoshka", lambda w: w > 0)}
     return out
+
+
+def _seed_archs(cfg: BenchmarkConfig) -> tuple[str, ...]:
+    """The SAEs each further seed retrains: the methods' one (with the methods sections) and SEED_ARCHS."""
+    return tuple(dict.fromkeys(((cfg.methods_arch,) if cfg.methods else ()) + SEED_ARCHS))
 
 
 def _seed_job(run: RunLayout, scored: bench_archs.Scored, cfg: BenchmarkConfig, seed: int, threads: int) -> dict:
@@ -338,7 +349,7 @@ def _seed_job(run: RunLayout, scored: bench_archs.Scored, cfg: BenchmarkConfig, 
     torch.set_num_threads(threads)
     seed_run = run.seed_run(seed).mkdir()
     seed_run.link("cache", run.cache)
-    names = tuple(dict.fromkeys(((cfg.methods_arch,) if cfg.methods else ()) + SEED_ARCHS))
+    names = _seed_archs(cfg)
     with ActivationReader(run.cache) as reader:
         archs = bench_archs.run_architectures(seed_run, reader, scored, names, d_sae=cfg.d_sae, k=cfg.k,
                                               steps=cfg.steps, batch_size=cfg.batch_size, seed=seed, explain=False,
@@ -355,7 +366,7 @@ def _seeds_section(cfg: BenchmarkConfig, run: RunLayout, scored, report: dict) -
     import multiprocessing as mp
 
     seeds = list(range(cfg.seed + 1, cfg.seed + cfg.seeds))
-    print(f"seeds {', '.join(map(str, seeds))}: {' and '.join(dict.fromkeys((cfg.methods_arch,) + SEED_ARCHS))} "
+    print(f"seeds {', '.join(map(str, seeds))}: {' and '.join(_seed_archs(cfg))} "
           "retrained per seed, the methods sections run again")
     with mp.get_context("spawn").Pool(min(2, len(seeds))) as pool:
         rest = pool.starmap(_seed_job, [(run, scored, cfg, s, 1) for s in seeds])
