@@ -24,12 +24,17 @@ Two protocols (explainer and judge in one object, as explain.explainers):
 - generic: any OpenAI-compatible LMM (or local HF model): one request with all examples, the answer's
   `[EXPLANATION]:` line (else its first line); the judge answers yes or no per context (P(yes)
   from logprobs where the server gives them).
-- tokens: no model. The explanation is the fewest marked words that examples weighing at least
-  `agree` (by their activation) mark, as `the word "red"` or `the words "red", "blue"`; the judge says yes
-  where the context
-  holds one of those words (detection) or where every marked token is one (fuzzing). It is what a
-  word-level explainer can at best say, needs no ground truth, and works for any tokenizer and any
-  world; a shapes organism cannot read free text, so this is the organism-side protocol.
+- tokens: no model. The explanation is the set of marked words that best tells the explainer's own
+  examples from its counterexamples (`separate`: words added greedily, most useful first, while the
+  balanced accuracy on those examples rises), as `the word "red"` or `the words "red", "blue"`; without
+  counterexamples, the fewest marked words that examples weighing at least `agree` mark (`cover`). The
+  judge says yes where the context holds one of those words (detection) or where every marked token is
+  one (fuzzing). It is what a word-level explainer can at best say, needs no ground truth, and works for
+  any tokenizer and any world; a shapes organism cannot read free text, so this is the organism-side
+  protocol. Why counterexamples: a word feature of an SAE also fires weakly on other words, and the
+  low quantile bands (half the held-out positives) show those; `cover` stopped at the strong word and
+  scored 0.71-0.81 detection on word-matched features of the subject's layers 0, 2 and 4 where
+  `separate` scored 0.80-0.95 (README, "Image and text tokens together").
 """
 
 from __future__ import annotations
@@ -255,8 +260,36 @@ def cover(marked: list[list[str]], weights: np.ndarray, agree: float, max_words:
     return chosen if covered @ weights >= agree - 1e-9 else []
 
 
+def separate(marked: list[list[str]], seen: list[set[str]], negatives: list[set[str]], max_words: int) -> list[str]:
+    """Marked words, added greedily (the most useful first, at most `max_words`) while the balanced accuracy
+    of "the context holds one of them" over the examples (`marked`: each example's marked words; `seen`: all
+    its words) and the counterexamples (`negatives`: each one's words) rises; [] when no word helps.
+    A candidate is marked in at least two examples and in at least half of those that hold it: a word the
+    feature passes over where it appears, or marks once, is its weak firing, not what it detects."""
+    def balanced(words: set[str]) -> float:
+        hit = np.mean([bool(words.intersection(m)) for m in marked])
+        return (hit + np.mean([not (words & n) for n in negatives])) / 2
+
+    times_marked = Counter(w for m in marked for w in set(m))
+    times_seen = Counter(w for words in seen for w in words)
+    candidates = sorted(w for w, n in times_marked.items() if n >= 2 and n >= times_seen[w] / 2)
+    chosen: list[str] = []
+    best = 0.5  # the empty set: no example covered, every counterexample clear
+    while len(chosen) < max_words:
+        scored = [(balanced(set(chosen) | {w}), w) for w in candidates if w not in chosen]
+        if not scored:
+            break
+        value, word = max(scored, key=lambda x: (x[0], x[1]))
+        if value <= best + 1e-9:
+            break
+        best = value
+        chosen.append(word)
+    return chosen
+
+
 class TokenExplainer:
-    """The model-free protocol: the fewest marked words that most examples mark, and a literal judge."""
+    """The model-free protocol: the marked words that tell the examples from the counterexamples, and a literal
+    judge."""
 
     def __init__(self, threshold: float = 0.3, agree: float = 0.5, max_words: int = 8):
         if not 0 < agree <= 1:
@@ -273,7 +306,11 @@ class TokenExplainer:
         weights = weights / weights.sum()
         marked_words = [sorted({_word(ex.tokens[i]) for i in np.flatnonzero(active(ex, self.threshold))} - {""})
                         for ex in examples]
-        keep = cover(marked_words, weights, self.agree, self.max_words)
+        if negatives:
+            keep = separate(marked_words, [{_word(t) for t in ex.tokens} - {""} for ex in examples],
+                            [{_word(t) for t in ex.tokens} - {""} for ex in negatives], self.max_words)
+        else:
+            keep = cover(marked_words, weights, self.agree, self.max_words)
         if not keep:
             text = CANNOT_TELL
         else:

@@ -202,6 +202,20 @@ def test_highlight_marks_runs_and_token_strings_keep_spacing():
     assert window(100, 90, 16) == slice(78, 94) and window(10, 3, 16) == slice(0, 10)
 
 
+def test_the_tokens_explanation_keeps_the_words_that_tell_examples_from_counterexamples():
+    from explain.text import separate
+
+    marked = [["square"], ["square"], ["square", "the"], ["right"], ["right", "no"], ["right"], ["fill"], ["what"]]
+    seen = [set(m) | {"is", "the"} | ({"fill"} if i < 4 else set()) for i, m in enumerate(marked)]
+    # "square" first (3 of 8), then "right" (3 more); "the" and "fill" are passed over in most examples that
+    # hold them, and "no" and "what" are marked once: weak firing, not what the feature detects
+    assert separate(marked, seen, [{"what", "color", "is", "it"}] * 5, max_words=8) == ["square", "right"]
+    # a word that the counterexamples hold too tells nothing apart
+    assert separate(marked, seen, [{"right"}, {"right"}, {"right"}, {"a"}, {"b"}], max_words=8) == ["square"]
+    assert separate(marked, seen, [set()] * 5, max_words=1) == ["square"]
+    assert separate([["a"], ["b"]], [{"a", "b"}] * 2, [set()], max_words=8) == []
+
+
 def test_the_tokens_protocol_explains_and_scores_planted_text_features(planted_run):
     from explain.text_commands import TextExplainConfig, TextScoreConfig, run_explain_text, run_score_text
     from saes.crossmodal import load_crossmodal
@@ -350,7 +364,8 @@ def swept(tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("sweep") / "run"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        run_crossmodal_sweep(CrossModalSweepConfig(run=str(run), layers=(0, 3), samples=40, d_sae=32, k=4, steps=80))
+        run_crossmodal_sweep(CrossModalSweepConfig(run=str(run), layers=(0, 3), samples=40, d_sae=32, k=4, steps=80,
+                                                   seeds=2))
     return run
 
 
@@ -358,6 +373,7 @@ def test_the_layer_sweep_writes_numbers_and_a_figure_per_layer(swept):
     from interp.pipeline.crossmodal import CrossModalSweepConfig, crossmodal_section
     from interp.shapes.world import concept_names
     from saes.crossmodal import world_words
+    from saes.sae import sae_fingerprint
 
     worded = list(world_words(c for c in concept_names() if c != "object"))  # 25: colours, shapes, sizes, fills, cells
     layout = RunLayout(swept)
@@ -369,14 +385,30 @@ def test_the_layer_sweep_writes_numbers_and_a_figure_per_layer(swept):
         assert r["cross_modal_fraction"] == report["cross_modal_fraction"] and list(r["concepts"]) == worded
         assert sub.cache.exists() and (sub.sae / "cfg.json").exists()
     assert layout.figure("crossmodal_sweep", "html").exists() and layout.figure("crossmodal_sweep", "png").exists()
+    # a further SAE seed per layer: its own SAE on the layer's cache (a link), its own text explanations
+    assert [(r["layer"], r["seed"]) for r in sweep["further_seeds"]] == [(0, 1), (3, 1)]
+    for r in sweep["further_seeds"]:
+        nested = layout.crossmodal_run(r["layer"]).seed_run(1)
+        assert str(nested.root) == r["run"] and nested.cache.is_symlink() and nested.text_score_summary.exists()
+        assert sae_fingerprint(nested.sae) != sae_fingerprint(layout.crossmodal_run(r["layer"]).sae)
+    rows = sweep["layers"] + sweep["further_seeds"]
+    pooled = sweep["text"]  # the word-matched text features of every layer and seed together
+    assert pooled["matched"] == sum(r["text"]["matched"] for r in rows)
+    assert set(pooled["per_seed"]) == {"0", "1"}
+    for r in rows:
+        summary = json.loads(RunLayout.of(r["run"]).text_score_summary.read_text())
+        assert r["text"]["matched"] == summary["matched"]["n"] and r["text"]["features"] == summary["all"]["n"]
     t0 = layout.crossmodal_run(0).crossmodal.stat().st_mtime_ns
     with contextlib.redirect_stdout(io.StringIO()):  # a re-run reads every layer back
-        again, lines = crossmodal_section(layout, samples=40, d_sae=32, k=4, steps=80, seed=0, layers=(0, 3))
+        again, lines = crossmodal_section(layout, samples=40, d_sae=32, k=4, steps=80, seed=0, layers=(0, 3), seeds=2)
     assert layout.crossmodal_run(0).crossmodal.stat().st_mtime_ns == t0
-    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again["layers"]] == \
-        [{k: v for k, v in r.items() if k != "seconds"} for r in sweep["layers"]]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again["layers"] + again["further_seeds"]] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    first = lines[:lines.index("Figure: `crossmodal_sweep.html` (and `.png`).")]
     assert lines[0] == "## Cross-modal features by layer" and sum(ln.startswith("| 0 |") or ln.startswith("| 3 |")
-                                                                  for ln in lines) == 2
+                                                                  for ln in first) == 2
+    assert "### Text explanations of word-matched features" in lines
+    assert sum(ln.startswith(("| 0 | 0 |", "| 0 | 1 |", "| 3 | 0 |", "| 3 | 1 |")) for ln in lines) == 4
     assert CrossModalSweepConfig().layers is None
     from interp.pipeline.crossmodal import add_crossmodal_section  # as `interp benchmark` runs it
 

@@ -254,7 +254,8 @@ class RunLayout:
         return RunLayout(self.root / arch)
 
     def seed_run(self, seed: int) -> RunLayout:
-        """The benchmark's runs of one further SAE training seed (`--seeds`), one per architecture inside."""
+        """The runs of one further SAE training seed (`--seeds`): the benchmark's, one per architecture inside;
+        a cross-modal layer run's, with that seed's SAE on the layer's cache."""
         return RunLayout(self.root / f"seed-{seed}")
 
     def run_info(self, stage: str) -> Path:
