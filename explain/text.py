@@ -33,7 +33,7 @@ Two protocols (explainer and judge in one object, as explain.explainers):
   any tokenizer and any world; a shapes organism cannot read free text, so this is the organism-side
   protocol. Why counterexamples: a word feature of an SAE also fires weakly on other words, and the
   low quantile bands (half the held-out positives) show those; `cover` stopped at the strong word and
-  scored 0.71-0.81 detection on word-matched features of the subject's layers 0, 2 and 4 where
+  scored 0.79-0.83 detection on word-matched features at the subject's layers 0, 2 and 4 where
   `separate` scored 0.80-0.95 (README, "Image and text tokens together").
 """
 

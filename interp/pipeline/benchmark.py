@@ -70,7 +70,8 @@ class BenchmarkConfig:
     """the explanation columns (shapes-explainer explains and scores each SAE's features)"""
     crossmodal: bool = False
     """append the cross-modal section: an SAE on image and text tokens at every layer, as `interp
-    crossmodal-sweep` (interp.pipeline.crossmodal); off by default, it doubles the benchmark's time"""
+    crossmodal-sweep` (interp.pipeline.crossmodal; with --seeds, as many SAE seeds per layer); off by default,
+    it doubles the benchmark's time"""
     steer: bool = False
     """the steering column: each of our SAEs steered at its own layer, its colour- and shape-flip rates"""
     methods: bool = True
@@ -281,7 +282,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     if cfg.crossmodal:  # its own section, appended to report.md and benchmark.json
         from interp.pipeline.crossmodal import add_crossmodal_section
 
-        add_crossmodal_section(run, report, min(cfg.samples, 1500), cfg.d_sae, cfg.k, cfg.steps, cfg.seed)
+        add_crossmodal_section(run, report, min(cfg.samples, 1500), cfg.d_sae, cfg.k, cfg.steps, cfg.seed,
+                               seeds=cfg.seeds)
     if cfg.readme and not bench_archs.paste_into(cfg.readme, report):
         print(f"{cfg.readme} has no benchmark-table markers ({bench_archs.README_BEGIN} ... "
               f"{bench_archs.README_END}): nothing pasted")

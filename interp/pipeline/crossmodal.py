@@ -188,19 +188,23 @@ def plot_sweep(sweep: dict, run: RunLayout) -> None:
     layers = [r["layer"] for r in sweep["layers"]]
     concepts = list(sweep["layers"][0]["concepts"]) if sweep["layers"] else []
     fig = make_subplots(rows=1, cols=4, subplot_titles=("cross-modal fraction", "best F1 on image patches",
-                                                        "best F1 on the word", "one feature on both (weaker F1)"))
+                                                        "best F1 on the word", "one feature on both (weaker F1)"),
+                        column_widths=[0.19, 0.27, 0.27, 0.27], horizontal_spacing=0.03)
     fig.add_trace(go.Scatter(x=layers, y=[r["cross_modal_fraction"] for r in sweep["layers"]], mode="lines+markers",
                              name="cross-modal fraction", showlegend=False), row=1, col=1)
     for key, col in (("image_f1", 2), ("text_f1", 3), ("shared_f1", 4)):
         z = [[r["concepts"][c][key] for r in sweep["layers"]] for c in concepts]
-        fig.add_trace(go.Heatmap(z=z, x=layers, y=concepts, zmin=0, zmax=1, colorscale="Viridis",
-                                 showscale=col == 4), row=1, col=col)
+        fig.add_trace(go.Heatmap(z=z, x=[f"L{x}" for x in layers], y=concepts, zmin=0, zmax=1, colorscale="Viridis",
+                                 showscale=col == 4, colorbar={"thickness": 12, "tickvals": [0, 0.5, 1]}),
+                      row=1, col=col)
     for col in range(1, 5):
         fig.update_xaxes(title_text="layer", row=1, col=col)
     fig.update_yaxes(range=[0, 1.02], row=1, col=1)
-    fig.update_xaxes(dtick=1)
-    fig.update_layout(title=f"Cross-modal features of {sweep['model']} by layer (F1 >= {sweep['f1_min']} on both)",
-                      template="plotly_white", width=1400, height=420)
+    for col in (3, 4):  # the concepts' names once, beside the first heatmap
+        fig.update_yaxes(showticklabels=False, row=1, col=col)
+    fig.update_xaxes(dtick=1, tickformat="d")
+    fig.update_layout(margin={"l": 60, "r": 70},title=f"Cross-modal features of {sweep['model']} by layer (F1 >= {sweep['f1_min']} on both)",
+                      template="plotly_white", width=1500, height=560)
     write_figure(fig, run.figure("crossmodal_sweep", "html"))
 
 
@@ -255,12 +259,12 @@ def crossmodal_section(run: RunLayout, samples: int, d_sae: int, k: int, steps: 
 
 
 def add_crossmodal_section(run: RunLayout, report: dict, samples: int, d_sae: int, k: int, steps: int,
-                           seed: int, layers: tuple[int, ...] | None = None) -> dict:
+                           seed: int, layers: tuple[int, ...] | None = None, seeds: int = 1) -> dict:
     """Run the cross-modal section into a finished benchmark: `report["crossmodal"]` (rewritten to
     RUN/benchmark.json) and its markdown appended to RUN/report.md. Returns the sweep."""
     from interp.infra.durable import write_json, write_text
 
-    sweep, lines = crossmodal_section(run, samples, d_sae, k, steps, seed, layers)
+    sweep, lines = crossmodal_section(run, samples, d_sae, k, steps, seed, layers, seeds)
     report["crossmodal"] = sweep
     write_json(run.benchmark, report, indent=1)
     write_text(run.report, run.report.read_text().rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
