@@ -118,7 +118,8 @@ def explain_text_features(sub: RunLayout, seed: int) -> dict:
     run_explain_text(TextExplainConfig(run=str(sub.root), progress=False))
     scores = run_score_text(TextScoreConfig(run=str(sub.root), progress=False, seed=seed))
     matched = scores["matched"]
-    return {"features": scores["all"]["n"], "detection_balanced_accuracy_all": scores["all"]["detection_balanced_accuracy"],
+    return {"features": scores["all"]["n"],
+            "detection_balanced_accuracy_all": scores["all"]["detection_balanced_accuracy"],
             "matched": matched["n"], "text_explanation_accuracy": matched["text_explanation_accuracy"],
             "detection_balanced_accuracy": matched["detection_balanced_accuracy"],
             "matched_features": {f: {k: v[k] for k in ("words", "explanation", "names_word",
@@ -132,8 +133,8 @@ def pool_text(rows: list[dict]) -> dict | None:
     def pooled(rs: list[dict]) -> dict:
         feats = [f for r in rs for f in r["text"]["matched_features"].values()]
         det = [f["detection_balanced_accuracy"] for f in feats if f["detection_balanced_accuracy"] is not None]
-        return {"matched": len(feats),
-                "text_explanation_accuracy": round(float(np.mean([f["names_word"] for f in feats])), 4) if feats else None,
+        named = [f["names_word"] for f in feats]
+        return {"matched": len(feats), "text_explanation_accuracy": round(float(np.mean(named)), 4) if named else None,
                 "detection_balanced_accuracy": round(float(np.mean(det)), 4) if det else None,
                 "words": sorted({w for f in feats for w in f["words"]})}
 
@@ -144,7 +145,8 @@ def pool_text(rows: list[dict]) -> dict | None:
     out = {**pooled(rows), "per_seed": {str(s): v for s, v in per_seed.items()}}
     for key in ("text_explanation_accuracy", "detection_balanced_accuracy"):
         vals = [v[key] for v in per_seed.values() if v[key] is not None]
-        out[f"{key}_seeds"] = {"mean": round(float(np.mean(vals)), 4), "min": round(float(np.min(vals)), 4)} if vals else None
+        out[f"{key}_seeds"] = ({"mean": round(float(np.mean(vals)), 4), "min": round(float(np.min(vals)), 4)}
+                               if vals else None)
     return out
 
 
@@ -163,13 +165,16 @@ def run_crossmodal_sweep(cfg: CrossModalSweepConfig) -> dict:
         for sae_seed in range(cfg.seed, cfg.seed + cfg.seeds):
             r = crossmodal_layer_run(run, layer, cfg, sae_seed, text=cfg.text)
             (rows if sae_seed == cfg.seed else further).append(r)
-            text = r.get("text")
-            print(f"layer {layer} seed {sae_seed}: cross-modal {r['cross_modal_fraction']:.2f} "
-                  f"({', '.join(r['cross_modal']) or 'none'})"
-                  + (f"; {text['matched']} word-matched text features, names the word {text['text_explanation_accuracy']}, "
-                     f"detection {text['detection_balanced_accuracy']}" if text else "")
-                  + ("; weaker F1 per concept " + " ".join(f"{c} {v['shared_f1']:.2f}" for c, v in r["concepts"].items())
-                     if sae_seed == cfg.seed else ""), flush=True)
+            line = f"layer {layer} seed {sae_seed}: cross-modal {r['cross_modal_fraction']:.2f} " \
+                   f"({', '.join(r['cross_modal']) or 'none'})"
+            if "text" in r:
+                t = r["text"]
+                line += (f"; {t['matched']} word-matched text features, names the word "
+                         f"{t['text_explanation_accuracy']}, detection {t['detection_balanced_accuracy']}")
+            if sae_seed == cfg.seed:
+                line += "; weaker F1 per concept " + " ".join(f"{c} {v['shared_f1']:.2f}"
+                                                              for c, v in r["concepts"].items())
+            print(line, flush=True)
     out = {"model": cfg.model, "f1_min": cfg.f1_min, "config": asdict(cfg), "layers": rows, "further_seeds": further,
            "text": pool_text(rows + further)}
     write_json(run.crossmodal_sweep, out, indent=1)
@@ -203,8 +208,8 @@ def plot_sweep(sweep: dict, run: RunLayout) -> None:
     for col in (3, 4):  # the concepts' names once, beside the first heatmap
         fig.update_yaxes(showticklabels=False, row=1, col=col)
     fig.update_xaxes(dtick=1, tickformat="d")
-    fig.update_layout(margin={"l": 60, "r": 70},title=f"Cross-modal features of {sweep['model']} by layer (F1 >= {sweep['f1_min']} on both)",
-                      template="plotly_white", width=1500, height=560)
+    fig.update_layout(title=f"Cross-modal features of {sweep['model']} by layer (F1 >= {sweep['f1_min']} on both)",
+                      template="plotly_white", width=1500, height=560, margin={"l": 60, "r": 70})
     write_figure(fig, run.figure("crossmodal_sweep", "html"))
 
 
@@ -250,11 +255,13 @@ def crossmodal_section(run: RunLayout, samples: int, d_sae: int, k: int, steps: 
                          f"{num(t['detection_balanced_accuracy'])} |")
         lines += ["", f"All layers and seeds: {pooled['matched']} word-matched features "
                       f"({', '.join(pooled['words'])}); the explanation names the word for "
-                      f"{num(pooled['text_explanation_accuracy'])}, detection {num(pooled['detection_balanced_accuracy'])}."]
+                      f"{num(pooled['text_explanation_accuracy'])}, detection "
+                      f"{num(pooled['detection_balanced_accuracy'])}."]
         if len(pooled["per_seed"]) > 1:
             a, d = pooled["text_explanation_accuracy_seeds"], pooled["detection_balanced_accuracy_seeds"]
             lines.append(f"Over {len(pooled['per_seed'])} SAE seeds: names the word mean {num(a and a['mean'])}, "
-                         f"min {num(a and a['min'])}; detection mean {num(d and d['mean'])}, min {num(d and d['min'])}.")
+                         f"min {num(a and a['min'])}; detection mean {num(d and d['mean'])}, "
+                         f"min {num(d and d['min'])}.")
     return sweep, lines
 
 
