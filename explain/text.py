@@ -302,15 +302,14 @@ class TokenExplainer:
         if not examples:
             raise ValueError("no text examples to explain")
         t0 = time.time()
-        weights = np.array([max(ex.value / (ex.vmax or 1.0), 0.0) for ex in examples]) + 1e-12
-        weights = weights / weights.sum()
         marked_words = [sorted({_word(ex.tokens[i]) for i in np.flatnonzero(active(ex, self.threshold))} - {""})
                         for ex in examples]
         if negatives:
             keep = separate(marked_words, [{_word(t) for t in ex.tokens} - {""} for ex in examples],
                             [{_word(t) for t in ex.tokens} - {""} for ex in negatives], self.max_words)
-        else:
-            keep = cover(marked_words, weights, self.agree, self.max_words)
+        else:  # no counterexamples: weigh the examples by their activation
+            weights = np.array([max(ex.value / (ex.vmax or 1.0), 0.0) for ex in examples]) + 1e-12
+            keep = cover(marked_words, weights / weights.sum(), self.agree, self.max_words)
         if not keep:
             text = CANNOT_TELL
         else:

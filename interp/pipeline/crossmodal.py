@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -64,8 +63,7 @@ def seed_layer_run(run: RunLayout, layer: int, cfg: CrossModalSweepConfig, sae_s
     if sae_seed == cfg.seed:
         return sub
     nested = sub.seed_run(sae_seed).mkdir()
-    if not nested.cache.exists():
-        nested.cache.symlink_to(Path("..") / sub.cache.name)
+    nested.link("cache", sub.cache)
     return nested
 
 
