@@ -74,7 +74,8 @@ def density_histogram(density: Sequence[float] | np.ndarray, rows: int | None = 
 
 
 def recovery_bars(concepts: Sequence[Mapping]):
-    """F1 of the best SAE feature per concept against the best raw neuron (recovery.json's concepts)."""
+    """F1 of the best SAE feature per concept against the best raw neuron and a held-out linear probe, the
+    most one direction reaches (recovery.json's concepts; reports without probes show two bars)."""
     import plotly.graph_objects as go
 
     names = [c["concept"] for c in concepts]
@@ -83,6 +84,10 @@ def recovery_bars(concepts: Sequence[Mapping]):
                text=[f"#{c.get('feature')}" for c in concepts], textposition="outside"),
         go.Bar(name="best raw neuron", x=names, y=[c.get("neuron_f1") for c in concepts], marker_color=GREY),
     ])
+    if all(c.get("probe_f1") is not None and c["probe_f1"] == c["probe_f1"] for c in concepts):  # NaN: no probe
+        fig.add_trace(go.Scatter(name="linear probe (held-out)", x=names, y=[c["probe_f1"] for c in concepts],
+                                 mode="markers", marker=dict(symbol="line-ew-open", size=22, color="black",
+                                                             line=dict(width=2))))
     fig.update_layout(barmode="group", yaxis=dict(title="F1", range=[0, 1.1]), height=340,
                       width=max(600, 70 * len(names) + 250), margin=dict(t=40, b=40, l=50, r=20),
                       legend=dict(orientation="h", y=1.12), template="plotly_white",

@@ -29,17 +29,19 @@ def encoded_chunks(sae, reader, rows: np.ndarray, chunk_rows: int = 32768):
 
 
 def recover(sae, reader, f1_min: float = 0.9, threshold: float = 0.05, chunk_rows: int = 32768,
-            gt=None, neuron_f1: dict[str, float] | None = None) -> RecoveryReport:
+            gt=None, baselines: RecoveryReport | None = None) -> RecoveryReport:
     """The best feature of `sae` per concept, over the shapes-world image tokens of `reader`'s cache
-    (`gt`: the cache's `token_concepts`, and `neuron_f1`: the best raw neuron's F1 per concept, when the
-    caller has them already)."""
+    (`gt`: the cache's `token_concepts`, and `baselines`: a report on the same rows whose raw-neuron and
+    linear-probe F1s are reused, when the caller has them already)."""
     from interp.shapes.ground_truth import token_concepts
 
     sae.check_width(torch.zeros(1, reader.d))
     gt = gt if gt is not None else token_concepts(reader, with_object=False)
-    baseline = None if neuron_f1 is None else [neuron_f1[c] for c in gt.concepts]
+    known = None if baselines is None else {m.concept: m for m in baselines.concepts}
     matches = recover_concepts(lambda: encoded_chunks(sae, reader, gt.rows, chunk_rows), gt.concepts,
-                               gt.labels(threshold), neuron_f1=baseline)
+                               gt.labels(threshold),
+                               neuron_f1=None if known is None else [known[c].neuron_f1 for c in gt.concepts],
+                               probe_f1=None if known is None else [known[c].probe_f1 for c in gt.concepts])
     return RecoveryReport(matches, f1_min)
 
 
@@ -58,9 +60,10 @@ def recovery_across_seeds(reader, sae_cfg, train_cfg, seeds, known: dict | None 
     for seed in seeds:
         if seed not in out:
             sae = train(sae_cfg, replace(train_cfg, seed=int(seed), progress=False), reader, None).sae
-            first = next(iter(out.values()), None)  # the neuron baseline is the same for every seed
-            out[seed] = recover(sae, reader, f1_min, gt=gt, neuron_f1=None if first is None else
-                                {m.concept: m.neuron_f1 for m in first.concepts})
+            first = next(iter(out.values()), None)  # the neuron and probe baselines are the same for every seed
+            if first is not None and first.linear_ceiling is None:
+                first = None  # a report from before probes: measure them once here
+            out[seed] = recover(sae, reader, f1_min, gt=gt, baselines=first)
     return {s: out[s] for s in seeds}
 
 
@@ -111,7 +114,7 @@ def run_recovery(cfg: RecoveryConfig) -> RecoveryReport:
 
 
 def write_recovery_figure(report: RecoveryReport, run) -> Path:
-    """RUN/recovery.html (plotly.js inside) and recovery.png: best feature against best neuron per concept."""
+    """RUN/recovery.html (plotly.js inside) and recovery.png: best feature, best neuron and linear probe per concept."""
     from interp.infra.plots import write_figure
     from saes.figures import recovery_bars
 
@@ -123,13 +126,13 @@ def _report(report: RecoveryReport, cfg: RecoveryConfig) -> None:
         print(json.dumps(report.to_json()))
         return
     print(f"{'concept':10s} {'feature':>7s} {'thresh':>7s} {'F1':>6s} {'prec':>6s} {'recall':>6s} {'AUROC':>6s} "
-          f"{'neuron F1':>9s}")
+          f"{'neuron F1':>9s} {'probe F1':>8s}")
     for m in report.concepts:
         print(f"{m.concept:10s} {m.feature:7d} {m.threshold:7.3f} {m.f1:6.3f} {m.precision:6.3f} {m.recall:6.3f} "
-              f"{m.auroc:6.3f} {m.neuron_f1:9.3f}")
+              f"{m.auroc:6.3f} {m.neuron_f1:9.3f} {m.probe_f1:8.3f}")
     print(f"recovered {len(report.recovered)}/{len(report.concepts)} concepts at F1 >= {cfg.f1_min} "
-          f"(mean F1 {report.mean_f1}, best raw neurons {report.mean_neuron_f1}); "
-          f"wrote {RunLayout.of(cfg.run).recovery}")
+          f"(mean F1 {report.mean_f1}, best raw neurons {report.mean_neuron_f1}); a linear probe finds "
+          f"{report.linear_ceiling} of them; wrote {RunLayout.of(cfg.run).recovery}")
 
 
 COMMANDS = [Command("recovery", RecoveryConfig, run_recovery,

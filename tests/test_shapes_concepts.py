@@ -2,12 +2,13 @@
 force, box coverage, recovery on given activations, and the recovery report's one reader."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from interp.shapes.concepts import (RecoveryReport, auroc, best_threshold, concept_scores, load_recovery, max_cosines,
-                                    probe_directions, recover_concepts, write_recovery)
+                                    probe_directions, probe_f1s, recover_concepts, write_recovery)
 from interp.shapes.ground_truth import box_coverage
 from interp.shapes.world import WorldConfig, sample_scene
 
@@ -88,6 +89,24 @@ def test_the_recovery_report_is_written_and_read_by_one_pair_of_functions(tmp_pa
         load_recovery(path)
     with pytest.raises(FileNotFoundError, match="no recovery report at .*: make it with `interp recovery"):
         load_recovery(tmp_path / "absent.json")
+
+
+def test_the_linear_ceiling_finds_what_one_direction_can_and_only_that():
+    rng = np.random.default_rng(1)
+    raw = rng.normal(size=(4000, 6))
+    linear = raw[:, 0] + 0.5 * raw[:, 3] > 0.8  # a direction that is not a raw neuron
+    xor = (raw[:, 1] > 0) ^ (raw[:, 2] > 0)  # in the activations, but in no direction
+    labels = np.stack([linear, xor, np.zeros(4000, bool)], 1)
+    f1 = probe_f1s(raw, labels)
+    assert f1[0] > 0.95 and f1[1] < 2 / 3 + 0.02 and f1[2] == 0.0  # xor: no better than "always yes"
+    # rows are split into halves for fitting: a concept present only in one half is not memorised
+    only_second = np.r_[np.zeros(2000, bool), rng.random(2000) < 0.5]
+    assert probe_f1s(raw, only_second[:, None])[0] < 0.7
+    labels3, acts, raw3 = _planted()
+    report = RecoveryReport(recover_concepts(lambda: [(raw3, acts)], ("a", "b", "c"), labels3), f1_min=0.9)
+    assert report.match("c").probe_f1 > 0.9 > report.match("c").f1  # "c" is in the model, the SAE missed it
+    assert report.match("b").probe_f1 < 0.9 and report.linear_ceiling == round(1 / 3, 4)
+    assert RecoveryReport([replace(m, probe_f1=float("nan")) for m in report.concepts]).linear_ceiling is None
 
 
 def test_concept_scores_probes_and_decoder_alignment():

@@ -87,7 +87,8 @@ with right:
         st.info(run.message("recovery"))
     elif matched:
         for c in matched:
-            st.markdown(f"Best feature for **{c.concept}**: F1 {c.f1:.3f} (best raw neuron {c.neuron_f1:.3f}), "
+            st.markdown(f"Best feature for **{c.concept}**: F1 {c.f1:.3f} (best raw neuron {c.neuron_f1:.3f}, "
+                        f"linear probe {c.probe_f1:.3f}), "
                         f"precision {c.precision:.3f}, recall {c.recall:.3f}")
     else:
         st.caption("recovery.json matches no concept to this feature.")

@@ -105,10 +105,13 @@ if run.recovery is None and run.cache and not run.is_shapes:
     st.caption("No ground truth: this cache does not hold shapes-world images.")
 elif need(run, "recovery") and rec is not None:
     concepts = rec.to_json()["concepts"]
-    cols = st.columns(3)
+    cols = st.columns(4)
     cols[0].metric("Concepts recovered", f"{len(rec.recovered)}/{len(concepts)}", help=f"F1 >= {rec.f1_min}")
-    cols[1].metric("Mean F1 (SAE)", f"{rec.mean_f1:.3f}")
-    cols[2].metric("Mean F1 (best raw neuron)", f"{rec.mean_neuron_f1:.3f}")
+    ceiling = rec.linear_ceiling
+    cols[1].metric("Linearly present", "n/a" if ceiling is None else f"{round(ceiling * len(concepts))}/{len(concepts)}",
+                   help=f"concepts a held-out linear probe finds at F1 >= {rec.f1_min}: what any SAE could recover")
+    cols[2].metric("Mean F1 (SAE)", f"{rec.mean_f1:.3f}")
+    cols[3].metric("Mean F1 (best raw neuron)", f"{rec.mean_neuron_f1:.3f}")
     if concepts:
         st.plotly_chart(charts.recovery_bars(concepts), key="recovery")
         frame = pd.DataFrame(concepts)
@@ -117,4 +120,4 @@ elif need(run, "recovery") and rec is not None:
             "open": st.column_config.LinkColumn("open", display_text=r"feature\?feature=(\d+)"),
             "threshold": st.column_config.NumberColumn(format="%.4g")}
             | {c: st.column_config.NumberColumn(format="%.3f")
-               for c in ("f1", "precision", "recall", "auroc", "neuron_f1")})
+               for c in ("f1", "precision", "recall", "auroc", "neuron_f1", "probe_f1")})

@@ -73,12 +73,13 @@ class Scored:
     test: np.ndarray  # [n] bool: held-out rows
     probes: object  # saes.metrics.Probes fitted on the train rows
     neuron_f1: np.ndarray  # [concepts] the best raw neuron's F1 (recovery's baseline)
+    probe_f1: np.ndarray  # [concepts] the held-out linear probe's F1 (recovery's ceiling)
     neuron_probing: dict  # sparse probing's baseline: the top-k neurons' probes per concept
 
     @classmethod
     def of(cls, reader, world: str, seed: int = 0) -> Scored:
         """The labelled rows, and the baselines that depend on them only (computed once, not per SAE)."""
-        from interp.shapes.concepts import contiguous_runs, neuron_f1s
+        from interp.shapes.concepts import contiguous_runs, neuron_f1s, probe_f1s
         from saes.metrics import neuron_probing, split_rows, train_probes
 
         if world not in GROUND_TRUTH:
@@ -87,7 +88,7 @@ class Scored:
         raw = torch.cat([reader.read(int(a), int(b)) for a, b in contiguous_runs(gt.rows)]).float().numpy()
         test = split_rows(gt.groups, 0.25, seed=seed)
         return cls(gt, raw, test, train_probes(raw[~test], gt.labels[~test]), neuron_f1s(raw, gt.labels),
-                   neuron_probing(raw, gt.labels, gt.concepts, test))
+                   probe_f1s(raw, gt.labels), neuron_probing(raw, gt.labels, gt.concepts, test))
 
 
 def score_sae(sae, scored: Scored, reader, *, lm=None, ce_samples: int = 0) -> tuple[dict, object]:
@@ -104,7 +105,8 @@ def score_sae(sae, scored: Scored, reader, *, lm=None, ce_samples: int = 0) -> t
         for s in range(0, len(scored.raw), 8192):
             yield scored.raw[s: s + 8192], acts[s: s + 8192].toarray()
 
-    report = RecoveryReport(recover_concepts(chunks, gt.concepts, gt.labels, neuron_f1=scored.neuron_f1))
+    report = RecoveryReport(recover_concepts(chunks, gt.concepts, gt.labels, neuron_f1=scored.neuron_f1,
+                                             probe_f1=scored.probe_f1))
     dm = dictionary_metrics(acts, scored.raw, gt.labels, gt.concepts, sae.W_dec.detach().float().numpy(),
                             sae.b_dec.detach().float().numpy(), scored.test, scored.probes, scored.neuron_probing)
     out = {"fvu": round(rec["fvu"], 4), "l0": round(rec["l0"], 2), "dead_fraction": round(rec["dead_fraction"], 4),

@@ -18,7 +18,7 @@ from interp.infra.layout import RunLayout
 from saes import architectures
 
 SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concepts", "concept_recovery",
-                "concept_recovery_seeds", "live_features", "explained_live_fraction",
+                "concept_recovery_seeds", "concept_recovery_ceiling", "live_features", "explained_live_fraction",
                 "detection_balanced_accuracy_all", "explanation_accuracy", "detection_balanced_accuracy", "sae_layer",
                 "steering_layer", "image_token_reach", "steering_success", "steering_success_shape",
                 "attribution_top5", "attribution_top5_patching", "text_explanation_accuracy",
@@ -126,7 +126,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     t = _stage("recovery: a feature for each concept of the world?")
     rec = run_recovery(RecoveryConfig(run=str(run.root)))
     for m in rec.concepts:
-        print(f"  {m.concept:18s} feature {m.feature:4d}  F1 {m.f1:.3f}  (best raw neuron {m.neuron_f1:.3f})")
+        print(f"  {m.concept:18s} feature {m.feature:4d}  F1 {m.f1:.3f}  (best raw neuron {m.neuron_f1:.3f}, "
+              f"linear probe {m.probe_f1:.3f})")
     summary["concept_recovery"] = rec.concept_recovery
     summary["stages"]["recovery"] = round(time.time() - t, 1)
 
@@ -136,6 +137,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         by_seed = recovery_across_seeds(reader, replace(sae_cfg, d_in=reader.d),
                                         TrainConfig(steps=cfg.steps, batch_size=1024), seeds, known={cfg.seed: rec})
     summary["concept_recovery_seeds"] = [by_seed[s].concept_recovery for s in seeds]
+    summary["concept_recovery_ceiling"] = rec.linear_ceiling  # what a linear probe finds: the model's share
     print("  " + ", ".join(f"seed {s}: {by_seed[s].concept_recovery:.2f}" for s in seeds))
     summary["stages"]["recovery_seeds"] = round(time.time() - t, 1)
 

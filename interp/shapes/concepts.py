@@ -109,6 +109,7 @@ class ConceptMatch:
     auroc: float
     positives: int  # patches the concept covers
     neuron_f1: float  # best raw neuron, for comparison
+    probe_f1: float = float("nan")  # held-out linear probe: the most one direction can reach (`probe_f1s`)
 
 
 Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
@@ -117,10 +118,11 @@ in the order of the labels; called twice."""
 
 
 def recover_concepts(chunks: Chunks, concepts: tuple[str, ...], labels: np.ndarray,
-                     candidates: int = 8, neuron_f1: np.ndarray | None = None) -> list[ConceptMatch]:
+                     candidates: int = 8, neuron_f1: np.ndarray | None = None,
+                     probe_f1: np.ndarray | None = None) -> list[ConceptMatch]:
     """The best feature per concept; `labels` [rows, concepts] bool in the order `chunks` yields rows.
-    `neuron_f1`: the best raw neuron's F1 per concept (`neuron_f1s`) when the caller scores several SAEs
-    on the same rows; computed here otherwise."""
+    `neuron_f1` and `probe_f1`: the best raw neuron's and the linear probe's F1 per concept (`neuron_f1s`,
+    `probe_f1s`) when the caller scores several SAEs on the same rows; computed here otherwise."""
     tp = fired = None
     raw = []
     s = 0
@@ -137,13 +139,38 @@ def recover_concepts(chunks: Chunks, concepts: tuple[str, ...], labels: np.ndarr
     columns = np.concatenate([acts[:, pool] for _, acts in chunks()])
     ranked = [Ranked.of(columns[:, i]) for i in range(len(pool))]
     neuron_f1 = neuron_f1s(raw_x, labels) if neuron_f1 is None else np.asarray(neuron_f1)
+    probe_f1 = probe_f1s(raw_x, labels) if probe_f1 is None else np.asarray(probe_f1)
     out = []
     for j, concept in enumerate(concepts):
         tried = [(best_threshold(ranked[i], labels[:, j]), i) for i in range(len(pool))]
         (f1, precision, recall, thr), i = max(tried, key=lambda t: t[0][0])
         out.append(ConceptMatch(concept, int(pool[i]), thr, f1, precision, recall, auroc(columns[:, i], labels[:, j]),
-                                int(labels[:, j].sum()), float(neuron_f1[j])))
+                                int(labels[:, j].sum()), float(neuron_f1[j]), float(probe_f1[j])))
     return out
+
+
+def probe_f1s(x: np.ndarray, labels: np.ndarray, max_fit_rows: int = 65536) -> np.ndarray:
+    """[concepts] held-out F1 of a least-squares linear probe per concept, at its best threshold.
+
+    An SAE feature is a thresholded direction of the activations, so the best direction roughly bounds
+    what any feature reaches (least squares is not the best linear classifier, so a feature can edge past
+    it): a concept far below `f1_min` here is not linearly in the model's activations, and no SAE recipe
+    will recover it; one high here and low for every feature is the SAE's to find. Two-fold cross-fitting over the two contiguous halves of the rows (whole samples,
+    in cache order): every row is scored by a probe fitted on the other half (at most `max_fit_rows` of
+    it, evenly spaced, so the cost stays bounded on wide caches)."""
+    n = len(x)
+    if n < 4:
+        return np.zeros(labels.shape[1])
+    xa = np.concatenate([np.asarray(x, np.float64), np.ones((n, 1))], axis=1)
+    y = labels.astype(np.float64) * 2 - 1
+    half = n // 2
+    scores = np.empty(labels.shape)
+    for fit, test in ((np.arange(half), np.arange(half, n)), (np.arange(half, n), np.arange(half))):
+        fit = fit[np.unique(np.linspace(0, len(fit) - 1, min(len(fit), max_fit_rows)).astype(int))]
+        w = np.linalg.lstsq(xa[fit], y[fit], rcond=None)[0]
+        scores[test] = xa[test] @ w
+    return np.array([best_threshold(scores[:, j], labels[:, j])[0] if labels[:, j].any() else 0.0
+                     for j in range(labels.shape[1])])
 
 
 def neuron_f1s(x: np.ndarray, labels: np.ndarray, n: int = 16) -> np.ndarray:
@@ -205,10 +232,19 @@ class RecoveryReport:
     def mean_neuron_f1(self) -> float:
         return round(float(np.mean([m.neuron_f1 for m in self.concepts])), 4)
 
+    @property
+    def linear_ceiling(self) -> float | None:
+        """The fraction of concepts a linear probe finds at f1_min: what any SAE could recover at most
+        (None for a report written before probes were part of it)."""
+        f1 = [m.probe_f1 for m in self.concepts]
+        if not f1 or any(np.isnan(f1)):
+            return None
+        return round(sum(v >= self.f1_min for v in f1) / len(f1), 4)
+
     def to_json(self) -> dict:
         return {"format": self.format, "concept_recovery": self.concept_recovery, "f1_min": self.f1_min,
                 "recovered": self.recovered, "mean_f1": self.mean_f1, "mean_neuron_f1": self.mean_neuron_f1,
-                "concepts": [asdict(m) for m in self.concepts], **self.extra}
+                "linear_ceiling": self.linear_ceiling, "concepts": [asdict(m) for m in self.concepts], **self.extra}
 
     def match(self, concept: str) -> ConceptMatch:
         for m in self.concepts:
@@ -257,7 +293,8 @@ def load_recovery(path: str | Path) -> RecoveryReport:
         raise ValueError(f"{path} is not an lmmscope recovery report (format {raw.get('format')!r}, "
                          f"expected {RECOVERY_FORMAT!r}): re-run `interp recovery {path.parent}`")
     names = {f for f in ConceptMatch.__dataclass_fields__}
-    known = {"format", "concept_recovery", "f1_min", "recovered", "mean_f1", "mean_neuron_f1", "concepts"}
+    known = {"format", "concept_recovery", "f1_min", "recovered", "mean_f1", "mean_neuron_f1", "linear_ceiling",
+             "concepts"}
     return RecoveryReport([ConceptMatch(**{k: v for k, v in c.items() if k in names}) for c in raw["concepts"]],
                           float(raw["f1_min"]), extra={k: v for k, v in raw.items() if k not in known})
 
