@@ -466,7 +466,8 @@ def _print_summary(summary: dict, path: Path) -> None:
           f"{a['balanced_accuracy_oracle']}), F1 {a['f1']}, AUROC {a['auroc']}, IoU {a['iou_pixels']} "
           f"(tokens {a['iou_tokens']})")
     print(f"{summary['explained_live_fraction']} of {summary['live_features']} live features have an explanation "
-          f"with detection balanced accuracy >= 0.85")
+          f"with detection balanced accuracy >= 0.85 ({summary['unscorable_features']} fire on too few samples to "
+          f"score; without them {summary['explained_scorable_fraction']})")
     if m["n"]:
         print(f"{m['n']} features match a ground-truth concept: explanation names it {m['concept_accuracy']}, "
               f"balanced accuracy {m['balanced_accuracy']} (min {m['balanced_accuracy_min']})")

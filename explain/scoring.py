@@ -366,7 +366,9 @@ def summarize(records: dict[int, dict], matched: dict[int, list[tuple[str, float
     """Means over all scored features, and the targets over the features that match a concept.
 
     `live`: how many live features there are (default: the scored ones); a live feature without a
-    score counts as unexplained in `explained_live_fraction`."""
+    score counts as unexplained in `explained_live_fraction`. So does a feature that fires on too few
+    samples to hold any out (an SAE's near-dead features: delphi skips them); `unscorable_features` counts
+    those, and `explained_scorable_fraction` leaves them out, so the two causes can be told apart."""
     def mean(values):
         vals = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
         return round(float(np.mean(vals)), 4) if vals else None
@@ -406,8 +408,12 @@ def summarize(records: dict[int, dict], matched: dict[int, list[tuple[str, float
     n_live = len(scored) if live is None else live
     explained = sum(r["detection"]["balanced_accuracy"] is not None
                     and r["detection"]["balanced_accuracy"] >= EXPLAINED_BA for r in scored.values())
+    unscorable = sum(not r["detection"]["n_pos"] for r in scored.values())
+    n_scorable = n_live - unscorable
     out.update(live_features=n_live,
                explained_live_fraction=round(explained / n_live, 4) if n_live else None,
+               unscorable_features=unscorable,
+               explained_scorable_fraction=round(explained / n_scorable, 4) if n_scorable > 0 else None,
                detection_balanced_accuracy_all=out["all"]["balanced_accuracy"],
                explanation_accuracy=out["matched"]["concept_accuracy"],
                detection_balanced_accuracy=out["matched"]["balanced_accuracy"])

@@ -19,7 +19,8 @@ from saes import architectures
 
 SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "concepts", "concept_recovery",
                 "concept_recovery_seeds", "concept_recovery_ceiling", "live_features", "explained_live_fraction",
-                "detection_balanced_accuracy_all", "explanation_accuracy", "detection_balanced_accuracy", "sae_layer",
+                "unscorable_features", "explained_scorable_fraction", "detection_balanced_accuracy_all",
+                "explanation_accuracy", "detection_balanced_accuracy", "sae_layer",
                 "steering_layer", "image_token_reach", "steering_success", "steering_success_shape",
                 "attribution_top5", "attribution_top5_patching", "text_explanation_accuracy",
                 "text_detection_balanced_accuracy", "cross_modal_fraction", "seconds")
@@ -143,8 +144,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     t = _stage("explain and score: shapes-explainer describes each live feature's regions, then held-out ones")
     scores = explain_and_score(run)
-    for key in ("live_features", "explained_live_fraction", "detection_balanced_accuracy_all", "explanation_accuracy",
-                "detection_balanced_accuracy"):
+    for key in ("live_features", "explained_live_fraction", "unscorable_features", "explained_scorable_fraction",
+                "detection_balanced_accuracy_all", "explanation_accuracy", "detection_balanced_accuracy"):
         summary[key] = scores.get(key)
     summary["stages"]["explain"] = round(time.time() - t, 1)
 
