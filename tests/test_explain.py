@@ -357,9 +357,24 @@ def test_the_oracle_names_every_planted_concept_exactly_and_detects_it(oracle_ru
     # are mostly interior patches, and no silent region there shows another colour's interior)
     assert sc[RANDOM]["detection"]["balanced_accuracy"] is None
     assert summary["explained_live_fraction"] == round((len(CONCEPTS) + 1) / DEAD, 4)
+    assert summary["unscorable_features"] == 0  # every feature fires on enough samples to hold some out
+    assert summary["explained_scorable_fraction"] == summary["explained_live_fraction"]
     assert summary["detection_balanced_accuracy_all"] >= 0.95
     assert summary["matched"]["n"] == len(CONCEPTS) - 1  # recovery matches every concept but "object" (left out)
     assert summary == {**json.loads((run / "score_summary.json").read_text()), "failed": [], "_seconds": summary["_seconds"]}
+
+
+def test_near_dead_features_count_as_unexplained_and_are_counted_apart():
+    from explain.scoring import summarize
+
+    def rec(ba, n_pos):
+        return {"explanation": "x", "names_concept": None, "iou": None, "detection": {
+            "n_pos": n_pos, "balanced_accuracy": ba, "f1": 0.0, "auroc": None, "recall_by_source": {}}}
+
+    records = {0: rec(0.9, 16), 1: rec(0.6, 16), 2: rec(None, 0), 3: rec(None, 0)}  # 2, 3: fire on one sample
+    s = summarize(records, {}, live=5)  # feature 4: live, never scored
+    assert s["live_features"] == 5 and s["explained_live_fraction"] == 0.2
+    assert s["unscorable_features"] == 2 and s["explained_scorable_fraction"] == round(1 / 3, 4)
 
 
 def test_per_region_answers_are_recorded_and_scoring_holds_them_out(oracle_run):
