@@ -88,8 +88,8 @@ def recovery_bars(concepts: Sequence[Mapping]):
         fig.add_trace(go.Scatter(name="linear probe (held-out)", x=names, y=[c["probe_f1"] for c in concepts],
                                  mode="markers", marker=dict(symbol="line-ew-open", size=22, color="black",
                                                              line=dict(width=2))))
-    fig.update_layout(barmode="group", yaxis=dict(title="F1", range=[0, 1.1]), height=340,
-                      width=max(600, 70 * len(names) + 250), margin=dict(t=40, b=40, l=50, r=20),
+    fig.update_layout(barmode="group", yaxis=dict(title="F1", range=[0, 1.1]), xaxis=dict(tickangle=-45),
+                      height=480, width=max(600, 70 * len(names) + 250), margin=dict(t=40, b=130, l=50, r=20),
                       legend=dict(orientation="h", y=1.12), template="plotly_white",
                       title="Ground-truth recovery: best feature per concept")
     return fig

@@ -109,7 +109,7 @@ class ConceptMatch:
     auroc: float
     positives: int  # patches the concept covers
     neuron_f1: float  # best raw neuron, for comparison
-    probe_f1: float = float("nan")  # held-out linear probe: the most one direction can reach (`probe_f1s`)
+    probe_f1: float = float("nan")  # held-out linear probe: about the most one direction reaches (`probe_f1s`)
 
 
 Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
@@ -155,9 +155,10 @@ def probe_f1s(x: np.ndarray, labels: np.ndarray, max_fit_rows: int = 65536) -> n
     An SAE feature is a thresholded direction of the activations, so the best direction roughly bounds
     what any feature reaches (least squares is not the best linear classifier, so a feature can edge past
     it): a concept far below `f1_min` here is not linearly in the model's activations, and no SAE recipe
-    will recover it; one high here and low for every feature is the SAE's to find. Two-fold cross-fitting over the two contiguous halves of the rows (whole samples,
-    in cache order): every row is scored by a probe fitted on the other half (at most `max_fit_rows` of
-    it, evenly spaced, so the cost stays bounded on wide caches)."""
+    will recover it; one high here and low for every feature is the SAE's to find. Two-fold
+    cross-fitting over the two contiguous halves of the rows (whole samples, in cache order): every row
+    is scored by a probe fitted on the other half (at most `max_fit_rows` of it, evenly spaced, so the
+    cost stays bounded on wide caches)."""
     n = len(x)
     if n < 4:
         return np.zeros(labels.shape[1])
