@@ -108,7 +108,8 @@ elif need(run, "recovery") and rec is not None:
     cols = st.columns(4)
     cols[0].metric("Concepts recovered", f"{len(rec.recovered)}/{len(concepts)}", help=f"F1 >= {rec.f1_min}")
     ceiling = rec.linear_ceiling
-    cols[1].metric("Linearly present", "n/a" if ceiling is None else f"{round(ceiling * len(concepts))}/{len(concepts)}",
+    present = "n/a" if ceiling is None else f"{round(ceiling * len(concepts))}/{len(concepts)}"
+    cols[1].metric("Linearly present", present,
                    help=f"concepts a held-out linear probe finds at F1 >= {rec.f1_min}: what any SAE could recover")
     cols[2].metric("Mean F1 (SAE)", f"{rec.mean_f1:.3f}")
     cols[3].metric("Mean F1 (best raw neuron)", f"{rec.mean_neuron_f1:.3f}")
