@@ -60,7 +60,7 @@ def test_explainer_accuracy(explainer_accuracy):
     assert all(explainer_accuracy[t] >= EXPLAINER_MIN[t] for t in EXPLAINER_MIN), explainer_accuracy
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 is open: the v2 subject cannot find objects by their shape word yet")
+@pytest.mark.xfail(strict=True, reason="issue 12 is open: the v2 subject does not yet select an object by its colour word")
 def test_subject_meets_the_issue_target(subject_accuracy):
     assert min(subject_accuracy.values()) >= TARGET, subject_accuracy
 
