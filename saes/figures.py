@@ -10,6 +10,7 @@ feature list's "dead") is the share that never fire on any row of the evaluation
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -84,7 +85,7 @@ def recovery_bars(concepts: Sequence[Mapping]):
                text=[f"#{c.get('feature')}" for c in concepts], textposition="outside"),
         go.Bar(name="best raw neuron", x=names, y=[c.get("neuron_f1") for c in concepts], marker_color=GREY),
     ])
-    if all(c.get("probe_f1") is not None and c["probe_f1"] == c["probe_f1"] for c in concepts):  # NaN: no probe
+    if all(c.get("probe_f1") is not None and not math.isnan(c["probe_f1"]) for c in concepts):  # NaN: no probe
         fig.add_trace(go.Scatter(name="linear probe (held-out)", x=names, y=[c["probe_f1"] for c in concepts],
                                  mode="markers", marker=dict(symbol="line-ew-open", size=22, color="black",
                                                              line=dict(width=2))))
