@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -147,6 +148,37 @@ def test_vision_pretraining_stops_at_its_gate_and_resumes_stopped(tmp_path):
     again = vision_pretrain(build_model(SPECS["subject"], world, seed=0), batcher, cfg, tmp_path / "vision")
     assert again == held_out and calls == [], "a gated pretraining resumes as finished"
     assert CellHeads(8, world).pool.shape == (4, 64)
+
+
+def test_patch_targets_name_the_object_covering_each_patch():
+    from dataclasses import replace
+
+    from interp.shapes import world as w
+    from interp.shapes.organisms.train import PATCH_OBJECT, PatchHeads
+
+    world = WorldConfig(striped_outline=True)
+    cfg = TrainConfig(which="subject", vision_targets="patch")
+    batcher = Batcher(cfg, world)
+    x, y = batcher.targets(3, 4, split="val")
+    assert x.shape == (4, 3, 64, 64) and y["shape"].shape == (4, 64)
+    dense = replace(world, min_objects=cfg.vision_min_objects)
+    for i in range(4):
+        scene = w.sample_scene(dense, 10_000_000 + 3 * 4 + i, "val", cfg.seed)
+        fracs = np.stack([f.flatten() for f in scene.object_patch_fractions()])
+        for t in range(64):
+            if fracs[:, t].max() < PATCH_OBJECT:
+                assert y["occupied"][i, t] == 0 and y["shape"][i, t] == -100
+            else:
+                owner = scene.objects[int(fracs[:, t].argmax())]
+                assert y["occupied"][i, t] == 1
+                assert world.shapes[int(y["shape"][i, t])] == owner.shape
+                assert world.colors[int(y["color"][i, t])] == owner.color
+    heads = PatchHeads(16, world)
+    loss, acc = heads(torch.randn(4, 64, 16), y)
+    assert torch.isfinite(loss) and set(acc) == {"cell", "color", "shape", "size", "fill"}
+    assert heads.cell_of.tolist()[:8] == [0, 0, 0, 0, 1, 1, 1, 1] and heads.cell_of[-1] == 3
+    with pytest.raises(ValueError, match="vision_targets 'pixel': use 'cell' or 'patch'"):
+        Batcher(TrainConfig(vision_targets="pixel"), world).targets(0, 1)
 
 
 def test_sincos_positions_are_distinct_and_scaled():

@@ -3,10 +3,11 @@
 What made this work (docs/organisms.md keeps the record, failures included):
 - the vision tower learns at a fraction of the LLM's rate, else it collapses to
   image-independent answers; position embeddings start large;
-- a vision pretraining on what object each position cell (a 2x2 grid) holds, from the mean of
-  the cell's image tokens. Image-level presence targets left shape at chance on v2; targets
-  per cell, never per patch, leave the patch-level concepts (parts, edges, backgrounds,
-  sub-cell places) for the SAE to find;
+- a vision pretraining on what object each image token shows (`vision_targets="patch"`) or each
+  position cell holds, from the mean of the cell's tokens ("cell"). Image-level presence targets
+  left shape at chance on v2; per-cell targets made shape readable only from pooled tokens, which
+  an LM selecting an object by colour could not use; no target names parts, edges, backgrounds
+  or sub-cell places, which stay for the SAE to find;
 - several question-answer turns per image, so each image's tokens serve many answers.
 
 Every batch is a pure function of (seed, step), so a resumed run is bit-identical.
@@ -53,6 +54,7 @@ class TrainConfig:
     vision_min_objects: int = 3  # dense scenes: more labelled cells per image
     vision_gate_shape: float = 0.97  # held-out cell-level shape accuracy that ends the pretraining early
     vision_check_every: int = 100  # steps between held-out checks (and vision checkpoints)
+    vision_targets: str = "cell"  # "cell": per position cell, from its mean token; "patch": every token
     position_init: str = "sincos"  # "sincos": 2D sine-cosine (MAE's); "normal": random
     position_init_std: float = 0.5
     striped_outline: bool = True  # the world's rendering: striped objects keep their contour
@@ -63,7 +65,8 @@ class TrainConfig:
 
 
 RECIPES = {
-    "subject": TrainConfig(which="subject", steps=4500, batch_images=24, turns=6, vision_pretrain_steps=4000),
+    "subject": TrainConfig(which="subject", steps=4500, batch_images=24, turns=6, vision_pretrain_steps=4000,
+                           vision_targets="patch"),
     "explainer": TrainConfig(which="explainer", steps=2500, batch_images=12, turns=2, region_fraction=2.0,
                              lr=1.5e-3, vision_pretrain_steps=3000),
 }
@@ -142,7 +145,33 @@ class Batcher:
         return pixel_tensor([s.render() for s in scenes]), y
 
 
+    def targets(self, step: int, n: int = 64, split: str = "train"):
+        """The vision pretraining's batch, per cell or per patch (`TrainConfig.vision_targets`)."""
+        if self.cfg.vision_targets not in ("cell", "patch"):
+            raise ValueError(f"vision_targets {self.cfg.vision_targets!r}: use 'cell' or 'patch'")
+        return (self.patch_batch if self.cfg.vision_targets == "patch" else self.cell_batch)(step, n, split)
+
+    def patch_batch(self, step: int, n: int = 64, split: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Dense scenes and, per patch, the attributes of the object covering most of it (-100: none
+        covers PATCH_OBJECT of it) and the position cell the patch lies in."""
+        dense = replace(self.world, min_objects=max(self.world.min_objects, self.cfg.vision_min_objects))
+        scenes = [w.sample_scene(dense, 10_000_000 + step * n + j, split, self.cfg.seed) for j in range(n)]
+        t = self.n_image
+        y = {k: torch.full((n, t), -100) for k in CELL_TARGETS}
+        y["occupied"] = torch.zeros(n, t)
+        targets = cell_targets(self.world)
+        for i, s in enumerate(scenes):
+            fracs = np.stack([f.flatten() for f in s.object_patch_fractions()])
+            best, owner = fracs.max(0), fracs.argmax(0)
+            for k, values in targets.items():
+                codes = torch.tensor([values.index(getattr(o, k)) for o in s.objects])
+                y[k][i] = torch.where(torch.from_numpy(best >= PATCH_OBJECT), codes[owner], -100)
+            y["occupied"][i] = torch.from_numpy(best >= PATCH_OBJECT).float()
+        return pixel_tensor([s.render() for s in scenes]), y
+
+
 CELL_TARGETS = ("color", "shape", "size", "fill")
+PATCH_OBJECT = 0.1  # a patch this covered by an object is that object's, for the per-patch targets
 
 
 def cell_targets(world: w.WorldConfig) -> dict[str, list[str]]:
@@ -179,12 +208,47 @@ class CellHeads(torch.nn.Module):
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in cell_targets(world).items()})
         self.occupied = torch.nn.Linear(width, 1)
 
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ct,btd->bcd", self.pool, tokens)
+
     def forward(self, tokens: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        cells = torch.einsum("ct,btd->bcd", self.pool, tokens)
+        cells = self.pooled(tokens)
         loss = F.binary_cross_entropy_with_logits(self.occupied(cells).squeeze(-1), y["occupied"])
         acc = {}
         for k, head in self.heads.items():
             logits = head(cells)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), y[k].flatten(), ignore_index=-100)
+            m = y[k] >= 0
+            acc[k] = float((logits.argmax(-1)[m] == y[k][m]).float().mean()) if m.any() else float("nan")
+        return loss, acc
+
+
+class PatchHeads(torch.nn.Module):
+    """Per image token: the attributes of the object it shows, and its position cell.
+
+    Cell-level targets leave shape readable only from an object's pooled tokens (0.70-0.92), and an
+    LM that selects an object by its colour reads a weak, mixed shape there (docs/organisms.md). With
+    every token of an object naming it, any token a colour-selected head lands on carries the shape."""
+
+    def __init__(self, width: int, world: w.WorldConfig):
+        super().__init__()
+        n, g = world.patches, world.grid
+        self.register_buffer("cell_of", torch.tensor([(r * world.patch // world.cell) * g + (c * world.patch // world.cell)
+                                                      for r in range(n) for c in range(n)]))
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in cell_targets(world).items()})
+        self.occupied = torch.nn.Linear(width, 1)
+        self.cell = torch.nn.Linear(width, g * g)
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def forward(self, tokens: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = F.binary_cross_entropy_with_logits(self.occupied(tokens).squeeze(-1), y["occupied"])
+        cell_logits = self.cell(tokens)
+        loss = loss + F.cross_entropy(cell_logits.flatten(0, 1), self.cell_of.expand(tokens.shape[0], -1).flatten())
+        acc = {"cell": float((cell_logits.argmax(-1) == self.cell_of).float().mean())}
+        for k, head in self.heads.items():
+            logits = head(tokens)
             loss = loss + F.cross_entropy(logits.flatten(0, 1), y[k].flatten(), ignore_index=-100)
             m = y[k] >= 0
             acc[k] = float((logits.argmax(-1)[m] == y[k][m]).float().mean()) if m.any() else float("nan")
@@ -222,13 +286,13 @@ def init_positions(model, cfg: TrainConfig, world: w.WorldConfig) -> None:
 
 
 @torch.no_grad()
-def cell_accuracy(model, heads: "CellHeads", batcher: Batcher, n: int = 256) -> dict[str, float]:
-    """Held-out (val split) cell-level accuracy per attribute: the vision pretraining's gate."""
+def cell_accuracy(model, heads, batcher: Batcher, n: int = 256) -> dict[str, float]:
+    """Held-out (val split) accuracy per attribute, per cell or per patch: the vision pretraining's gate."""
     right: dict[str, int] = {}
     total: dict[str, int] = {}
     for b in range(n // 64):
-        x, y = batcher.cell_batch(b, 64, split="val")
-        cells = torch.einsum("ct,btd->bcd", heads.pool, image_token_features(model, x))
+        x, y = batcher.targets(b, 64, split="val")
+        cells = heads.pooled(image_token_features(model, x))
         for k, head in heads.heads.items():
             m = y[k] >= 0
             right[k] = right.get(k, 0) + int((head(cells).argmax(-1)[m] == y[k][m]).sum())
@@ -245,14 +309,15 @@ def vision_lr(step: int, cfg: TrainConfig) -> float:
 
 
 def vision_pretrain(model, batcher: Batcher, cfg: TrainConfig, ckpt: Path) -> dict[str, float]:
-    """What object is in each position cell, from the mean of the cell's image tokens.
+    """What object each image token shows (or each position cell holds), with the tokens' cell.
 
     Shape in v2 spans several 8-px patches and comes in three fills, which image-level presence
-    targets on pooled tokens did not teach in 600 steps (shape at chance; docs/organisms.md). The
-    targets are per position cell (a 2x2 grid), never per patch: the patch-level concepts (parts,
-    edges, sub-cell places, backgrounds) stay for the SAE to find. Resumable from `ckpt`."""
+    targets on pooled tokens did not teach in 600 steps (shape at chance; docs/organisms.md). No
+    target names parts, edges, sub-cell places or backgrounds: those stay for the SAE to find.
+    Resumable from `ckpt`."""
     torch.manual_seed(cfg.seed)
-    heads = CellHeads(model.config.text_config.hidden_size, batcher.world)
+    heads = {"cell": CellHeads, "patch": PatchHeads}[cfg.vision_targets](model.config.text_config.hidden_size,
+                                                                          batcher.world)
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=cfg.vision_pretrain_lr)
     both = torch.nn.ModuleDict({"model": model, "heads": heads})
@@ -266,7 +331,7 @@ def vision_pretrain(model, batcher: Batcher, cfg: TrainConfig, ckpt: Path) -> di
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = vision_lr(step, cfg)
-        x, y = batcher.cell_batch(step)
+        x, y = batcher.targets(step)
         loss, acc = heads(image_token_features(model, x), y)
         opt.zero_grad()
         loss.backward()
