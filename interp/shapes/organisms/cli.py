@@ -24,6 +24,8 @@ class OrganismTrainConfig:
     """training steps (none: the recorded recipe's)"""
     vision_steps: int | None = None
     """vision pretraining steps (none: the recorded recipe's)"""
+    vision_targets: str | None = field(default=None, metadata=choices(["cell", "patch"]))
+    """what the vision pretraining predicts: per position cell or per image token (none: the recipe's)"""
     seed: int = 0
     """seed of the weights and of the data stream"""
     threads: int | None = None
@@ -44,6 +46,8 @@ def organism_train(cfg: OrganismTrainConfig) -> Path:
         recipe = replace(recipe, steps=cfg.steps)
     if cfg.vision_steps:
         recipe = replace(recipe, vision_pretrain_steps=cfg.vision_steps)
+    if cfg.vision_targets:
+        recipe = replace(recipe, vision_targets=cfg.vision_targets)
     final = train(recipe, Path(cfg.out or f"runs/organism-{cfg.which}"), threads=cfg.threads)
     print(f"trained model: {final}")
     if cfg.install:

@@ -65,8 +65,7 @@ class TrainConfig:
 
 
 RECIPES = {
-    "subject": TrainConfig(which="subject", steps=4500, batch_images=24, turns=6, vision_pretrain_steps=4000,
-                           vision_targets="patch"),
+    "subject": TrainConfig(which="subject", steps=4500, batch_images=24, turns=6, vision_pretrain_steps=4000),
     "explainer": TrainConfig(which="explainer", steps=2500, batch_images=12, turns=2, region_fraction=2.0,
                              lr=1.5e-3, vision_pretrain_steps=3000),
 }
