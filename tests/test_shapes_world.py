@@ -114,3 +114,18 @@ def test_striped_objects_keep_their_outline_when_asked():
     assert np.all(ringed >= bare - 1e-9) and np.all(ringed >= outline - 1e-9), "stripes inside the outline"
     assert ringed.sum() > bare.sum() + 0.5 * outline.sum() * 0.3
     assert not WorldConfig().striped_outline, "the default world stays v2's until the v3 organisms ship"
+
+
+def test_selector_last_puts_the_colour_word_where_shape_words_sit():
+    """The shape question's colour word moves to the end, as the shape word is in "what color is the circle ?";
+    the scenes, the answers and the vocabulary stay the same."""
+    plain, last = w.WorldConfig(), w.WorldConfig(selector_last=True)
+    scene = w.sample_scene(plain, 3)
+    assert [o.to_json() for o in w.sample_scene(last, 3).objects] == [o.to_json() for o in scene.objects]
+    (qa_plain,) = w.scene_questions(scene, np.random.default_rng(0), ("shape",))
+    (qa_last,) = w.scene_questions(w.sample_scene(last, 3), np.random.default_rng(0), ("shape",))
+    color = qa_plain.question.split()[-3]
+    assert qa_plain.question == f"what shape is the {color} object ?"
+    assert qa_last.question == f"what shape is {color} ?" and qa_last.answer == qa_plain.answer
+    assert set(qa_last.question.split()) <= set(w.vocabulary(last)) and w.vocabulary(last) == w.vocabulary(plain)
+    assert w.phrase_attributes(qa_last.question, last) == {"color": color}

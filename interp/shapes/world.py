@@ -68,6 +68,8 @@ class WorldConfig:
     color_jitter: int = 12
     noise: int = 18  # amplitude of the noisy background texture
     striped_outline: bool = False  # striped objects keep their contour (organisms v3); else bare stripes
+    selector_last: bool = False  # "what shape is red ?": the colour word last, where the shape words sit in
+    # "what color is the circle ?"; else "what shape is the red object ?" (docs/organisms.md, 2026-12-06)
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.colors if c not in COLORS]
@@ -445,7 +447,8 @@ def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ..
             out.append(QA(task, q, a))
         elif task == "shape" and unique_color:
             o = pick(unique_color)
-            out.append(QA(task, f"what shape is the {o.color} object ?", o.shape))
+            q = f"what shape is {o.color} ?" if cfg.selector_last else f"what shape is the {o.color} object ?"
+            out.append(QA(task, q, o.shape))
         elif task == "at":
             pos = pick(list(POSITIONS))
             if objs and rng.random() < 0.75:

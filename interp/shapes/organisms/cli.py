@@ -26,6 +26,8 @@ class OrganismTrainConfig:
     """vision pretraining steps (none: the recorded recipe's)"""
     vision_targets: str | None = field(default=None, metadata=choices(["cell", "patch"]))
     """what the vision pretraining predicts: per position cell or per image token (none: the recipe's)"""
+    selector_last: bool = False
+    """phrase the shape question with the colour word last ("what shape is red ?")"""
     seed: int = 0
     """seed of the weights and of the data stream"""
     threads: int | None = None
@@ -48,6 +50,8 @@ def organism_train(cfg: OrganismTrainConfig) -> Path:
         recipe = replace(recipe, vision_pretrain_steps=cfg.vision_steps)
     if cfg.vision_targets:
         recipe = replace(recipe, vision_targets=cfg.vision_targets)
+    if cfg.selector_last:
+        recipe = replace(recipe, selector_last=True)
     final = train(recipe, Path(cfg.out or f"runs/organism-{cfg.which}"), threads=cfg.threads)
     print(f"trained model: {final}")
     if cfg.install:

@@ -58,6 +58,7 @@ class TrainConfig:
     position_init: str = "sincos"  # "sincos": 2D sine-cosine (MAE's); "normal": random
     position_init_std: float = 0.5
     striped_outline: bool = True  # the world's rendering: striped objects keep their contour
+    selector_last: bool = False  # the world's phrasing: "what shape is red ?" (see WorldConfig)
     seed: int = 0
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -379,7 +380,7 @@ def _load(path: Path, model, opt) -> dict | None:
 
 def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None, threads: int | None = None) -> Path:
     """Train into `out` (checkpoint under out/checkpoint); re-running resumes where it stopped."""
-    world = world or w.WorldConfig(striped_outline=cfg.striped_outline)
+    world = world or w.WorldConfig(striped_outline=cfg.striped_outline, selector_last=cfg.selector_last)
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
