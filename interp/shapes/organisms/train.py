@@ -196,6 +196,17 @@ def image_token_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
+def attribute_losses(heads, x: torch.Tensor, y: dict[str, torch.Tensor], loss: torch.Tensor,
+                     acc: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Adds each attribute head's cross-entropy (targets -100: no object) to `loss`, its accuracy to `acc`."""
+    for k, head in heads.items():
+        logits = head(x)
+        loss = loss + F.cross_entropy(logits.flatten(0, 1), y[k].flatten(), ignore_index=-100)
+        m = y[k] >= 0
+        acc[k] = float((logits.argmax(-1)[m] == y[k][m]).float().mean()) if m.any() else float("nan")
+    return loss, acc
+
+
 class CellHeads(torch.nn.Module):
     """Per position cell: the mean of its image tokens -> the attributes of the object there."""
 
@@ -214,13 +225,7 @@ class CellHeads(torch.nn.Module):
     def forward(self, tokens: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         cells = self.pooled(tokens)
         loss = F.binary_cross_entropy_with_logits(self.occupied(cells).squeeze(-1), y["occupied"])
-        acc = {}
-        for k, head in self.heads.items():
-            logits = head(cells)
-            loss = loss + F.cross_entropy(logits.flatten(0, 1), y[k].flatten(), ignore_index=-100)
-            m = y[k] >= 0
-            acc[k] = float((logits.argmax(-1)[m] == y[k][m]).float().mean()) if m.any() else float("nan")
-        return loss, acc
+        return attribute_losses(self.heads, cells, y, loss, {})
 
 
 class PatchHeads(torch.nn.Module):
@@ -247,12 +252,7 @@ class PatchHeads(torch.nn.Module):
         cell_logits = self.cell(tokens)
         loss = loss + F.cross_entropy(cell_logits.flatten(0, 1), self.cell_of.expand(tokens.shape[0], -1).flatten())
         acc = {"cell": float((cell_logits.argmax(-1) == self.cell_of).float().mean())}
-        for k, head in self.heads.items():
-            logits = head(tokens)
-            loss = loss + F.cross_entropy(logits.flatten(0, 1), y[k].flatten(), ignore_index=-100)
-            m = y[k] >= 0
-            acc[k] = float((logits.argmax(-1)[m] == y[k][m]).float().mean()) if m.any() else float("nan")
-        return loss, acc
+        return attribute_losses(self.heads, tokens, y, loss, acc)
 
 
 def sincos_positions(grid: int, width: int) -> torch.Tensor:
