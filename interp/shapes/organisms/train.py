@@ -64,6 +64,10 @@ class TrainConfig:
     eval_every: int = 500
     eval_n: int = 50
 
+    def __post_init__(self) -> None:
+        if self.vision_targets not in ("cell", "patch"):
+            raise ValueError(f"vision_targets {self.vision_targets!r}: use 'cell' or 'patch'")
+
 
 RECIPES = {
     "subject": TrainConfig(which="subject", steps=4500, batch_images=24, turns=6, vision_pretrain_steps=4000),
@@ -132,8 +136,7 @@ class Batcher:
     def cell_batch(self, step: int, n: int = 64, split: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Dense scenes and, per position cell, the attributes of the object there (-100: the cell is empty)."""
         g = self.world.grid
-        dense = replace(self.world, min_objects=max(self.world.min_objects, self.cfg.vision_min_objects))
-        scenes = [w.sample_scene(dense, 10_000_000 + step * n + j, split, self.cfg.seed) for j in range(n)]
+        scenes = self.dense_scenes(step, n, split)
         y = {k: torch.full((n, g * g), -100) for k in CELL_TARGETS}
         y["occupied"] = torch.zeros(n, g * g)
         for i, s in enumerate(scenes):
@@ -144,29 +147,30 @@ class Batcher:
                     y[k][i, c] = values.index(getattr(o, k))
         return pixel_tensor([s.render() for s in scenes]), y
 
+    def dense_scenes(self, step: int, n: int, split: str) -> list[w.Scene]:
+        """The vision pretraining's scenes: at least `vision_min_objects` objects, so more cells are labelled."""
+        dense = replace(self.world, min_objects=max(self.world.min_objects, self.cfg.vision_min_objects))
+        return [w.sample_scene(dense, 10_000_000 + step * n + j, split, self.cfg.seed) for j in range(n)]
 
     def targets(self, step: int, n: int = 64, split: str = "train"):
         """The vision pretraining's batch, per cell or per patch (`TrainConfig.vision_targets`)."""
-        if self.cfg.vision_targets not in ("cell", "patch"):
-            raise ValueError(f"vision_targets {self.cfg.vision_targets!r}: use 'cell' or 'patch'")
         return (self.patch_batch if self.cfg.vision_targets == "patch" else self.cell_batch)(step, n, split)
 
     def patch_batch(self, step: int, n: int = 64, split: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Dense scenes and, per patch, the attributes of the object covering most of it (-100: none
         covers PATCH_OBJECT of it) and the position cell the patch lies in."""
-        dense = replace(self.world, min_objects=max(self.world.min_objects, self.cfg.vision_min_objects))
-        scenes = [w.sample_scene(dense, 10_000_000 + step * n + j, split, self.cfg.seed) for j in range(n)]
+        scenes = self.dense_scenes(step, n, split)
         t = self.n_image
         y = {k: torch.full((n, t), -100) for k in CELL_TARGETS}
         y["occupied"] = torch.zeros(n, t)
         targets = cell_targets(self.world)
         for i, s in enumerate(scenes):
             fracs = np.stack([f.flatten() for f in s.object_patch_fractions()])
-            best, owner = fracs.max(0), fracs.argmax(0)
+            owned, owner = torch.from_numpy(fracs.max(0) >= PATCH_OBJECT), fracs.argmax(0)
             for k, values in targets.items():
                 codes = torch.tensor([values.index(getattr(o, k)) for o in s.objects])
-                y[k][i] = torch.where(torch.from_numpy(best >= PATCH_OBJECT), codes[owner], -100)
-            y["occupied"][i] = torch.from_numpy(best >= PATCH_OBJECT).float()
+                y[k][i] = torch.where(owned, codes[owner], -100)
+            y["occupied"][i] = owned.float()
         return pixel_tensor([s.render() for s in scenes]), y
 
 
@@ -196,6 +200,13 @@ def image_token_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
+def cell_of_tokens(world: w.WorldConfig) -> torch.Tensor:
+    """[patches**2]: the position cell each image token lies in, row-major."""
+    n, g = world.patches, world.grid
+    return torch.tensor([(r * world.patch // world.cell) * g + (c * world.patch // world.cell)
+                         for r in range(n) for c in range(n)])
+
+
 def attribute_losses(heads, x: torch.Tensor, y: dict[str, torch.Tensor], loss: torch.Tensor,
                      acc: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
     """Adds each attribute head's cross-entropy (targets -100: no object) to `loss`, its accuracy to `acc`."""
@@ -212,9 +223,8 @@ class CellHeads(torch.nn.Module):
 
     def __init__(self, width: int, world: w.WorldConfig):
         super().__init__()
-        n, g = world.patches, world.grid
-        cell_of = torch.tensor([(r * world.patch // world.cell) * g + (c * world.patch // world.cell)
-                                for r in range(n) for c in range(n)])
+        g = world.grid
+        cell_of = cell_of_tokens(world)
         self.register_buffer("pool", torch.stack([(cell_of == k).float() / (cell_of == k).sum() for k in range(g * g)]))
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in cell_targets(world).items()})
         self.occupied = torch.nn.Linear(width, 1)
@@ -237,12 +247,10 @@ class PatchHeads(torch.nn.Module):
 
     def __init__(self, width: int, world: w.WorldConfig):
         super().__init__()
-        n, g = world.patches, world.grid
-        self.register_buffer("cell_of", torch.tensor([(r * world.patch // world.cell) * g + (c * world.patch // world.cell)
-                                                      for r in range(n) for c in range(n)]))
+        self.register_buffer("cell_of", cell_of_tokens(world))
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in cell_targets(world).items()})
         self.occupied = torch.nn.Linear(width, 1)
-        self.cell = torch.nn.Linear(width, g * g)
+        self.cell = torch.nn.Linear(width, world.grid ** 2)
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens
