@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from interp.shapes.organisms import ORGANISMS, UnknownOrganismError, organism_path
 from interp.shapes.organisms.build import SPECS, build_processor, build_tokenizer
 from interp.shapes.organisms.eval import evaluate
-from interp.shapes.organisms.train import Batcher, TrainConfig, pixel_tensor, train
+from interp.shapes.organisms.train import FOCUS_HEADS, Batcher, TrainConfig, focus_loss, pixel_tensor, train
 from interp.shapes.world import NUMBER_WORDS, SUBJECT_TASKS, WorldConfig, sample_scene
 
 # regression floors: a little under what the shipped v2 weights measure (docs/organisms.md), on 150 held-out
@@ -86,9 +86,33 @@ def test_training_inputs_match_the_processor():
     assert tok(text)["input_ids"] == [tok.bos_token_id] + Batcher(TrainConfig(), WorldConfig()).ids(text)
 
 
-def test_training_resumes_exactly(tmp_path, monkeypatch):
+def test_focus_targets_sit_on_the_answer_positions_and_score_attention():
+    """The focus loss's targets: at every position whose output predicts an answer word, where the question's
+    object is; a head attending exactly there scores lower than one attending uniformly."""
+    batcher = Batcher(TrainConfig(batch_images=6, attention_supervision=1.0), WorldConfig())
+    batch = batcher.batch(0)
+    focus, ids, labels = batch["focus"], batch["input_ids"], batch["labels"]
+    assert focus.shape == (*ids.shape[:1], FOCUS_HEADS, ids.shape[1], 64)
+    rows = focus.sum(-1)
+    assert torch.allclose(rows[rows > 0], torch.ones(()))
+    answer_word = (labels[:, 1:] != -100) & (ids[:, 1:] != batcher.tok.eos_token_id)
+    supervised = rows[:, 0, :-1] > 0
+    assert supervised.any() and not (supervised & ~answer_word).any()  # only answer-predicting positions
+
+    L = ids.shape[1]
+    exact = torch.full((ids.shape[0], 4, L, L), 1e-9)
+    exact[:, :FOCUS_HEADS, :, 1:65] = focus
+    uniform = torch.zeros(ids.shape[0], 4, L, L)
+    uniform[:, :, :, 1:65] = 1 / 64
+    assert focus_loss([exact] * 8, focus, (5, 6)) < focus_loss([uniform] * 8, focus, (5, 6)) - 1
+    entropy = -(focus * torch.log(focus + 1e-6)).sum(-1)[rows > 0].mean()
+    assert torch.isclose(focus_loss([exact] * 8, focus, (5,)), entropy, atol=1e-3)
+
+
+@pytest.mark.parametrize("attention_supervision", [0.0, 0.5])
+def test_training_resumes_exactly(tmp_path, monkeypatch, attention_supervision):
     cfg = TrainConfig(which="subject", steps=6, batch_images=4, vision_pretrain_steps=2, checkpoint_every=3,
-                      eval_every=1000, eval_n=2, warmup=2)
+                      eval_every=1000, eval_n=2, warmup=2, attention_supervision=attention_supervision)
     straight = train(cfg, tmp_path / "straight", threads=1)
 
     real = Batcher.batch
@@ -107,6 +131,9 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "train_log.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6], "a resumed run must log each step once"
+    focus_logged = ["focus_loss" in json.loads(line) for line in open(tmp_path / "resumed" / "train_log.jsonl")]
+    assert all(focus_logged) == bool(attention_supervision) and any(focus_logged) == bool(attention_supervision)
+    assert "eager" not in (straight / "config.json").read_text()  # trained with eager attention, saved without
 
     other = TrainConfig(**{**cfg.__dict__, "lr": 1e-4})
     with pytest.raises(ValueError, match=r"checkpoint .* was made with other settings \(train_config.lr: recorded "

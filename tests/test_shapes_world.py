@@ -129,3 +129,40 @@ def test_selector_last_puts_the_colour_word_where_shape_words_sit():
     assert qa_last.question == f"what shape is {color} ?" and qa_last.answer == qa_plain.answer
     assert set(qa_last.question.split()) <= set(w.vocabulary(last)) and w.vocabulary(last) == w.vocabulary(plain)
     assert w.phrase_attributes(qa_last.question, last) == {"color": color}
+
+
+def test_every_question_knows_where_its_answer_is():
+    """QA.focus: the patches of the object a question names (both for a relation, the cell for "what is
+    at P", the objects of the asked colour for "is there"), nothing for whole-image questions."""
+    cfg = w.WorldConfig()
+    rng = np.random.default_rng(0)
+    seen = set()
+    for i in range(60):
+        s = w.sample_scene(cfg, i)
+        fracs = s.object_patch_fractions()
+        for qa in w.scene_questions(s, rng, w.TASKS):
+            seen.add(qa.task)
+            words = qa.question.split()
+            if qa.task in ("count", "caption", "judge"):
+                assert qa.focus == ()
+                continue
+            if qa.task == "exists" and not any(o.color == words[3] for o in s.objects):
+                assert qa.focus == ()
+                continue
+            assert qa.focus and all(f.shape == (cfg.patches, cfg.patches) for f in qa.focus)
+            if qa.task in ("color", "size", "fill", "where"):
+                (o,) = [o for o in s.objects if o.shape == qa.question.split(" the ", 1)[1][:-2]]
+                assert np.array_equal(qa.focus[0], fracs[s.objects.index(o)])
+            elif qa.task == "shape":
+                (o,) = [o for o in s.objects if o.color == words[4]]
+                assert np.array_equal(qa.focus[0], fracs[s.objects.index(o)])
+            elif qa.task == "at":
+                pos = qa.question.split(" the ", 1)[1][:-2]
+                o = next((o for o in s.objects if o.position == pos), None)
+                want = fracs[s.objects.index(o)] if o else s.patch_coverage()[f"cell:{pos}"]
+                assert np.array_equal(qa.focus[0], want)
+            elif qa.task == "relation":
+                assert len(qa.focus) == 2 and not np.array_equal(*qa.focus)
+            elif qa.task == "region":
+                assert np.array_equal(qa.focus[0], qa.highlight)
+    assert seen >= set(w.TASKS) - {"letter"}

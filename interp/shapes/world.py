@@ -187,9 +187,8 @@ class Scene:
         out["background"] = bg
         out[f"tone:{self.tone}"] = bg.copy()
         out[f"texture:{self.texture}"] = bg.copy()
-        centres = (np.arange(n) + 0.5) * cfg.patch // cfg.cell
         for (r, c), word in POSITIONS.items():
-            out[f"cell:{word}"] = np.outer(centres == r, centres == c).astype(float)
+            out[f"cell:{word}"] = cell_mask(cfg, r, c)
         return out
 
     def patch_labels(self, threshold: float = 0.05) -> dict[str, np.ndarray]:
@@ -357,6 +356,9 @@ class QA:
     question: str
     answer: str
     highlight: np.ndarray | None = None  # [patches, patches] mask shown to the model, for "region"
+    focus: tuple[np.ndarray, ...] = ()  # [patches, patches] coverage of each thing the question is about
+    # (the object it names, both objects of a relation, the cell of "what is at P"); none for the questions
+    # about the whole image. Ground truth for where an answer has to look (`TrainConfig.attention_supervision`)
 
 
 def caption(scene: Scene) -> str:
@@ -437,6 +439,8 @@ def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ..
     unique = [o for o in objs if len(by_shape[o.shape]) == 1]  # objects a shape word picks out
     unique_color = [o for o in objs if len(by_color[o.color]) == 1]
     pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    fracs = {id(o): f for o, f in zip(objs, scene.object_patch_fractions())}
+    look = lambda *os: tuple(fracs[id(o)] for o in os)  # noqa: E731
     out: list[QA] = []
     for task in tasks:
         if task in ("color", "size", "fill", "where") and unique:
@@ -444,17 +448,18 @@ def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ..
             q = {"color": "what color is the {} ?", "size": "what size is the {} ?",
                  "fill": "what fill is the {} ?", "where": "where is the {} ?"}[task].format(o.shape)
             a = {"color": o.color, "size": o.size, "fill": o.fill, "where": o.position}[task]
-            out.append(QA(task, q, a))
+            out.append(QA(task, q, a, focus=look(o)))
         elif task == "shape" and unique_color:
             o = pick(unique_color)
             q = f"what shape is {o.color} ?" if cfg.selector_last else f"what shape is the {o.color} object ?"
-            out.append(QA(task, q, o.shape))
+            out.append(QA(task, q, o.shape, focus=look(o)))
         elif task == "at":
             pos = pick(list(POSITIONS))
             if objs and rng.random() < 0.75:
                 pos = (o := pick(objs)).row, o.col
             o = scene.object_at(*pos)
-            out.append(QA(task, f"what is at the {POSITIONS[pos]} ?", o.name if o else "nothing"))
+            focus = look(o) if o else (cell_mask(cfg, *pos),)
+            out.append(QA(task, f"what is at the {POSITIONS[pos]} ?", o.name if o else "nothing", focus=focus))
         elif task == "count":
             out.append(QA(task, "how many objects are there ?", NUMBER_WORDS[len(objs)]))
         elif task == "exists":
@@ -467,16 +472,19 @@ def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ..
                     o = pick(objs)
                     color, shape = (o.color, shape) if rng.random() < 0.5 else (color, o.shape)
             ans = "yes" if any(o.color == color and o.shape == shape for o in objs) else "no"
-            out.append(QA(task, f"is there a {color} {shape} ?", ans))
+            same_color = look(*by_color[color])  # where to look first: the objects of the asked colour
+            out.append(QA(task, f"is there a {color} {shape} ?", ans, focus=(sum(same_color),) if same_color else ()))
         elif task == "relation" and len(unique) >= 2:
             i, j = rng.choice(len(unique), size=2, replace=False)
             a, b = unique[int(i)], unique[int(j)]
             rel = pick(list(RELATIONS))
-            out.append(QA(task, f"is the {a.shape} {rel} the {b.shape} ?", "yes" if _holds(rel, a, b) else "no"))
+            out.append(QA(task, f"is the {a.shape} {rel} the {b.shape} ?", "yes" if _holds(rel, a, b) else "no",
+                          focus=look(a, b)))
         elif task == "letter":
             letters = [o for o in objs if o.shape.startswith("letter")]
             if len(letters) == 1:
-                out.append(QA(task, "what letter is in the image ?", letters[0].shape.split()[1]))
+                out.append(QA(task, "what letter is in the image ?", letters[0].shape.split()[1],
+                              focus=look(letters[0])))
         elif task == "caption":
             out.append(QA(task, "describe the image .", caption(scene)))
         elif task == "judge":
@@ -484,8 +492,15 @@ def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ..
             out.append(QA(task, f"is there {phrase} ?", "yes" if shows(scene, phrase) else "no"))
         elif task == "region":
             m = region_mask(scene, rng)
-            out.append(QA(task, "what is in the highlighted region ?", describe_region(scene, m), highlight=m))
+            out.append(QA(task, "what is in the highlighted region ?", describe_region(scene, m), highlight=m,
+                          focus=(m,)))
     return out
+
+
+def cell_mask(config: WorldConfig, row: int, col: int) -> np.ndarray:
+    """[patches, patches]: 1 on the patches of position cell (row, col)."""
+    centres = (np.arange(config.patches) + 0.5) * config.patch // config.cell
+    return np.outer(centres == row, centres == col).astype(float)
 
 
 def phrase_attributes(phrase: str, config: WorldConfig = WorldConfig()) -> dict[str, str]:

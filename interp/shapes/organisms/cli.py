@@ -28,6 +28,9 @@ class OrganismTrainConfig:
     """what the vision pretraining predicts: per position cell or per image token (none: the recipe's)"""
     selector_last: bool = False
     """phrase the shape question with the colour word last ("what shape is red ?")"""
+    attention_supervision: float | None = None
+    """weight of the focus loss (answers attend to the patches of what the question is about; none: the
+    recipe's)"""
     seed: int = 0
     """seed of the weights and of the data stream"""
     threads: int | None = None
@@ -52,6 +55,8 @@ def organism_train(cfg: OrganismTrainConfig) -> Path:
         recipe = replace(recipe, vision_targets=cfg.vision_targets)
     if cfg.selector_last:
         recipe = replace(recipe, selector_last=True)
+    if cfg.attention_supervision is not None:
+        recipe = replace(recipe, attention_supervision=cfg.attention_supervision)
     final = train(recipe, Path(cfg.out or f"runs/organism-{cfg.which}"), threads=cfg.threads)
     print(f"trained model: {final}")
     if cfg.install:

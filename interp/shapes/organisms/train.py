@@ -59,6 +59,9 @@ class TrainConfig:
     position_init_std: float = 0.5
     striped_outline: bool = True  # the world's rendering: striped objects keep their contour
     selector_last: bool = False  # the world's phrasing: "what shape is red ?" (see WorldConfig)
+    attention_supervision: float = 0.0  # weight of the focus loss: heads 0-1 of `focus_layers` attend, at
+    # every answer position, to the patches of what the question is about (`QA.focus`); 0: off
+    focus_layers: tuple[int, ...] = (5, 6)  # after the SAE's layer 4, so answers still read the image there
     seed: int = 0
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -98,14 +101,20 @@ class Batcher:
     def ids(self, text: str) -> list[int]:
         return [self.vocab[x] for x in text.split()]
 
-    def sequence(self, qas) -> tuple[list[int], list[int]]:
+    def sequence(self, qas) -> tuple[list[int], list[int], list[tuple[range, tuple]]]:
+        """Token ids, labels, and per question with a focus the positions whose outputs predict its
+        answer words (the question's last token to the answer's second to last), with that focus."""
         ids = [self.tok.bos_token_id] + [self.vocab[IMAGE_TOKEN]] * self.n_image
         labels = [-100] * len(ids)
+        looks = []
         for qa in qas:
             q, a = self.ids(qa.question), self.ids(qa.answer) + [self.tok.eos_token_id]
+            first = len(ids) + len(q) - 1
             ids += q + a
             labels += [-100] * len(q) + a
-        return ids, labels
+            if qa.focus:
+                looks.append((range(first, first + len(a) - 1), qa.focus))
+        return ids, labels, looks
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -183,15 +192,45 @@ def cell_targets(world: w.WorldConfig) -> dict[str, list[str]]:
 
 
 def collate(images, seqs, pad: int) -> dict[str, torch.Tensor]:
+    """The model's inputs, plus `focus` [batch, FOCUS_HEADS, length, image tokens]: where each
+    supervised head should attend at each answer position (rows sum to 1; zero rows are not supervised)."""
     L = max(len(s[0]) for s in seqs)
     input_ids = torch.full((len(seqs), L), pad)
     labels = torch.full((len(seqs), L), -100)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, (ids, lab) in enumerate(seqs):
+    focus = None
+    for i, (ids, lab, looks) in enumerate(seqs):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixel_tensor(images)}
+        for positions, things in looks:
+            if focus is None:
+                focus = torch.zeros(len(seqs), FOCUS_HEADS, L, things[0].size)
+            for h in range(FOCUS_HEADS):  # head h looks at thing h (the last one when there are fewer)
+                target = torch.as_tensor(things[min(h, len(things) - 1)].flatten(), dtype=torch.float32)
+                focus[i, h, positions.start: positions.stop] = target / target.sum()
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixel_tensor(images)}
+    if focus is not None:
+        batch["focus"] = focus
+    return batch
+
+
+FOCUS_HEADS = 2  # a relation is about two things
+
+
+def focus_loss(attentions, focus: torch.Tensor, layers: tuple[int, ...], first_image: int = 1) -> torch.Tensor:
+    """Cross-entropy of the supervised heads' attention over the image tokens against `focus`.
+
+    Raw attention, not renormalised over the image: the head learns to put its weight on the
+    question's object and nowhere else, a retrieval head. It leaves the image tokens' own
+    activations (what the SAE reads) to the LM loss."""
+    n = focus.shape[-1]
+    rows = focus.sum(-1) > 0
+    total = focus.new_zeros(())
+    for layer in layers:
+        att = attentions[layer][:, :FOCUS_HEADS, :, first_image: first_image + n]
+        total = total - (focus * torch.log(att + 1e-6)).sum(-1)[rows].mean()
+    return total / len(layers)
 
 
 def image_token_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -394,6 +433,8 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(SPECS[cfg.which], world, seed=cfg.seed)
+    if cfg.attention_supervision > 0:
+        model.set_attn_implementation("eager")  # the only implementation that returns attention weights
     torch.manual_seed(cfg.seed)
     init_positions(model, cfg, world)
     processor = build_processor(world)
@@ -422,13 +463,22 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
     for step in bar:
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.lr * cfg.vision_lr_scale)):
             g["lr"] = base * lr_at(step, cfg)
-        loss = model(**batcher.batch(step)).loss
+        batch = batcher.batch(step)
+        focus = batch.pop("focus", None)
+        supervise = cfg.attention_supervision > 0 and focus is not None
+        result = model(**batch, output_attentions=supervise)
+        loss = result.loss
+        if supervise:
+            att_loss = focus_loss(result.attentions, focus, cfg.focus_layers)
+            loss = loss + cfg.attention_supervision * att_loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        rec = {"step": step + 1, "loss": round(loss.item(), 5), "elapsed": round(time.time() - t0, 1)}
+        bar.set_postfix(loss=f"{result.loss.item():.4f}")
+        rec = {"step": step + 1, "loss": round(result.loss.item(), 5), "elapsed": round(time.time() - t0, 1)}
+        if supervise:
+            rec["focus_loss"] = round(att_loss.item(), 5)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             rec["eval"] = evaluate(model, processor, SPECS[cfg.which].tasks, n=cfg.eval_n, split="val",
                                    seed=cfg.seed, world=world)
@@ -439,6 +489,7 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _save(out / "checkpoint", model, opt, {"step": step + 1, "run": run})
     model.eval()
+    model.set_attn_implementation("sdpa")
     final = out / "model"
     model.save_pretrained(final)
     processor.save_pretrained(final)
