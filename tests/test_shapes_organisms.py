@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from interp.shapes.organisms import ORGANISMS, UnknownOrganismError, organism_path
 from interp.shapes.organisms.build import SPECS, build_processor, build_tokenizer
-from interp.shapes.organisms.eval import evaluate
+from interp.shapes.organisms.eval import evaluate, selection_items
 from interp.shapes.organisms.train import FOCUS_HEADS, Batcher, TrainConfig, focus_loss, pixel_tensor, train
 from interp.shapes.world import NUMBER_WORDS, SUBJECT_TASKS, WorldConfig, sample_scene
 
@@ -146,6 +146,14 @@ def test_specs_are_what_the_docs_say():
     assert sub.text_layers >= 8, "the subject needs a middle layer that still reads the image"
     assert exp.text_layers >= sub.text_layers and exp.text_width > sub.text_width  # the explainer is larger
     assert "region" in exp.tasks and set(sub.tasks) == set(SUBJECT_TASKS)
+
+
+@pytest.mark.parametrize("task", ["shape", "color"])
+def test_selection_items_ask_one_of_two_distinguishable_objects(task):
+    for scene, qa, right, other in selection_items(task, 30, split="val"):
+        assert len(scene.objects) == 2 and right == qa.answer and right != other
+        a, b = scene.objects
+        assert a.color != b.color and a.shape != b.shape
 
 
 def test_image_token_reach_rejects_a_layer_the_model_lacks():

@@ -166,3 +166,10 @@ def test_every_question_knows_where_its_answer_is():
             elif qa.task == "region":
                 assert np.array_equal(qa.focus[0], qa.highlight)
     assert seen >= set(w.TASKS) - {"letter"}
+
+
+def test_a_recorded_world_reads_back():
+    cfg = w.WorldConfig(colors=("red", "blue"), striped_outline=True, max_objects=3)
+    assert w.WorldConfig.from_json(cfg.to_json()) == cfg
+    old = {k: v for k, v in w.WorldConfig().to_json().items() if k not in ("striped_outline", "selector_last")}
+    assert w.WorldConfig.from_json(old) == w.WorldConfig(striped_outline=False)  # recorded before those existed

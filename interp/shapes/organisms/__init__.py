@@ -27,6 +27,17 @@ def organism_path(name: str) -> Path:
     return path
 
 
+def organism_world(path: str | Path):
+    """The world an organism directory was trained on (its training.json), else the default world."""
+    import json
+
+    from interp.shapes.world import WorldConfig
+
+    meta = Path(path) / "training.json"
+    world = json.loads(meta.read_text()).get("world") if meta.exists() else None
+    return WorldConfig.from_json(world) if world else WorldConfig()
+
+
 def load_organism(name: str, device: str = "cpu"):
     """(model, processor) of a shipped organism, through the Auto classes like any hub model."""
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -83,6 +83,9 @@ class OrganismEvalConfig:
     reach_layer: int | None = None
     """also measure image_token_reach at this LLM layer (the share of answers that change when the
     image tokens' output there is swapped with another image's)"""
+    selection: bool = False
+    """also measure selection on two-object scenes: how often "what shape is the X object ?" and "what color
+    is the S ?" name the asked object's attribute, and how often the other object's"""
     json: bool = False
     """print one JSON object"""
 
@@ -90,17 +93,21 @@ class OrganismEvalConfig:
 def organism_eval(cfg: OrganismEvalConfig) -> dict[str, float]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from interp.shapes.organisms import organism_path
+    from interp.shapes.organisms import organism_path, organism_world
     from interp.shapes.organisms.build import SPECS
-    from interp.shapes.organisms.eval import evaluate, image_token_reach
+    from interp.shapes.organisms.eval import evaluate, image_token_reach, selection
 
     path = Path(cfg.model) if cfg.model else organism_path(f"shapes-{cfg.which}")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="float32").eval()
     processor = AutoProcessor.from_pretrained(path)
-    acc = evaluate(model, processor, SPECS[cfg.which].tasks, n=cfg.questions, split="test", seed=cfg.seed)
+    world = organism_world(path)  # its own world: a subject trained with outlined stripes is asked about those
+    acc = evaluate(model, processor, SPECS[cfg.which].tasks, n=cfg.questions, split="test", seed=cfg.seed,
+                   world=world)
     if cfg.reach_layer is not None:
         acc["image_token_reach"] = image_token_reach(model, processor, cfg.reach_layer, n=cfg.questions,
-                                                     seed=cfg.seed)
+                                                     seed=cfg.seed, world=world)
+    if cfg.selection:
+        acc.update(selection(model, processor, n=cfg.questions, seed=cfg.seed, world=world))
     return acc
 
 
