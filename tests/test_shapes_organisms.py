@@ -99,6 +99,14 @@ def test_focus_targets_sit_on_the_answer_positions_and_score_attention():
     supervised = rows[:, 0, :-1] > 0
     assert supervised.any() and not (supervised & ~answer_word).any()  # only answer-predicting positions
 
+    cue = batch["cue"]  # the text hop: the question's words naming each thing, at the same rows
+    cue_rows = cue.sum(-1)
+    assert torch.allclose(cue_rows[cue_rows > 0], torch.ones(())) and not ((cue_rows > 0) & (rows == 0)).any()
+    tokens = batcher.tok.convert_ids_to_tokens
+    named = {w for i, h, r in (cue_rows > 0).nonzero().tolist() for w in tokens(ids[i, cue[i, h, r] > 0].tolist())}
+    assert named and named <= set(" ".join(WorldConfig().colors + WorldConfig().shapes).split()) | {"top", "bottom",
+                                                                                                   "left", "right"}
+
     L = ids.shape[1]
     exact = torch.full((ids.shape[0], 4, L, L), 1e-9)
     exact[:, :FOCUS_HEADS, :, 1:65] = focus
@@ -107,6 +115,11 @@ def test_focus_targets_sit_on_the_answer_positions_and_score_attention():
     assert focus_loss([exact] * 8, focus, (5, 6)) < focus_loss([uniform] * 8, focus, (5, 6)) - 1
     entropy = -(focus * torch.log(focus + 1e-6)).sum(-1)[rows > 0].mean()
     assert torch.isclose(focus_loss([exact] * 8, focus, (5,)), entropy, atol=1e-3)
+    on_cue = exact.clone()
+    on_cue[:, :FOCUS_HEADS] = cue + 1e-9  # layers 4-7 attend to the naming words, layers 0-3 to the objects
+    layers = [exact] * 4 + [on_cue] * 4
+    off = focus_loss(layers, focus, (1,), cue=cue, cue_layers=(2,))
+    assert off > focus_loss(layers, focus, (1,), cue=cue, cue_layers=(6,)) + 1
 
 
 @pytest.mark.parametrize("attention_supervision", [0.0, 0.5])

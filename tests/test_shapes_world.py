@@ -150,6 +150,7 @@ def test_every_question_knows_where_its_answer_is():
                 assert qa.focus == ()
                 continue
             assert qa.focus and all(f.shape == (cfg.patches, cfg.patches) for f in qa.focus)
+            assert all(c in qa.question for c in qa.cues) and len(qa.cues) in (0, len(qa.focus))
             if qa.task in ("color", "size", "fill", "where"):
                 (o,) = [o for o in s.objects if o.shape == qa.question.split(" the ", 1)[1][:-2]]
                 assert np.array_equal(qa.focus[0], fracs[s.objects.index(o)])

@@ -365,6 +365,8 @@ class QA:
     focus: tuple[np.ndarray, ...] = ()  # [patches, patches] coverage of each thing the question is about
     # (the object it names, both objects of a relation, the cell of "what is at P"); none for the questions
     # about the whole image. Ground truth for where an answer has to look (`TrainConfig.attention_supervision`)
+    cues: tuple[str, ...] = ()  # per thing of `focus`, the question's words that name it ("red", "top left"):
+    # where an answer has to look in the text first, to know which thing to look at in the image
 
 
 def caption(scene: Scene) -> str:
@@ -454,18 +456,19 @@ def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ..
             q = {"color": "what color is the {} ?", "size": "what size is the {} ?",
                  "fill": "what fill is the {} ?", "where": "where is the {} ?"}[task].format(o.shape)
             a = {"color": o.color, "size": o.size, "fill": o.fill, "where": o.position}[task]
-            out.append(QA(task, q, a, focus=look(o)))
+            out.append(QA(task, q, a, focus=look(o), cues=(o.shape,)))
         elif task == "shape" and unique_color:
             o = pick(unique_color)
             q = f"what shape is {o.color} ?" if cfg.selector_last else f"what shape is the {o.color} object ?"
-            out.append(QA(task, q, o.shape, focus=look(o)))
+            out.append(QA(task, q, o.shape, focus=look(o), cues=(o.color,)))
         elif task == "at":
             pos = pick(list(POSITIONS))
             if objs and rng.random() < 0.75:
                 pos = (o := pick(objs)).row, o.col
             o = scene.object_at(*pos)
             focus = look(o) if o else (cell_mask(cfg, *pos),)
-            out.append(QA(task, f"what is at the {POSITIONS[pos]} ?", o.name if o else "nothing", focus=focus))
+            out.append(QA(task, f"what is at the {POSITIONS[pos]} ?", o.name if o else "nothing", focus=focus,
+                          cues=(POSITIONS[pos],)))
         elif task == "count":
             out.append(QA(task, "how many objects are there ?", NUMBER_WORDS[len(objs)]))
         elif task == "exists":
@@ -479,18 +482,19 @@ def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ..
                     color, shape = (o.color, shape) if rng.random() < 0.5 else (color, o.shape)
             ans = "yes" if any(o.color == color and o.shape == shape for o in objs) else "no"
             same_color = look(*by_color[color])  # where to look first: the objects of the asked colour
-            out.append(QA(task, f"is there a {color} {shape} ?", ans, focus=(sum(same_color),) if same_color else ()))
+            out.append(QA(task, f"is there a {color} {shape} ?", ans, focus=(sum(same_color),) if same_color else (),
+                          cues=(color,) if same_color else ()))
         elif task == "relation" and len(unique) >= 2:
             i, j = rng.choice(len(unique), size=2, replace=False)
             a, b = unique[int(i)], unique[int(j)]
             rel = pick(list(RELATIONS))
             out.append(QA(task, f"is the {a.shape} {rel} the {b.shape} ?", "yes" if _holds(rel, a, b) else "no",
-                          focus=look(a, b)))
+                          focus=look(a, b), cues=(a.shape, b.shape)))
         elif task == "letter":
             letters = [o for o in objs if o.shape.startswith("letter")]
             if len(letters) == 1:
                 out.append(QA(task, "what letter is in the image ?", letters[0].shape.split()[1],
-                              focus=look(letters[0])))
+                              focus=look(letters[0]), cues=("letter",)))
         elif task == "caption":
             out.append(QA(task, "describe the image .", caption(scene)))
         elif task == "judge":

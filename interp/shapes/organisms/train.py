@@ -62,6 +62,8 @@ class TrainConfig:
     attention_supervision: float = 0.0  # weight of the focus loss: heads 0-1 of `focus_layers` attend, at
     # every answer position, to the patches of what the question is about (`QA.focus`); 0: off
     focus_layers: tuple[int, ...] = (5, 6)  # after the SAE's layer 4, so answers still read the image there
+    cue_layers: tuple[int, ...] = (2, 3)  # heads 0-1 here attend to the question's words naming each thing
+    # (`QA.cues`): with the image hop alone, selection by a colour word three tokens back did not form
     seed: int = 0
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -101,9 +103,10 @@ class Batcher:
     def ids(self, text: str) -> list[int]:
         return [self.vocab[x] for x in text.split()]
 
-    def sequence(self, qas) -> tuple[list[int], list[int], list[tuple[range, tuple]]]:
+    def sequence(self, qas) -> tuple[list[int], list[int], list[tuple[range, tuple, tuple]]]:
         """Token ids, labels, and per question with a focus the positions whose outputs predict its
-        answer words (the question's last token to the answer's second to last), with that focus."""
+        answer words (the question's last token to the answer's second to last), with that focus and
+        the positions of the question's words that name each thing of it."""
         ids = [self.tok.bos_token_id] + [self.vocab[IMAGE_TOKEN]] * self.n_image
         labels = [-100] * len(ids)
         looks = []
@@ -113,7 +116,9 @@ class Batcher:
             ids += q + a
             labels += [-100] * len(q) + a
             if qa.focus:
-                looks.append((range(first, first + len(a) - 1), qa.focus))
+                start = first + 1 - len(q)
+                cues = tuple(tuple(start + j for j in word_span(qa.question.split(), c.split())) for c in qa.cues)
+                looks.append((range(first, first + len(a) - 1), qa.focus, cues))
         return ids, labels, looks
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -191,46 +196,64 @@ def cell_targets(world: w.WorldConfig) -> dict[str, list[str]]:
     return {"color": list(world.colors), "shape": list(world.shapes), "size": list(w.SIZES), "fill": list(w.FILLS)}
 
 
+def word_span(words: list[str], phrase: list[str]) -> range:
+    """Where `phrase` last occurs in `words`."""
+    for j in range(len(words) - len(phrase), -1, -1):
+        if words[j: j + len(phrase)] == phrase:
+            return range(j, j + len(phrase))
+    raise ValueError(f"{' '.join(phrase)!r} is not in {' '.join(words)!r}")
+
+
 def collate(images, seqs, pad: int) -> dict[str, torch.Tensor]:
     """The model's inputs, plus `focus` [batch, FOCUS_HEADS, length, image tokens]: where each
-    supervised head should attend at each answer position (rows sum to 1; zero rows are not supervised)."""
+    supervised head should attend at each answer position (rows sum to 1; zero rows are not supervised),
+    and `cue` [batch, FOCUS_HEADS, length, length]: the same for the text hop, over the question's words."""
     L = max(len(s[0]) for s in seqs)
     input_ids = torch.full((len(seqs), L), pad)
     labels = torch.full((len(seqs), L), -100)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    focus = None
+    focus = cue = None
     for i, (ids, lab, looks) in enumerate(seqs):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-        for positions, things in looks:
+        for positions, things, cues in looks:
             if focus is None:
                 focus = torch.zeros(len(seqs), FOCUS_HEADS, L, things[0].size)
+                cue = torch.zeros(len(seqs), FOCUS_HEADS, L, L)
+            rows = slice(positions.start, positions.stop)
             for h in range(FOCUS_HEADS):  # head h looks at thing h (the last one when there are fewer)
                 target = torch.as_tensor(things[min(h, len(things) - 1)].flatten(), dtype=torch.float32)
-                focus[i, h, positions.start: positions.stop] = target / target.sum()
+                focus[i, h, rows] = target / target.sum()
+                if cues:
+                    cue[i, h, rows, list(cues[min(h, len(cues) - 1)])] = 1 / len(cues[min(h, len(cues) - 1)])
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixel_tensor(images)}
     if focus is not None:
-        batch["focus"] = focus
+        batch["focus"], batch["cue"] = focus, cue
     return batch
 
 
 FOCUS_HEADS = 2  # a relation is about two things
 
 
-def focus_loss(attentions, focus: torch.Tensor, layers: tuple[int, ...], first_image: int = 1) -> torch.Tensor:
-    """Cross-entropy of the supervised heads' attention over the image tokens against `focus`.
+def focus_loss(attentions, focus: torch.Tensor, layers: tuple[int, ...], first_image: int = 1,
+               cue: torch.Tensor | None = None, cue_layers: tuple[int, ...] = ()) -> torch.Tensor:
+    """Cross-entropy of the supervised heads' attention over the image tokens against `focus` (at
+    `layers`), and over the question's words against `cue` (at `cue_layers`): the two hops of a question
+    that names its object, first to the naming words, then to the object.
 
     Raw attention, not renormalised over the image: the head learns to put its weight on the
     question's object and nowhere else, a retrieval head. It leaves the image tokens' own
     activations (what the SAE reads) to the LM loss."""
     n = focus.shape[-1]
-    rows = focus.sum(-1) > 0
-    total = focus.new_zeros(())
+    terms = []
     for layer in layers:
         att = attentions[layer][:, :FOCUS_HEADS, :, first_image: first_image + n]
-        total = total - (focus * torch.log(att + 1e-6)).sum(-1)[rows].mean()
-    return total / len(layers)
+        terms.append(-(focus * torch.log(att + 1e-6)).sum(-1)[focus.sum(-1) > 0].mean())
+    rows = cue.sum(-1) > 0 if cue is not None else None
+    for layer in cue_layers if rows is not None and rows.any() else ():
+        terms.append(-(cue * torch.log(attentions[layer][:, :FOCUS_HEADS] + 1e-6)).sum(-1)[rows].mean())
+    return torch.stack(terms).mean()
 
 
 def image_token_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -464,12 +487,13 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.lr * cfg.vision_lr_scale)):
             g["lr"] = base * lr_at(step, cfg)
         batch = batcher.batch(step)
-        focus = batch.pop("focus", None)
+        focus, cue = batch.pop("focus", None), batch.pop("cue", None)
         supervise = cfg.attention_supervision > 0 and focus is not None
         result = model(**batch, output_attentions=supervise)
         loss = result.loss
         if supervise:
-            att_loss = focus_loss(result.attentions, focus, cfg.focus_layers)
+            att_loss = focus_loss(result.attentions, focus, cfg.focus_layers, cue=cue,
+                                  cue_layers=cfg.cue_layers)
             loss = loss + cfg.attention_supervision * att_loss
         opt.zero_grad()
         loss.backward()
