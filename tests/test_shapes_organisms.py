@@ -147,6 +147,7 @@ def test_training_resumes_exactly(tmp_path, monkeypatch, attention_supervision):
     focus_logged = ["focus_loss" in json.loads(line) for line in open(tmp_path / "resumed" / "train_log.jsonl")]
     assert all(focus_logged) == bool(attention_supervision) and any(focus_logged) == bool(attention_supervision)
     assert "eager" not in (straight / "config.json").read_text()  # trained with eager attention, saved without
+    assert not [k for k in a if "readout" in k], "the cue readout trains beside the model and is not shipped"
 
     other = TrainConfig(**{**cfg.__dict__, "lr": 1e-4})
     with pytest.raises(ValueError, match=r"checkpoint .* was made with other settings \(train_config.lr: recorded "

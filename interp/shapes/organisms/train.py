@@ -64,6 +64,8 @@ class TrainConfig:
     focus_layers: tuple[int, ...] = (5, 6)  # after the SAE's layer 4, so answers still read the image there
     cue_layers: tuple[int, ...] = (2, 3)  # heads 0-1 here attend to the question's words naming each thing
     # (`QA.cues`): with the image hop alone, selection by a colour word three tokens back did not form
+    cue_readout: float = 1.0  # weight of a linear readout of the naming word from the answer positions' residual
+    # after `cue_layers`: the text hop's heads looked at the word but did not carry it (docs/organisms.md)
     seed: int = 0
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -207,7 +209,8 @@ def word_span(words: list[str], phrase: list[str]) -> range:
 def collate(images, seqs, pad: int) -> dict[str, torch.Tensor]:
     """The model's inputs, plus `focus` [batch, FOCUS_HEADS, length, image tokens]: where each
     supervised head should attend at each answer position (rows sum to 1; zero rows are not supervised),
-    and `cue` [batch, FOCUS_HEADS, length, length]: the same for the text hop, over the question's words."""
+    and `cue` [batch, FOCUS_HEADS, length, length]: the same for the text hop, over the question's words,
+    and `cue_word` [batch, length]: the (last) word naming the first thing, at those positions (-100: none)."""
     L = max(len(s[0]) for s in seqs)
     input_ids = torch.full((len(seqs), L), pad)
     labels = torch.full((len(seqs), L), -100)
@@ -221,7 +224,10 @@ def collate(images, seqs, pad: int) -> dict[str, torch.Tensor]:
             if focus is None:
                 focus = torch.zeros(len(seqs), FOCUS_HEADS, L, things[0].size)
                 cue = torch.zeros(len(seqs), FOCUS_HEADS, L, L)
+                cue_word = torch.full((len(seqs), L), -100)
             rows = slice(positions.start, positions.stop)
+            if cues:
+                cue_word[i, rows] = ids[cues[0][-1]]
             for h in range(FOCUS_HEADS):  # head h looks at thing h (the last one when there are fewer)
                 target = torch.as_tensor(things[min(h, len(things) - 1)].flatten(), dtype=torch.float32)
                 focus[i, h, rows] = target / target.sum()
@@ -229,7 +235,7 @@ def collate(images, seqs, pad: int) -> dict[str, torch.Tensor]:
                     cue[i, h, rows, list(cues[min(h, len(cues) - 1)])] = 1 / len(cues[min(h, len(cues) - 1)])
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixel_tensor(images)}
     if focus is not None:
-        batch["focus"], batch["cue"] = focus, cue
+        batch["focus"], batch["cue"], batch["cue_word"] = focus, cue, cue_word
     return batch
 
 
@@ -428,9 +434,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: TrainConfig, extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
     rest = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    rest += list(extra.parameters()) if extra is not None else []
     return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": vision, "lr": cfg.lr * cfg.vision_lr_scale}],
                              weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
@@ -456,16 +463,21 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(SPECS[cfg.which], world, seed=cfg.seed)
+    readout = None
     if cfg.attention_supervision > 0:
         model.set_attn_implementation("eager")  # the only implementation that returns attention weights
+        if cfg.cue_readout > 0:  # trained and checkpointed beside the model, never shipped with it
+            text = model.config.text_config
+            readout = torch.nn.Linear(text.hidden_size, text.vocab_size)
     torch.manual_seed(cfg.seed)
     init_positions(model, cfg, world)
     processor = build_processor(world)
     batcher = Batcher(cfg, world)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, readout)
+    trained = model if readout is None else torch.nn.ModuleDict({"model": model, "cue_readout": readout})
     run = json.loads(json.dumps({"train_config": asdict(cfg), "world": world.to_json(),
                                  "spec": asdict(SPECS[cfg.which])}))
-    meta = _load(out / "checkpoint", model, opt)
+    meta = _load(out / "checkpoint", trained, opt)
     if meta is not None:
         check_identity(meta["run"], run, f"checkpoint {out / 'checkpoint'}", "use another --out or delete it")
         start = meta["step"]
@@ -474,7 +486,7 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
         acc = vision_pretrain(model, batcher, cfg, out / "vision_checkpoint")
         print(f"vision pretraining done: cell accuracy {acc}", flush=True)
         start = 0
-        _save(out / "checkpoint", model, opt, {"step": 0, "run": run})
+        _save(out / "checkpoint", trained, opt, {"step": 0, "run": run})
     log_path = out / "train_log.jsonl"
     if log_path.exists():
         kept = [x for x in log_path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start]
@@ -487,22 +499,29 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.lr * cfg.vision_lr_scale)):
             g["lr"] = base * lr_at(step, cfg)
         batch = batcher.batch(step)
-        focus, cue = batch.pop("focus", None), batch.pop("cue", None)
+        focus, cue, cue_word = batch.pop("focus", None), batch.pop("cue", None), batch.pop("cue_word", None)
         supervise = cfg.attention_supervision > 0 and focus is not None
-        result = model(**batch, output_attentions=supervise)
+        readout_loss = None
+        result = model(**batch, output_attentions=supervise, output_hidden_states=supervise)
         loss = result.loss
         if supervise:
             att_loss = focus_loss(result.attentions, focus, cfg.focus_layers, cue=cue,
                                   cue_layers=cfg.cue_layers)
             loss = loss + cfg.attention_supervision * att_loss
+            if readout is not None and (cue_word >= 0).any():
+                after = result.hidden_states[max(cfg.cue_layers) + 1]
+                readout_loss = F.cross_entropy(readout(after).flatten(0, 1), cue_word.flatten())
+                loss = loss + cfg.cue_readout * readout_loss
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         bar.set_postfix(loss=f"{result.loss.item():.4f}")
         rec = {"step": step + 1, "loss": round(result.loss.item(), 5), "elapsed": round(time.time() - t0, 1)}
         if supervise:
             rec["focus_loss"] = round(att_loss.item(), 5)
+            if readout_loss is not None:
+                rec["cue_readout_loss"] = round(readout_loss.item(), 5)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             rec["eval"] = evaluate(model, processor, SPECS[cfg.which].tasks, n=cfg.eval_n, split="val",
                                    seed=cfg.seed, world=world)
@@ -511,7 +530,7 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save(out / "checkpoint", model, opt, {"step": step + 1, "run": run})
+            _save(out / "checkpoint", trained, opt, {"step": step + 1, "run": run})
     model.eval()
     model.set_attn_implementation("sdpa")
     final = out / "model"
