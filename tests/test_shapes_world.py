@@ -113,7 +113,7 @@ def test_striped_objects_keep_their_outline_when_asked():
     assert np.array_equal(solid, solid2), "the silhouette does not depend on the fill"
     assert np.all(ringed >= bare - 1e-9) and np.all(ringed >= outline - 1e-9), "stripes inside the outline"
     assert ringed.sum() > bare.sum() + 0.5 * outline.sum() * 0.3
-    assert not WorldConfig().striped_outline, "the default world stays v2's until the v3 organisms ship"
+    assert WorldConfig().striped_outline, "the shipped organisms (v3) were trained on outlined stripes"
 
 
 def test_selector_last_puts_the_colour_word_where_shape_words_sit():
@@ -173,4 +173,4 @@ def test_a_recorded_world_reads_back():
     cfg = w.WorldConfig(colors=("red", "blue"), striped_outline=True, max_objects=3)
     assert w.WorldConfig.from_json(cfg.to_json()) == cfg
     old = {k: v for k, v in w.WorldConfig().to_json().items() if k not in ("striped_outline", "selector_last")}
-    assert w.WorldConfig.from_json(old) == w.WorldConfig(striped_outline=False)  # recorded before those existed
+    assert w.WorldConfig.from_json(old) == w.WorldConfig(striped_outline=False)  # v2's bare stripes

@@ -50,6 +50,9 @@ SUPERSAMPLE = 4
 INTERIOR = 0.95  # a patch this fully covered by one object is its interior; less, its edge
 
 
+BEFORE = {"striped_outline": False, "selector_last": False}  # what worlds recorded before these keys drew
+
+
 class WorldConfigError(ValueError):
     """A world configuration that cannot produce valid scenes."""
 
@@ -67,7 +70,8 @@ class WorldConfig:
     large: tuple[float, float] = (0.78, 0.92)
     color_jitter: int = 12
     noise: int = 18  # amplitude of the noisy background texture
-    striped_outline: bool = False  # striped objects keep their contour (organisms v3); else bare stripes
+    striped_outline: bool = True  # striped objects keep their contour (organisms v3, 2026-12-07); else bare
+    # stripes, world v2's rendering (a small striped star was a few diagonal dashes)
     selector_last: bool = False  # "what shape is red ?": the colour word last, where the shape words sit in
     # "what color is the circle ?"; else "what shape is the red object ?" (docs/organisms.md, 2026-12-06)
 
@@ -105,8 +109,9 @@ class WorldConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> "WorldConfig":
-        """The inverse of `to_json`; keys a world recorded before they existed take their defaults."""
+        """The inverse of `to_json`; a world recorded before a key existed was made as `BEFORE` says."""
         known = {f for f in cls.__dataclass_fields__}
+        d = {**BEFORE, **d}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
     def fingerprint(self) -> str:
