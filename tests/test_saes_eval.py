@@ -68,8 +68,8 @@ def test_wrong_width_is_named(sae):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12 is open: the v2 subject does not yet carry shape, position cell, "
-                   "tone or texture linearly at layer 4 (docs/organisms.md), so no SAE recovers 90% of the concepts")
+@pytest.mark.xfail(strict=True, reason="issue 12 is open: a probe finds 19 of 32 concepts at layer 4 of the v3 "
+                   "subject, and the SAE recipe recovers 1 of them (README)")
 def test_subject_sae_recovers_every_concept(tmp_path):
     """The issue's target: an SAE on the subject's image-patch activations has a feature with
     F1 >= 0.9 for >= 90% of the world's concepts (strict xfail: it fails loudly once it holds)."""

