@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from interp.shapes.organisms import ORGANISMS, UnknownOrganismError, organism_path
 from interp.shapes.organisms.build import SPECS, build_processor, build_tokenizer
-from interp.shapes.organisms.eval import evaluate, selection_items
+from interp.shapes.organisms.eval import evaluate, selection, selection_items
 from interp.shapes.organisms.train import FOCUS_HEADS, Batcher, TrainConfig, focus_loss, pixel_tensor, train
 from interp.shapes.world import NUMBER_WORDS, SUBJECT_TASKS, WorldConfig, sample_scene
 
@@ -64,8 +64,6 @@ def test_explainer_accuracy(explainer_accuracy):
 def test_subject_selects_the_object_a_colour_word_names(subject):
     """The failure of every subject before the focus loss: asked the shape of the X-coloured one of two
     objects, it named either object's shape about equally often (0.46 / 0.44)."""
-    from interp.shapes.organisms.eval import selection
-
     sel = selection(*subject, n=100, split="val")
     assert sel["select_by_color_right"] >= 0.55 and sel["select_by_color_other"] <= 0.15, sel
     assert sel["select_by_shape_right"] >= 0.85, sel
@@ -100,6 +98,7 @@ def test_training_inputs_match_the_processor():
 def test_focus_targets_sit_on_the_answer_positions_and_score_attention():
     """The focus loss's targets: at every position whose output predicts an answer word, where the question's
     object is; a head attending exactly there scores lower than one attending uniformly."""
+    assert "focus" not in Batcher(TrainConfig(batch_images=2), WorldConfig()).batch(0)  # off: nothing built
     batcher = Batcher(TrainConfig(batch_images=6, attention_supervision=1.0), WorldConfig())
     batch = batcher.batch(0)
     focus, ids, labels = batch["focus"], batch["input_ids"], batch["labels"]

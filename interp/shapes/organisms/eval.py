@@ -124,11 +124,14 @@ def image_token_reach(model, processor, layer: int, n: int = 200, split: str = "
     return round(float(np.mean(changed)), 4) if changed else float("nan")
 
 
+SELECTS_BY = {"shape": "color", "color": "shape"}  # the attribute a selection question names its object by
+
+
 def selection_items(task: str, n: int, split: str = "test", seed: int = 0, world: w.WorldConfig = w.WorldConfig()):
     """`n` (scene, QA, right, other) of `task` ("shape": asked by colour, "color": asked by shape) on scenes
     of two objects differing in colour and in shape: the asked object's answer and the other object's."""
     two = replace(world, min_objects=2, max_objects=2)
-    by = {"shape": "color", "color": "shape"}[task]
+    by = SELECTS_BY[task]
     rng = np.random.default_rng([seed, 7, sum(map(ord, task))])
     items, i = [], 0
     while len(items) < n:
@@ -151,7 +154,7 @@ def selection(model, processor, n: int = 200, split: str = "test", seed: int = 0
     (`other`): "what shape is the X object ?" selects by colour, "what color is the S ?" by shape.
     right ~ other is the failure docs/organisms.md measured: an attribute of some object, not of the named one."""
     out = {}
-    for task, by in (("shape", "color"), ("color", "shape")):
+    for task, by in SELECTS_BY.items():
         items = selection_items(task, n, split, seed, world)
         preds = answer(model, processor, [s.render() for s, *_ in items], [qa.question for _, qa, *_ in items],
                        max_new_tokens=6)

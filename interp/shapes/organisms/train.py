@@ -110,19 +110,19 @@ class Batcher:
         return [self.vocab[x] for x in text.split()]
 
     def sequence(self, qas) -> tuple[list[int], list[int], list[tuple[range, tuple, tuple]]]:
-        """Token ids, labels, and per question with a focus the positions whose outputs predict its
-        answer words (the question's last token to the answer's second to last), with that focus and
-        the positions of the question's words that name each thing of it."""
+        """Token ids, labels, and (only when the focus loss is on) per question with a focus the positions
+        whose outputs predict its answer words (the question's last token to the answer's second to last),
+        with that focus and the positions of the question's words that name each thing of it."""
         ids = [self.tok.bos_token_id] + [self.vocab[IMAGE_TOKEN]] * self.n_image
         labels = [-100] * len(ids)
         looks = []
         for qa in qas:
             q, a = self.ids(qa.question), self.ids(qa.answer) + [self.tok.eos_token_id]
-            first = len(ids) + len(q) - 1
+            start = len(ids)
             ids += q + a
             labels += [-100] * len(q) + a
-            if qa.focus:
-                start = first + 1 - len(q)
+            if qa.focus and self.cfg.attention_supervision > 0:
+                first = start + len(q) - 1
                 cues = tuple(tuple(start + j for j in word_span(qa.question.split(), c.split())) for c in qa.cues)
                 looks.append((range(first, first + len(a) - 1), qa.focus, cues))
         return ids, labels, looks
@@ -236,7 +236,8 @@ def collate(images, seqs, pad: int) -> dict[str, torch.Tensor]:
                 target = torch.as_tensor(things[min(h, len(things) - 1)].flatten(), dtype=torch.float32)
                 focus[i, h, rows] = target / target.sum()
                 if cues:
-                    cue[i, h, rows, list(cues[min(h, len(cues) - 1)])] = 1 / len(cues[min(h, len(cues) - 1)])
+                    words = list(cues[min(h, len(cues) - 1)])
+                    cue[i, h, rows, words] = 1 / len(words)
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixel_tensor(images)}
     if focus is not None:
         batch["focus"], batch["cue"], batch["cue_word"] = focus, cue, cue_word
@@ -256,10 +257,11 @@ def focus_loss(attentions, focus: torch.Tensor, layers: tuple[int, ...], first_i
     question's object and nowhere else, a retrieval head. It leaves the image tokens' own
     activations (what the SAE reads) to the LM loss."""
     n = focus.shape[-1]
+    rows = focus.sum(-1) > 0
     terms = []
     for layer in layers:
         att = attentions[layer][:, :FOCUS_HEADS, :, first_image: first_image + n]
-        terms.append(-(focus * torch.log(att + 1e-6)).sum(-1)[focus.sum(-1) > 0].mean())
+        terms.append(-(focus * torch.log(att + 1e-6)).sum(-1)[rows].mean())
     rows = cue.sum(-1) > 0 if cue is not None else None
     for layer in cue_layers if rows is not None and rows.any() else ():
         terms.append(-(cue * torch.log(attentions[layer][:, :FOCUS_HEADS] + 1e-6)).sum(-1)[rows].mean())
@@ -504,7 +506,7 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
             g["lr"] = base * lr_at(step, cfg)
         batch = batcher.batch(step)
         focus, cue, cue_word = batch.pop("focus", None), batch.pop("cue", None), batch.pop("cue_word", None)
-        supervise = cfg.attention_supervision > 0 and focus is not None
+        supervise = focus is not None  # the batcher builds focus targets only when the focus loss is on
         readout_loss = None
         result = model(**batch, output_attentions=supervise, output_hidden_states=supervise)
         loss = result.loss
