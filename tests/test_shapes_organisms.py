@@ -257,3 +257,26 @@ def test_sincos_positions_are_distinct_and_scaled():
     assert float(dist[0, 1]) < float(dist[0, 7]) and float(dist[0, 8]) < float(dist[0, 56])
     with pytest.raises(ValueError, match="position_init 'learned'"):
         init_positions(model, TrainConfig(position_init="learned"), world)
+
+
+def test_one_hot_mse_is_zero_on_the_code_and_skips_missing_targets():
+    from interp.shapes.organisms.train import HEAD_LOSSES, PatchHeads, one_hot_mse
+
+    y = torch.tensor([[2, -100], [0, 1]])
+    code = torch.nn.functional.one_hot(y.clamp(min=0), 3).float()
+    assert float(one_hot_mse(code, y)) == 0.0
+    code[0, 1] = 5.0  # a row without a target: ignored
+    assert float(one_hot_mse(code, y)) == 0.0
+    code[1, 0] = torch.tensor([0.0, 1.0, 0.0])  # wrong by 1 in two entries, one of three rows
+    assert float(one_hot_mse(code, y)) == pytest.approx(2 / 3)
+    assert float(one_hot_mse(code, torch.full_like(y, -100))) == 0.0
+    # unlike softmax, a larger margin in the right direction is not free
+    confident = 1e4 * torch.eye(3)[None]
+    assert float(HEAD_LOSSES["ce"](confident, torch.arange(3)[None])) == 0.0
+    assert float(HEAD_LOSSES["mse"](confident, torch.arange(3)[None])) > 1e7
+    heads = PatchHeads(16, WorldConfig(), "mse")
+    x, ys = Batcher(TrainConfig(vision_targets="patch"), WorldConfig()).targets(0, 2, split="val")
+    loss, _ = heads(torch.randn(2, 64, 16, requires_grad=True), ys)
+    assert torch.isfinite(loss) and loss.requires_grad
+    with pytest.raises(ValueError, match="vision_head_loss 'hinge': use 'ce' or 'mse'"):
+        TrainConfig(vision_head_loss="hinge")

@@ -26,6 +26,9 @@ class OrganismTrainConfig:
     """vision pretraining steps (none: the recorded recipe's)"""
     vision_targets: str | None = field(default=None, metadata=choices(["cell", "patch"]))
     """what the vision pretraining predicts: per position cell or per image token (none: the recipe's)"""
+    vision_head_loss: str | None = field(default=None, metadata=choices(["ce", "mse"]))
+    """the vision pretraining heads' loss: softmax (ce) or one-hot regression (mse; a direction per value)
+    (none: the recipe's)"""
     selector_last: bool = False
     """phrase the shape question with the colour word last ("what shape is red ?")"""
     attention_supervision: float | None = None
@@ -53,6 +56,8 @@ def organism_train(cfg: OrganismTrainConfig) -> Path:
         recipe = replace(recipe, vision_pretrain_steps=cfg.vision_steps)
     if cfg.vision_targets:
         recipe = replace(recipe, vision_targets=cfg.vision_targets)
+    if cfg.vision_head_loss:
+        recipe = replace(recipe, vision_head_loss=cfg.vision_head_loss)
     if cfg.selector_last:
         recipe = replace(recipe, selector_last=True)
     if cfg.attention_supervision is not None:

@@ -58,6 +58,8 @@ class TrainConfig:
     vision_gate_shape: float = 0.97  # held-out cell-level shape accuracy that ends the pretraining early
     vision_check_every: int = 100  # steps between held-out checks (and vision checkpoints)
     vision_targets: str = "cell"  # "cell": per position cell, from its mean token; "patch": every token
+    vision_head_loss: str = "ce"  # "ce": softmax heads; "mse": linear regression of each attribute's one-hot
+    # code, which needs a direction per value (softmax heads let 8 colours share a 2-D circle)
     position_init: str = "sincos"  # "sincos": 2D sine-cosine (MAE's); "normal": random
     position_init_std: float = 0.5
     striped_outline: bool = True  # the world's rendering: striped objects keep their contour
@@ -77,6 +79,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.vision_targets not in ("cell", "patch"):
             raise ValueError(f"vision_targets {self.vision_targets!r}: use 'cell' or 'patch'")
+        if self.vision_head_loss not in ("ce", "mse"):
+            raise ValueError(f"vision_head_loss {self.vision_head_loss!r}: use 'ce' or 'mse'")
 
 
 RECIPES = {  # the shipped organisms' (v3, docs/organisms.md; the explainer's run predates the text hop)
@@ -281,12 +285,29 @@ def cell_of_tokens(world: w.WorldConfig) -> torch.Tensor:
                          for r in range(n) for c in range(n)])
 
 
+def one_hot_mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared error of a linear head against the one-hot code of `y` (-100: no target), per target row.
+
+    A least-squares readout of one-hot codes is exact only if the class means are affinely independent,
+    so each value gets a direction of its own; a softmax head is content with any linearly separable
+    layout, and the v3 tower put its 8 colours on one 2-D circle (docs/organisms.md)."""
+    logits, y = logits.flatten(0, -2), y.flatten()
+    m = y >= 0
+    if not m.any():
+        return logits.sum() * 0
+    return (logits[m] - F.one_hot(y[m], logits.shape[-1]).to(logits.dtype)).pow(2).sum(-1).mean()
+
+
+HEAD_LOSSES = {"ce": lambda logits, y: F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=-100),
+               "mse": one_hot_mse}
+
+
 def attribute_losses(heads, x: torch.Tensor, y: dict[str, torch.Tensor], loss: torch.Tensor,
-                     acc: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Adds each attribute head's cross-entropy (targets -100: no object) to `loss`, its accuracy to `acc`."""
+                     acc: dict[str, float], head_loss: str = "ce") -> tuple[torch.Tensor, dict[str, float]]:
+    """Adds each attribute head's loss (`HEAD_LOSSES`; targets -100: no object) to `loss`, its accuracy to `acc`."""
     for k, head in heads.items():
         logits = head(x)
-        loss = loss + F.cross_entropy(logits.flatten(0, 1), y[k].flatten(), ignore_index=-100)
+        loss = loss + HEAD_LOSSES[head_loss](logits, y[k])
         m = y[k] >= 0
         acc[k] = float((logits.argmax(-1)[m] == y[k][m]).float().mean()) if m.any() else float("nan")
     return loss, acc
@@ -295,8 +316,9 @@ def attribute_losses(heads, x: torch.Tensor, y: dict[str, torch.Tensor], loss: t
 class CellHeads(torch.nn.Module):
     """Per position cell: the mean of its image tokens -> the attributes of the object there."""
 
-    def __init__(self, width: int, world: w.WorldConfig):
+    def __init__(self, width: int, world: w.WorldConfig, head_loss: str = "ce"):
         super().__init__()
+        self.head_loss = head_loss
         g = world.grid
         cell_of = cell_of_tokens(world)
         self.register_buffer("pool", torch.stack([(cell_of == k).float() / (cell_of == k).sum() for k in range(g * g)]))
@@ -309,7 +331,7 @@ class CellHeads(torch.nn.Module):
     def forward(self, tokens: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         cells = self.pooled(tokens)
         loss = F.binary_cross_entropy_with_logits(self.occupied(cells).squeeze(-1), y["occupied"])
-        return attribute_losses(self.heads, cells, y, loss, {})
+        return attribute_losses(self.heads, cells, y, loss, {}, self.head_loss)
 
 
 class PatchHeads(torch.nn.Module):
@@ -319,8 +341,9 @@ class PatchHeads(torch.nn.Module):
     LM that selects an object by its colour reads a weak, mixed shape there (docs/organisms.md). With
     every token of an object naming it, any token a colour-selected head lands on carries the shape."""
 
-    def __init__(self, width: int, world: w.WorldConfig):
+    def __init__(self, width: int, world: w.WorldConfig, head_loss: str = "ce"):
         super().__init__()
+        self.head_loss = head_loss
         self.register_buffer("cell_of", cell_of_tokens(world))
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in cell_targets(world).items()})
         self.occupied = torch.nn.Linear(width, 1)
@@ -332,9 +355,9 @@ class PatchHeads(torch.nn.Module):
     def forward(self, tokens: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         loss = F.binary_cross_entropy_with_logits(self.occupied(tokens).squeeze(-1), y["occupied"])
         cell_logits = self.cell(tokens)
-        loss = loss + F.cross_entropy(cell_logits.flatten(0, 1), self.cell_of.expand(tokens.shape[0], -1).flatten())
+        loss = loss + HEAD_LOSSES[self.head_loss](cell_logits, self.cell_of.expand(tokens.shape[0], -1))
         acc = {"cell": float((cell_logits.argmax(-1) == self.cell_of).float().mean())}
-        return attribute_losses(self.heads, tokens, y, loss, acc)
+        return attribute_losses(self.heads, tokens, y, loss, acc, self.head_loss)
 
 
 def sincos_positions(grid: int, width: int) -> torch.Tensor:
@@ -399,7 +422,7 @@ def vision_pretrain(model, batcher: Batcher, cfg: TrainConfig, ckpt: Path) -> di
     Resumable from `ckpt`."""
     torch.manual_seed(cfg.seed)
     heads = {"cell": CellHeads, "patch": PatchHeads}[cfg.vision_targets](model.config.text_config.hidden_size,
-                                                                          batcher.world)
+                                                                          batcher.world, cfg.vision_head_loss)
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=cfg.vision_pretrain_lr)
     both = torch.nn.ModuleDict({"model": model, "heads": heads})
