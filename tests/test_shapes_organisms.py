@@ -280,3 +280,20 @@ def test_one_hot_mse_is_zero_on_the_code_and_skips_missing_targets():
     assert torch.isfinite(loss) and loss.requires_grad
     with pytest.raises(ValueError, match="vision_head_loss 'hinge': use 'ce' or 'mse'"):
         TrainConfig(vision_head_loss="hinge")
+
+
+def test_lm_stage_can_freeze_the_tower_and_projector():
+    from interp.shapes.organisms.build import build_model
+    from interp.shapes.organisms.train import make_optimizer
+
+    model = build_model(SPECS["subject"], WorldConfig(), seed=0)
+    opt = make_optimizer(model, TrainConfig(vision_lr_scale=0.0, projector_lr_scale=0.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("language_model" in n or "lm_head" in n for n in moved), sorted(moved)[:5]
+    assert not any("vision_tower" in n or "multi_modal_projector" in n for n in moved)
+    lrs = [g["lr"] for g in make_optimizer(model, TrainConfig(lr=1.0, vision_lr_scale=0.3)).param_groups]
+    assert lrs == [1.0, 0.3, 1.0], "by default the projector trains with the LLM, the tower at 0.3x"

@@ -29,6 +29,12 @@ class OrganismTrainConfig:
     vision_head_loss: str | None = field(default=None, metadata=choices(["ce", "mse"]))
     """the vision pretraining heads' loss: softmax (ce) or one-hot regression (mse; a direction per value)
     (none: the recipe's)"""
+    vision_lr_scale: float | None = None
+    """the vision tower's learning rate in the LM stage, as a multiple of the LM's (0: frozen; none: the
+    recipe's)"""
+    projector_lr_scale: float | None = None
+    """the projector's, likewise (with the tower's at 0, the pretraining's geometry reaches the LM unchanged;
+    none: the recipe's)"""
     selector_last: bool = False
     """phrase the shape question with the colour word last ("what shape is red ?")"""
     attention_supervision: float | None = None
@@ -58,6 +64,10 @@ def organism_train(cfg: OrganismTrainConfig) -> Path:
         recipe = replace(recipe, vision_targets=cfg.vision_targets)
     if cfg.vision_head_loss:
         recipe = replace(recipe, vision_head_loss=cfg.vision_head_loss)
+    if cfg.vision_lr_scale is not None:
+        recipe = replace(recipe, vision_lr_scale=cfg.vision_lr_scale)
+    if cfg.projector_lr_scale is not None:
+        recipe = replace(recipe, projector_lr_scale=cfg.projector_lr_scale)
     if cfg.selector_last:
         recipe = replace(recipe, selector_last=True)
     if cfg.attention_supervision is not None:

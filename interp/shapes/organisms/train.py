@@ -48,7 +48,8 @@ class TrainConfig:
     turns: int = 5  # question-answer turns packed after each image
     region_fraction: float = 0.2  # extra highlighted-region sequences per image
     lr: float = 2e-3
-    vision_lr_scale: float = 0.3
+    vision_lr_scale: float = 0.3  # the LM stage's learning rate of the vision tower, as a multiple of lr's
+    projector_lr_scale: float = 1.0  # and of the projector (both 0: the pretraining's geometry reaches the LM)
     warmup: int = 200
     weight_decay: float = 0.01
     vision_pretrain_steps: int = 3000
@@ -463,11 +464,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
+PARAM_GROUPS = ("vision_tower", "multi_modal_projector")  # the LM stage's own learning rates; the rest: lr
+
+
+def group_lrs(cfg: TrainConfig) -> tuple[float, float, float]:
+    """Base learning rates of `make_optimizer`'s groups: the LLM (and readout), the tower, the projector."""
+    return cfg.lr, cfg.lr * cfg.vision_lr_scale, cfg.lr * cfg.projector_lr_scale
+
+
 def make_optimizer(model, cfg: TrainConfig, extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-    vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
-    rest = [p for n, p in model.named_parameters() if "vision_tower" not in n]
-    rest += list(extra.parameters()) if extra is not None else []
-    return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": vision, "lr": cfg.lr * cfg.vision_lr_scale}],
+    """AdamW over three groups (`group_lrs`); a group at lr 0 stays exactly as it is (decoupled decay)."""
+    groups = {g: [] for g in ("rest",) + PARAM_GROUPS}
+    for n, p in model.named_parameters():
+        groups[next((g for g in PARAM_GROUPS if g in n), "rest")].append(p)
+    groups["rest"] += list(extra.parameters()) if extra is not None else []
+    return torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in zip(groups.values(), group_lrs(cfg))],
                              weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
 
@@ -525,7 +536,7 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.which}", mininterval=10)
     for step in bar:
-        for g, base in zip(opt.param_groups, (cfg.lr, cfg.lr * cfg.vision_lr_scale)):
+        for g, base in zip(opt.param_groups, group_lrs(cfg)):
             g["lr"] = base * lr_at(step, cfg)
         batch = batcher.batch(step)
         focus, cue, cue_word = batch.pop("focus", None), batch.pop("cue", None), batch.pop("cue_word", None)
