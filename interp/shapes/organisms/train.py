@@ -84,7 +84,7 @@ class TrainConfig:
             raise ValueError(f"vision_head_loss {self.vision_head_loss!r}: use 'ce' or 'mse'")
 
 
-RECIPES = {  # the shipped organisms' (v3, docs/organisms.md; the explainer's run predates the text hop)
+RECIPES = {  # the shipped organisms' (docs/organisms.md)
     "subject": TrainConfig(which="subject", steps=2500, batch_images=24, turns=6, vision_pretrain_steps=2500,
                            vision_targets="patch", attention_supervision=0.5),
     "explainer": TrainConfig(which="explainer", steps=2500, batch_images=12, turns=2, region_fraction=2.0,
