@@ -13,9 +13,9 @@ from interp.shapes.world import NUMBER_WORDS, SUBJECT_TASKS, WorldConfig, sample
 
 # regression floors: a little under what the shipped weights measure (docs/organisms.md), on 150 held-out
 # questions each. They are short of issue 12's target (0.95 on every task), which the strict xfails below state.
-SUBJECT_MIN = {"color": 0.85, "shape": 0.6, "size": 0.9, "fill": 0.85, "at": 0.6, "where": 0.8, "count": 0.95,
-               "exists": 0.85, "relation": 0.55, "letter": 0.75}
-EXPLAINER_MIN = {"region": 0.5, "color": 0.6, "shape": 0.4}
+SUBJECT_MIN = {"color": 0.9, "shape": 0.7, "size": 0.9, "fill": 0.9, "at": 0.55, "where": 0.85, "count": 0.95,
+               "exists": 0.85, "relation": 0.55, "letter": 0.85}
+EXPLAINER_MIN = {"region": 0.5, "color": 0.7, "shape": 0.55}
 TARGET = 0.95
 
 
@@ -65,12 +65,12 @@ def test_subject_selects_the_object_a_colour_word_names(subject):
     """The failure of every subject before the focus loss: asked the shape of the X-coloured one of two
     objects, it named either object's shape about equally often (0.46 / 0.44)."""
     sel = selection(*subject, n=100, split="val")
-    assert sel["select_by_color_right"] >= 0.55 and sel["select_by_color_other"] <= 0.15, sel
+    assert sel["select_by_color_right"] >= 0.75 and sel["select_by_color_other"] <= 0.1, sel
     assert sel["select_by_shape_right"] >= 0.85, sel
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 is open: the subject reads shapes (0.72) and relations (0.645) "
-                                       "below 0.95")
+@pytest.mark.xfail(strict=True, reason="issue 12 is open: the subject reads shapes (0.835), what is at P (0.65) and "
+                                       "relations (0.645) below 0.95")
 def test_subject_meets_the_issue_target(subject_accuracy):
     assert min(subject_accuracy.values()) >= TARGET, subject_accuracy
 

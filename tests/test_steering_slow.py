@@ -41,24 +41,22 @@ def test_colour_features_steer_at_the_saes_own_layer(steered):
     assert r == json.loads((run / "steering_summary.json").read_text())
     assert r["sae_layer"] == r["steering_layer"] == 4 and r["positions"] == ["image", "all"]
     assert r["reach"]["answers_changed"] > 0.5
-    # a regression floor: measured 0.655 here with the v3 subject (0.83 with v2), whose colour features under this
-    # SAE recipe are conjunctions (README); issue 12's target, 0.8, is the strict xfail below
+    # a regression floor: 0.655 here with the v3 subject (0.83 with v2), 0.77 in the v4 subject's demo; issue 12's
+    # target, 0.8, is the strict xfail below
     assert r["flip"]["color"]["overall"] >= 0.6, r["flip"]["color"]
     for method in ("patching", "integrated_gradients_4"):  # the attribution predicts what ablations do
         assert r["attribution"]["color"][method]["spearman_per_image_mean"] > 0.5, r["attribution"]["color"]
     assert (run / "steering" / "select-color-image" / "sweep.html").exists()
 
 
-COLOUR_SHORT = ("issue 12's colour target (>= 0.8) does not hold on the v3 subject: the demo SAE recipe leaves 225 of "
-                "256 features dead and its colour features are conjunctions (best F1 per colour 0.38-0.51 against "
-                "a probe's 0.96-0.98)")
-SHAPE_SHORT = ("issue 12's shape target (>= 0.8) does not hold: the v3 subject answers 72% of shape questions, and the "
-               "demo SAE recipe finds no shape feature at F1 >= 0.9 at layer 4 (circle 0.53, square 0.78; README)")
+COLOUR_SHORT = ("issue 12's colour target (>= 0.8) does not hold on the v4 subject: its LLM lays the colours out on a "
+                "2-D plane by layer 4, and the SAE's colour features are arcs between neighbours (best F1 per colour "
+                "0.39-0.94 against a probe's 0.98-0.99; docs/organisms.md)")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", [pytest.param("color", marks=pytest.mark.xfail(strict=True, reason=COLOUR_SHORT)),
-                                  pytest.param("shape", marks=pytest.mark.xfail(strict=True, reason=SHAPE_SHORT))])
+                                  "shape"])
 def test_features_meet_the_issue_steering_target(steered, kind):
     _, r = steered
     assert r["flip"][kind]["overall"] >= 0.8, r["flip"][kind]
