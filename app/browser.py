@@ -100,7 +100,9 @@ def open_page(page, url: str, wait_for: tuple[str, ...] = (), timeout: float = 9
         page.wait_for_selector(selector, state="visible", timeout=timeout * 1000)
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
                            timeout=timeout * 1000)
-    page.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=timeout * 1000)
+    # an <img> whose src is not set yet also reads complete (width 0): wait for pixels, which a broken image never has
+    page.wait_for_function("() => Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)",
+                           timeout=timeout * 1000)
     page.wait_for_timeout(500)  # plotly's first layout pass
 
 
