@@ -8,6 +8,10 @@ What made this work (docs/organisms.md keeps the record, failures included):
   left shape at chance on v2; per-cell targets made shape readable only from pooled tokens, which
   an LM selecting an object by colour could not use; no target names parts, edges, backgrounds
   or sub-cell places, which stay for the SAE to find;
+- its heads regress one-hot codes (`vision_head_loss="mse"`), so each colour, shape, size and fill
+  gets a direction of its own; softmax heads let the v3 tower put its 8 colours on one 2-D circle,
+  which an SAE can only cut into arcs. The tower and projector then stay frozen in the LM stage
+  (`vision_lr_scale=projector_lr_scale=0`), which otherwise collapsed that code to one direction;
 - several question-answer turns per image, so each image's tokens serve many answers.
 - a focus loss (`attention_supervision`): at every answer position two heads look at the question's
   words that name its object, a readout checks the word arrived, and two heads after the SAE's layer
