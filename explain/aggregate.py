@@ -145,6 +145,15 @@ def _shows(attrs: dict[str, str], want: dict[str, str]) -> bool:
     return all(attrs.get(k) == v for k, v in want.items())
 
 
+def separation(want: dict[str, str], described: list[dict[str, str]], weights: list[float],
+               silent: list[dict[str, str]]) -> tuple[float, float]:
+    """(recall, balanced accuracy) of the conjunction `want` on the feature's regions (`described`, weighted)
+    against the silent ones, each region's attributes completed with what they imply: what
+    `best_conjunction` maximises, and what a check of its choice measures."""
+    recall = sum(x for a, x in zip(described, weights) if _shows(a, want)) / sum(weights)
+    return recall, (recall + sum(not _shows(a, want) for a in silent) / len(silent)) / 2
+
+
 def specificity(kind: str, world: WorldConfig = WorldConfig()) -> int:
     """How many values a kind of attribute has in the world: naming a shape (one of 8) says more than
     naming a size (one of 2)."""
@@ -165,7 +174,6 @@ def best_conjunction(described: list[dict[str, str]], weights: list[float], sile
     from itertools import combinations
     from math import log
 
-    total = sum(weights)
     full = [{**implied(a), **a} for a in described]
     quiet = [{**implied(a), **a} for a in silent]
     scored = []
@@ -174,11 +182,10 @@ def best_conjunction(described: list[dict[str, str]], weights: list[float], sile
             want = dict(combo)
             if len(want) < n:  # two values of one kind
                 continue
-            recall = sum(x for a, x in zip(full, weights) if _shows(a, want)) / total
+            recall, accuracy = separation(want, full, weights, quiet)
             if recall < min_recall - 1e-9:
                 continue
-            spec = sum(not _shows(a, want) for a in quiet) / len(quiet)
-            scored.append(((recall + spec) / 2, n, sum(log(specificity(k, world)) for k in want), want))
+            scored.append((accuracy, n, sum(log(specificity(k, world)) for k in want), want))
     if not scored:
         return {}
     top = max(x[0] for x in scored)

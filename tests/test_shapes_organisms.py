@@ -275,7 +275,7 @@ def test_one_hot_mse_is_zero_on_the_code_and_skips_missing_targets():
     assert float(HEAD_LOSSES["ce"](confident, torch.arange(3)[None])) == 0.0
     assert float(HEAD_LOSSES["mse"](confident, torch.arange(3)[None])) > 1e7
     heads = PatchHeads(16, WorldConfig(), "mse")
-    x, ys = Batcher(TrainConfig(vision_targets="patch"), WorldConfig()).targets(0, 2, split="val")
+    _, ys = Batcher(TrainConfig(vision_targets="patch"), WorldConfig()).targets(0, 2, split="val")
     loss, _ = heads(torch.randn(2, 64, 16, requires_grad=True), ys)
     assert torch.isfinite(loss) and loss.requires_grad
     with pytest.raises(ValueError, match="vision_head_loss 'hinge': use 'ce' or 'mse'"):

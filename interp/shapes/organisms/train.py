@@ -44,6 +44,23 @@ TASK_WEIGHTS = {"color": 1.0, "shape": 1.0, "size": 1.0, "fill": 1.0, "at": 1.5,
                 "judge": 2.0}
 
 
+def one_hot_mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared error of a linear head against the one-hot code of `y` (-100: no target), per target row.
+
+    A least-squares readout of one-hot codes is exact only if the class means are affinely independent,
+    so each value gets a direction of its own; a softmax head is content with any linearly separable
+    layout, and the v3 tower put its 8 colours on one 2-D circle (docs/organisms.md)."""
+    logits, y = logits.flatten(0, -2), y.flatten()
+    m = y >= 0
+    if not m.any():
+        return logits.sum() * 0
+    return (logits[m] - F.one_hot(y[m], logits.shape[-1]).to(logits.dtype)).pow(2).sum(-1).mean()
+
+
+HEAD_LOSSES = {"ce": lambda logits, y: F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=-100),
+               "mse": one_hot_mse}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     which: str = "subject"
@@ -84,8 +101,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.vision_targets not in ("cell", "patch"):
             raise ValueError(f"vision_targets {self.vision_targets!r}: use 'cell' or 'patch'")
-        if self.vision_head_loss not in ("ce", "mse"):
-            raise ValueError(f"vision_head_loss {self.vision_head_loss!r}: use 'ce' or 'mse'")
+        if self.vision_head_loss not in HEAD_LOSSES:
+            raise ValueError(f"vision_head_loss {self.vision_head_loss!r}: use {' or '.join(map(repr, HEAD_LOSSES))}")
 
 
 RECIPES = {  # the shipped organisms' (docs/organisms.md)
@@ -291,29 +308,12 @@ def cell_of_tokens(world: w.WorldConfig) -> torch.Tensor:
                          for r in range(n) for c in range(n)])
 
 
-def one_hot_mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared error of a linear head against the one-hot code of `y` (-100: no target), per target row.
-
-    A least-squares readout of one-hot codes is exact only if the class means are affinely independent,
-    so each value gets a direction of its own; a softmax head is content with any linearly separable
-    layout, and the v3 tower put its 8 colours on one 2-D circle (docs/organisms.md)."""
-    logits, y = logits.flatten(0, -2), y.flatten()
-    m = y >= 0
-    if not m.any():
-        return logits.sum() * 0
-    return (logits[m] - F.one_hot(y[m], logits.shape[-1]).to(logits.dtype)).pow(2).sum(-1).mean()
-
-
-HEAD_LOSSES = {"ce": lambda logits, y: F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=-100),
-               "mse": one_hot_mse}
-
-
 def attribute_losses(heads, x: torch.Tensor, y: dict[str, torch.Tensor], loss: torch.Tensor,
-                     acc: dict[str, float], head_loss: str = "ce") -> tuple[torch.Tensor, dict[str, float]]:
-    """Adds each attribute head's loss (`HEAD_LOSSES`; targets -100: no object) to `loss`, its accuracy to `acc`."""
+                     acc: dict[str, float], head_loss=HEAD_LOSSES["ce"]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Adds each attribute head's `head_loss` (targets -100: no object) to `loss`, its accuracy to `acc`."""
     for k, head in heads.items():
         logits = head(x)
-        loss = loss + HEAD_LOSSES[head_loss](logits, y[k])
+        loss = loss + head_loss(logits, y[k])
         m = y[k] >= 0
         acc[k] = float((logits.argmax(-1)[m] == y[k][m]).float().mean()) if m.any() else float("nan")
     return loss, acc
@@ -324,7 +324,7 @@ class CellHeads(torch.nn.Module):
 
     def __init__(self, width: int, world: w.WorldConfig, head_loss: str = "ce"):
         super().__init__()
-        self.head_loss = head_loss
+        self.head_loss = HEAD_LOSSES[head_loss]
         g = world.grid
         cell_of = cell_of_tokens(world)
         self.register_buffer("pool", torch.stack([(cell_of == k).float() / (cell_of == k).sum() for k in range(g * g)]))
@@ -349,7 +349,7 @@ class PatchHeads(torch.nn.Module):
 
     def __init__(self, width: int, world: w.WorldConfig, head_loss: str = "ce"):
         super().__init__()
-        self.head_loss = head_loss
+        self.head_loss = HEAD_LOSSES[head_loss]
         self.register_buffer("cell_of", cell_of_tokens(world))
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in cell_targets(world).items()})
         self.occupied = torch.nn.Linear(width, 1)
@@ -361,7 +361,7 @@ class PatchHeads(torch.nn.Module):
     def forward(self, tokens: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         loss = F.binary_cross_entropy_with_logits(self.occupied(tokens).squeeze(-1), y["occupied"])
         cell_logits = self.cell(tokens)
-        loss = loss + HEAD_LOSSES[self.head_loss](cell_logits, self.cell_of.expand(tokens.shape[0], -1))
+        loss = loss + self.head_loss(cell_logits, self.cell_of.expand(tokens.shape[0], -1))
         acc = {"cell": float((cell_logits.argmax(-1) == self.cell_of).float().mean())}
         return attribute_losses(self.heads, tokens, y, loss, acc, self.head_loss)
 
