@@ -7,11 +7,13 @@ between architectures (activation, training loss, dead-feature handling, SAELens
 in `saes.architectures`, one module each; this class asks `self.arch`. `cfg.json`'s metadata carries
 `sae_lens_version` and our own full config under "lmmscope".
 
-Training runs in a normalised space, x' = (x - mean) / scale (centred, unit mean row norm).
-`encode`/`decode` always take and give raw activations, and `save` folds the normalisation
-into the weights (b_dec <- scale*b_dec + mean, b_enc and threshold <- scale*them; W_enc and the
-unit-norm W_dec unchanged; activations come out in raw units), so the saved SAE works on raw
-activations with no preprocessing.
+Training runs in a normalised space, x' = (x - mean) P / scale: centred, optionally whitened
+(`SAEConfig.whiten`: P a ZCA matrix, else the identity), unit mean row norm. `encode`/`decode`
+always take and give raw activations, and `save` folds the normalisation into the weights
+(W_enc <- P W_enc, W_dec <- W_dec P^-1, b_dec <- scale * b_dec P^-1 + mean, b_enc and threshold
+<- scale * them; activations come out scaled by `scale`, so which features a TopK keeps is
+unchanged), so the saved SAE works on raw activations with no preprocessing. Without whitening
+W_enc and the unit-norm W_dec are unchanged by the fold; with it, W_dec's rows are no longer unit.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class SAEConfig:
     """subtract b_dec from the input before encoding (SAELens's convention)"""
     normalize: bool = True
     """train on centred activations scaled to unit mean row norm (folded into the saved SAE)"""
+    whiten: float = 0.0
+    """also ZCA-whiten the centred activations, with a ridge of this fraction of the covariance's largest
+    eigenvalue (0: off; folded into the saved SAE): low-variance directions, where a model may keep a
+    concept's own code beside a few dominant ones, then weigh as much in the reconstruction loss"""
     dtype: str = field(default="float32", metadata=hidden())
     """parameter dtype"""
     device: str = field(default="cpu", metadata=hidden())
@@ -91,6 +97,12 @@ class SAEConfig:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.whiten:
+            if not (math.isfinite(self.whiten) and self.whiten > 0):
+                raise ValueError(f"whiten is the ridge of the whitening, a fraction of the largest eigenvalue > 0 "
+                                 f"(for example 0.01), got {self.whiten}; 0 for no whitening")
+            if not self.normalize:
+                raise ValueError("whiten needs normalize: whitening is part of the input normalisation")
         arch.check_config(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,9 +136,12 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
         self.arch = architectures.get(cfg.arch)
         self.arch.init_state(self)
-        # input normalisation x' = (x - norm_mean) / norm_scale; identity once folded
+        # input normalisation x' = (x - norm_mean) norm_whiten / norm_scale; identity once folded. The
+        # whitening matrix and its inverse are empty unless set_normalisation gives one ([d_in, d_in] each)
         self.register_buffer("norm_mean", torch.zeros(cfg.d_in, dtype=dtype, device=device))
         self.register_buffer("norm_scale", torch.ones((), dtype=dtype, device=device))
+        self.register_buffer("norm_whiten", torch.empty(0, dtype=dtype, device=device))
+        self.register_buffer("norm_unwhiten", torch.empty(0, dtype=dtype, device=device))
 
     # ------------------------------------------------------------------ inference (raw activations)
     @property
@@ -144,7 +159,7 @@ class SAE(nn.Module):
 
     def is_normalised(self) -> bool:
         """Whether inputs are still normalised inside (training); folded SAEs take raw rows as they are."""
-        return bool(self.norm_scale != 1) or bool(self.norm_mean.any())
+        return bool(self.norm_scale != 1) or bool(self.norm_mean.any()) or self.norm_whiten.numel() > 0
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations of (already normalised) x, computed as SAELens does."""
@@ -160,7 +175,7 @@ class SAE(nn.Module):
         x = x.to(self.dtype)
         if not self.is_normalised():
             return self.activation(self.pre_acts(x))
-        return self.activation(self.pre_acts((x - self.norm_mean) / self.norm_scale)) * self.norm_scale
+        return self.activation(self.pre_acts(self.normalise(x))) * self.norm_scale
 
     def raw_pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations of raw rows, in the units of `encode`'s activations (what an intervention edits)."""
@@ -182,7 +197,10 @@ class SAE(nn.Module):
         acts = acts.to(self.dtype)
         if not self.is_normalised():
             return acts @ self.W_dec + self.b_dec
-        return acts @ self.W_dec + (self.b_dec * self.norm_scale + self.norm_mean)
+        y = acts @ self.W_dec + self.b_dec * self.norm_scale  # scale * (acts / scale @ W_dec + b_dec)
+        if self.norm_whiten.numel():
+            y = y @ self.norm_unwhiten
+        return y + self.norm_mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -195,26 +213,42 @@ class SAE(nn.Module):
             if not self.W_enc.t().is_contiguous():
                 self.W_enc.data = self.W_enc.data.t().contiguous().t()
 
-    def set_normalisation(self, mean: torch.Tensor, scale: float) -> None:
+    def set_normalisation(self, mean: torch.Tensor, scale: float, whiten: torch.Tensor | None = None) -> None:
+        """x' = (x - mean) whiten / scale; `whiten`: a symmetric invertible [d_in, d_in] matrix, or None."""
         with torch.no_grad():
             self.norm_mean.copy_(mean.to(self.norm_mean))
             self.norm_scale.fill_(float(scale))
+            if whiten is None or not whiten.numel():
+                self.norm_whiten = self.norm_whiten.new_empty(0)
+                self.norm_unwhiten = self.norm_unwhiten.new_empty(0)
+            else:
+                if tuple(whiten.shape) != (self.cfg.d_in, self.cfg.d_in):
+                    raise ValueError(f"the whitening matrix must be [{self.cfg.d_in}, {self.cfg.d_in}], "
+                                     f"got {tuple(whiten.shape)}")
+                self.norm_whiten = whiten.to(self.norm_mean).clone()
+                self.norm_unwhiten = torch.linalg.inv(whiten.double()).to(self.norm_mean)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.norm_mean) / self.norm_scale
+        x = x - self.norm_mean
+        if self.norm_whiten.numel():
+            x = x @ self.norm_whiten
+        return x / self.norm_scale
 
     @torch.no_grad()
     def fold_normalisation(self) -> None:
         """Fold the input normalisation into the weights (in place); encode/decode are unchanged."""
         s, mu = self.norm_scale.clone(), self.norm_mean.clone()
+        if self.norm_whiten.numel():  # x' = (x - mu) P / s: the encoder reads x P, the decoder writes through P^-1
+            self.W_enc.data = (self.norm_whiten @ self.W_enc).contiguous()
+            self.W_dec.data = (self.W_dec @ self.norm_unwhiten).contiguous()
+            self.b_dec.copy_(self.b_dec @ self.norm_unwhiten)
         if not self.cfg.apply_b_dec_to_input:  # pre = x' @ W_enc + b_enc must become ((x - mu) @ W_enc)/s + b_enc
             self.b_enc.sub_(mu @ self.W_enc / s)
         self.b_dec.mul_(s).add_(mu)
         self.b_enc.mul_(s)
         for name in self.arch.state_names():  # thresholds live in the pre-activation's units
             getattr(self, name).mul_(s)
-        self.norm_mean.zero_()
-        self.norm_scale.fill_(1.0)
+        self.set_normalisation(torch.zeros_like(mu), 1.0)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

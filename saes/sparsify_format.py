@@ -299,7 +299,9 @@ def sparsify_state(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not sae.cfg.apply_b_dec_to_input:  # sparsify always encodes x - b_dec: move b_dec into the encoder bias
         b_enc = b_enc + w["b_dec"] @ w["W_enc"]
     d_in, n = sae.cfg.d_in, sae.cfg.d_sae
-    cfg = {"activation": "topk", "expansion_factor": max(1, n // d_in), "normalize_decoder": True, "num_latents": n,
+    # sparsify keeps decoder rows at unit norm while it trains; a whitened SAE's folded rows are not (saes.sae)
+    unit = bool(torch.allclose(w["W_dec"].float().norm(dim=1), torch.ones(n), atol=1e-4))
+    cfg = {"activation": "topk", "expansion_factor": max(1, n // d_in), "normalize_decoder": unit, "num_latents": n,
            "k": int(sae.cfg.k), "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d_in}
     tensors = {"encoder.weight": enc_w, "encoder.bias": b_enc, "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
     return cfg, {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}

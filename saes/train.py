@@ -145,6 +145,19 @@ def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> tor
     return m.float()
 
 
+def zca_whitening(x: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The symmetric P with which centred rows `x` come out with unit variance in every direction whose
+    eigenvalue is well above `ridge` times the largest (those below are scaled less, so noise directions
+    are not blown up). Computed in float64."""
+    x = x.double()
+    cov = x.T @ x / max(1, len(x) - 1)
+    lam, u = torch.linalg.eigh(cov)
+    lam = lam.clamp_min(0)
+    if not float(lam[-1]) > 0:
+        raise ValueError("cannot whiten: the activations do not vary (their covariance is zero)")
+    return ((u * (lam + ridge * lam[-1]).rsqrt()) @ u.T).float()
+
+
 def check_finite(x: torch.Tensor, where: str) -> None:
     if not bool(torch.isfinite(x).all()):
         bad = (~torch.isfinite(x)).any(dim=1).nonzero().squeeze(1).tolist()
@@ -268,6 +281,9 @@ class Trainer:
         self._match_optimizer_layout()
         self.steps_since_fired.copy_(state.pop("trainer.steps_since_fired"))
         self.fire_total.copy_(state.pop("trainer.fire_total"))
+        for name in ("norm_whiten", "norm_unwhiten"):  # checkpoints from before whitening existed: none
+            state.setdefault(name, torch.empty(0))
+        self.sae.set_normalisation(state["norm_mean"], float(state["norm_scale"]), state["norm_whiten"])
         self.sae.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         self.step = int(meta["step"])
         self.rows_seen = int(meta["rows_seen"])
@@ -300,7 +316,7 @@ class Trainer:
         if not rows:
             raise ValueError("the activation source yielded no batches (is it empty?)")
         sample = torch.cat(rows)[: cfg.stats_rows].to(self.device)
-        mean, scale = torch.zeros(self.sae_cfg.d_in, device=self.device), 1.0
+        mean, scale, whiten = torch.zeros(self.sae_cfg.d_in, device=self.device), 1.0, None
         if self.sae_cfg.normalize:
             stats = None
             if callable(getattr(self.source, "stats", None)):
@@ -315,10 +331,14 @@ class Trainer:
                                      f"{self.sae_cfg.d_in}")
             else:
                 mean = sample.mean(0)
-            scale = float((sample - mean).norm(dim=1).mean())
+            centred = sample - mean
+            if self.sae_cfg.whiten:
+                whiten = zca_whitening(centred, self.sae_cfg.whiten).to(self.device)
+                centred = centred @ whiten
+            scale = float(centred.norm(dim=1).mean())
             if not math.isfinite(scale) or scale <= 0:
                 raise ValueError(f"cannot normalise: the mean norm of the centred activations is {scale}")
-        self.sae.set_normalisation(mean, scale)
+        self.sae.set_normalisation(mean, scale, whiten)
         x = self.sae.normalise(sample)
         if cfg.b_dec_init == "geometric_median":
             self.sae.b_dec.copy_(geometric_median(x))

@@ -13,17 +13,23 @@ EXPECTED_SAE_LENS_CLASS = {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "matry
                            "jumprelu": "JumpReLUSAE", "relu": "StandardSAE"}
 
 
-def random_sae(arch: str, d_in=32, d_sae=128, normalised=True, seed=0) -> SAE:
+def random_sae(arch: str, d_in=32, d_sae=128, normalised=True, seed=0, whitened=False,
+               apply_b_dec_to_input=True) -> SAE:
     g = torch.Generator().manual_seed(seed)
     sae = SAE(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=8, model_name="tiny", hook_name="blocks.1.hook",
-                        hook_layer=1), generator=g)
+                        hook_layer=1, whiten=0.01 if whitened else 0,
+                        apply_b_dec_to_input=apply_b_dec_to_input), generator=g)
     with torch.no_grad():
         sae.b_enc.copy_(0.1 * torch.randn(d_sae, generator=g))
         sae.b_dec.copy_(torch.randn(d_in, generator=g))
         if hasattr(sae, "threshold"):
             sae.threshold.copy_(0.3 * torch.rand(d_sae, generator=g))
     if normalised:
-        sae.set_normalisation(torch.randn(d_in, generator=g), 3.7)
+        whiten = None
+        if whitened:  # a symmetric positive definite matrix, far from a multiple of the identity
+            a = torch.randn(d_in, d_in, generator=g)
+            whiten = a @ a.T / d_in + 0.2 * torch.eye(d_in)
+        sae.set_normalisation(torch.randn(d_in, generator=g), 3.7, whiten)
     sae.use_training_layout()
     return sae
 
@@ -60,9 +66,10 @@ def test_saved_sae_loads_in_sae_lens_with_identical_outputs(arch, tmp_path, sae_
     torch.testing.assert_close(sae(x), theirs(x), atol=1e-4, rtol=1e-4)
 
 
-def test_folding_normalisation_keeps_the_function():
+@pytest.mark.parametrize("whitened,apply_b_dec", [(False, True), (True, True), (True, False)])
+def test_folding_normalisation_keeps_the_function(whitened, apply_b_dec):
     for arch in ARCHS:
-        sae = random_sae(arch, seed=3)
+        sae = random_sae(arch, seed=3, whitened=whitened, apply_b_dec_to_input=apply_b_dec)
         x = 5 * torch.randn(50, 32) + 2
         before_a, before_x = sae.encode(x), sae(x)
         before_pre = sae.raw_pre_acts(x)
@@ -75,6 +82,20 @@ def test_folding_normalisation_keeps_the_function():
         torch.testing.assert_close(sae.raw_pre_acts(x), before_pre, atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(sae.activate_raw(sae.raw_pre_acts(x)), sae.encode(x))
         torch.testing.assert_close(sae(x), before_x, atol=1e-4, rtol=1e-4)
+        assert sae.norm_whiten.numel() == 0  # nothing of the normalisation is left to apply
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_a_whitened_sae_saves_and_loads_in_sae_lens_with_identical_outputs(arch, tmp_path, sae_lens_api):
+    sae_lens, _ = sae_lens_api
+    sae = random_sae(arch, whitened=True)
+    x = 4 * torch.randn(64, 32)
+    sae.save(tmp_path)
+    theirs, ours = sae_lens.SAE.load_from_disk(tmp_path), SAE.load(tmp_path)
+    assert ours.cfg.whiten == 0.01 and not ours.is_normalised()
+    assert torch.equal(ours.encode(x), theirs.encode(x))
+    assert torch.equal(ours(x), theirs(x))
+    torch.testing.assert_close(sae(x), theirs(x), atol=1e-4, rtol=1e-4)
 
 
 def _randomise(sl):

@@ -15,7 +15,7 @@ import torch
 
 from saes.data import TensorSource, synthetic_activations
 from saes.sae import SAE, SAEConfig
-from saes.train import TrainConfig, Trainer, rank_batches, train, train_steps_per_second
+from saes.train import TrainConfig, Trainer, rank_batches, train, train_steps_per_second, zca_whitening
 
 D_IN, D_SAE = 32, 256
 ARCH_KW = {"topk": {"k": 8}, "batchtopk": {"k": 8}, "matryoshka": {"k": 8}, "jumprelu": {}, "relu": {}}
@@ -71,10 +71,11 @@ def _state(trainer: Trainer):
     return sd
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(arch, data, tmp_path):
+@pytest.mark.parametrize("arch,whiten", [("topk", 0), ("batchtopk", 0), ("matryoshka", 0),
+                                         ("jumprelu", 0), ("batchtopk", 0.01)])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(arch, whiten, data, tmp_path):
     src = TensorSource(data[:3000])  # 11 batches per epoch: the run crosses epochs
-    sae_cfg = SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, **ARCH_KW[arch])
+    sae_cfg = SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, whiten=whiten, **ARCH_KW[arch])
     cfg = quick_cfg(steps=40, checkpoint_every=5, dead_window=4, log_every=3)  # AuxK on from step 4
     straight = Trainer(sae_cfg, cfg, src, tmp_path / "a")
     straight.fit()
@@ -86,6 +87,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(arch, data, tmp_p
     resumed.fit()
     a, b = _state(straight), _state(resumed)
     assert a.keys() == b.keys()
+    assert a["norm_whiten"].numel() == (D_IN * D_IN if whiten else 0)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     strip = lambda p: [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "step_s")}  # noqa: E731
@@ -103,6 +105,23 @@ def test_resume_with_another_config_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(sae\.k: recorded 8, now 4\)"):
         Trainer(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=4), quick_cfg(steps=6), src, tmp_path)
     Trainer(sae_cfg, quick_cfg(steps=6, checkpoint_every=2, log_every=1), src, tmp_path)  # bookkeeping may change
+
+
+def test_whitening_gives_unit_variance_where_the_data_varies_and_spares_the_noise():
+    g = torch.Generator().manual_seed(0)
+    spectrum = torch.logspace(2, -4, D_IN)  # variances from 100 down to 1e-4
+    q, _ = torch.linalg.qr(torch.randn(D_IN, D_IN, generator=g))
+    x = torch.randn(50_000, D_IN, generator=g) * spectrum.sqrt() @ q.T
+    p = zca_whitening(x - x.mean(0), 0.01)
+    torch.testing.assert_close(p, p.T)
+    var = ((x - x.mean(0)) @ p @ q).var(0)  # variance along each of the data's own axes, after whitening
+    expected = spectrum / (spectrum + 0.01 * spectrum[0])
+    torch.testing.assert_close(var, expected, rtol=0.05, atol=1e-3)
+    assert var[:8].min() > 0.5 and var[-8:].max() < 0.01  # strong directions equalised, noise not amplified
+    with pytest.raises(ValueError, match="ridge of the whitening.*got -0.1; 0 for no whitening"):
+        SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=8, whiten=-0.1)
+    with pytest.raises(ValueError, match="whiten needs normalize"):
+        SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=8, whiten=0.01, normalize=False)
 
 
 class _Batches:

@@ -97,6 +97,21 @@ def test_ours_saved_as_sparsify_loads_in_sparse_coder(sparsify, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_whitened_sae_saved_as_sparsify_keeps_its_function(sparsify, tmp_path):
+    g = torch.Generator().manual_seed(7)
+    sae = SAE(SAEConfig(arch="topk", d_in=D_IN, d_sae=LATENTS, k=K, whiten=0.01, hook_name="layers.1"), generator=g)
+    a = torch.randn(D_IN, D_IN, generator=g)
+    sae.set_normalisation(torch.randn(D_IN, generator=g), 2.5, a @ a.T / D_IN + 0.1 * torch.eye(D_IN))
+    folder = save_sparsify(sae, SparsifySaveConfig(str(tmp_path)))
+    assert json.loads((folder / "cfg.json").read_text())["normalize_decoder"] is False  # rows are not unit
+    coder = sparsify.SparseCoder.load_from_disk(folder)
+    x = inputs(seed=8)
+    with torch.no_grad():
+        theirs = coder.encode(x)
+        torch.testing.assert_close(sae.encode(x), dense(theirs.top_acts, theirs.top_indices), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sae(x), coder(x).sae_out, rtol=1e-4, atol=1e-4)
+
+
 def test_ours_without_b_dec_on_input_keeps_its_function(sparsify, tmp_path):
     g = torch.Generator().manual_seed(4)
     sae = SAE(SAEConfig(arch="topk", d_in=D_IN, d_sae=LATENTS, k=K, apply_b_dec_to_input=False,
