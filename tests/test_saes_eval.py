@@ -69,7 +69,7 @@ def test_wrong_width_is_named(sae):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 12 is open: a probe finds 24 of 32 concepts at layer 4 of the v4 "
-                   "subject, and the demo's SAE recipe recovers 6 of them (README)")
+                   "subject, and the demo's SAE recipe recovers 11-15 of them (README)")
 def test_subject_sae_recovers_every_concept(tmp_path):
     """The issue's target: an SAE on the subject's image-patch activations has a feature with
     F1 >= 0.9 for >= 90% of the world's concepts (strict xfail: it fails loudly once it holds)."""
@@ -77,8 +77,8 @@ def test_subject_sae_recovers_every_concept(tmp_path):
 
     cache = build_cache(CacheConfig(run=str(tmp_path), samples=2000, batch_size=32))
     reader = ActivationReader(cache)
-    res = train(SAEConfig(arch="topk", d_in=reader.d, d_sae=256, k=4), TrainConfig(steps=2000, batch_size=1024,
-                progress=False), reader, tmp_path)
+    res = train(SAEConfig(arch="batchtopk", d_in=reader.d, d_sae=256, k=8, whiten=0.01),  # the demo's recipe
+                TrainConfig(steps=1000, batch_size=1024, progress=False), reader, tmp_path)
     report = recover(res.sae, reader)
     assert report.concept_recovery >= 0.9, report.concepts
     assert report.mean_f1 > report.mean_neuron_f1 + 0.1

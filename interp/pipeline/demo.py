@@ -41,8 +41,12 @@ class DemoConfig:
     """SAE architecture (batchtopk: its concept recovery holds across training seeds; topk's does not)"""
     d_sae: int = field(default=256, metadata=at_least(1))
     """features of the SAE"""
-    k: int = field(default=4, metadata=at_least(1))
+    k: int = field(default=8, metadata=at_least(1))
     """active features per row (batchtopk: on average over a batch)"""
+    whiten: float = 0.01
+    """SAE input whitening, its ridge as a fraction of the largest eigenvalue (0: off): the subject keeps
+    each colour's own direction in low-variance dimensions under a dominant 2-D colour plane, and
+    whitening lets the SAE find them (docs/organisms.md)"""
     steps: int = field(default=1000, metadata=at_least(1))
     """SAE training steps (batches of 1024 rows)"""
     questions: int = 100
@@ -103,12 +107,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                             seed=cfg.seed, batch_size=32))
     summary["stages"]["cache"] = round(time.time() - t, 1)
 
-    t = _stage(f"train: {cfg.arch} SAE, {cfg.d_sae} features, k={cfg.k}")
-    sae_cfg = SAEConfig(arch=cfg.arch, d_sae=cfg.d_sae, k=cfg.k)
+    t = _stage(f"train: {cfg.arch} SAE, {cfg.d_sae} features, k={cfg.k}, whiten={cfg.whiten}")
+    sae_cfg = SAEConfig(arch=cfg.arch, d_sae=cfg.d_sae, k=cfg.k, whiten=cfg.whiten)
     if not (run.sae / "cfg.json").exists():
         with ActivationReader(run.cache) as reader:
-            train(SAEConfig(arch=cfg.arch, d_in=reader.d, d_sae=cfg.d_sae, k=cfg.k, model_name="shapes-subject",
-                            hook_name=reader.meta["module_path"]),
+            train(replace(sae_cfg, d_in=reader.d, model_name="shapes-subject", hook_name=reader.meta["module_path"]),
                   TrainConfig(steps=cfg.steps, batch_size=1024, seed=cfg.seed), reader, run)
     summary["stages"]["train"] = round(time.time() - t, 1)
 
