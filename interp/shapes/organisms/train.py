@@ -583,18 +583,3 @@ def train(cfg: TrainConfig, out: str | Path, world: w.WorldConfig | None = None,
     processor.save_pretrained(final)
     (final / "training.json").write_text(json.dumps(run, indent=1))
     return final
-
-
-# ------------------------------------------------------------ evaluation
-
-
-if __name__ == "__main__":  # a background job: python -m interp.shapes.organisms.train subject OUT [STEPS [VISION_STEPS]]
-    import sys
-
-    which, out = sys.argv[1], sys.argv[2]
-    recipe = RECIPES[which]
-    if len(sys.argv) > 3:
-        recipe = replace(recipe, steps=int(sys.argv[3]))
-    if len(sys.argv) > 4:
-        recipe = replace(recipe, vision_pretrain_steps=int(sys.argv[4]))
-    print(train(recipe, out, threads=1))
