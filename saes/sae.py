@@ -137,11 +137,12 @@ class SAE(nn.Module):
         self.arch = architectures.get(cfg.arch)
         self.arch.init_state(self)
         # input normalisation x' = (x - norm_mean) norm_whiten / norm_scale; identity once folded. The
-        # whitening matrix and its inverse are empty unless set_normalisation gives one ([d_in, d_in] each)
+        # whitening matrix and its inverse are empty unless set_normalisation gives one ([d_in, d_in] each);
+        # the inverse is derived from the matrix there, so a state dict (a checkpoint) holds only the matrix
         self.register_buffer("norm_mean", torch.zeros(cfg.d_in, dtype=dtype, device=device))
         self.register_buffer("norm_scale", torch.ones((), dtype=dtype, device=device))
         self.register_buffer("norm_whiten", torch.empty(0, dtype=dtype, device=device))
-        self.register_buffer("norm_unwhiten", torch.empty(0, dtype=dtype, device=device))
+        self.register_buffer("norm_unwhiten", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
     # ------------------------------------------------------------------ inference (raw activations)
     @property

@@ -281,8 +281,8 @@ class Trainer:
         self._match_optimizer_layout()
         self.steps_since_fired.copy_(state.pop("trainer.steps_since_fired"))
         self.fire_total.copy_(state.pop("trainer.fire_total"))
-        for name in ("norm_whiten", "norm_unwhiten"):  # checkpoints from before whitening existed: none
-            state.setdefault(name, torch.empty(0))
+        state.setdefault("norm_whiten", torch.empty(0))  # checkpoints from before whitening existed: none
+        # sizes the whitening buffers and derives the inverse, which the checkpoint does not hold
         self.sae.set_normalisation(state["norm_mean"], float(state["norm_scale"]), state["norm_whiten"])
         self.sae.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         self.step = int(meta["step"])

@@ -73,12 +73,15 @@ def test_wrong_width_is_named(sae):
 def test_subject_sae_recovers_every_concept(tmp_path):
     """The issue's target: an SAE on the subject's image-patch activations has a feature with
     F1 >= 0.9 for >= 90% of the world's concepts (strict xfail: it fails loudly once it holds)."""
+    from dataclasses import replace
+
+    from interp.pipeline.demo import DemoConfig, demo_sae_config
     from saes.train import TrainConfig, train
 
     cache = build_cache(CacheConfig(run=str(tmp_path), samples=2000, batch_size=32))
     reader = ActivationReader(cache)
-    res = train(SAEConfig(arch="batchtopk", d_in=reader.d, d_sae=256, k=8, whiten=0.01),  # the demo's recipe
-                TrainConfig(steps=1000, batch_size=1024, progress=False), reader, tmp_path)
+    res = train(replace(demo_sae_config(), d_in=reader.d), TrainConfig(steps=DemoConfig().steps, batch_size=1024,
+                progress=False), reader, tmp_path)
     report = recover(res.sae, reader)
     assert report.concept_recovery >= 0.9, report.concepts
     assert report.mean_f1 > report.mean_neuron_f1 + 0.1

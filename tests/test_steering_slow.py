@@ -12,13 +12,13 @@ import torch
 
 @pytest.fixture(scope="module")
 def steered(tmp_path_factory):
-    """A layer-4 cache of the shipped subject (1500 samples), the demo's SAE recipe (batchtopk, 256 features,
-    k 8, inputs whitened), its features and recovery, then `interp steer-targets` at the stage's sizes (~4 minutes on 2 cores in all)."""
+    """A layer-4 cache of the shipped subject (1500 samples), an SAE of the demo's recipe (`demo_sae_config`),
+    its features and recovery, then `interp steer-targets` at the stage's sizes (~4 minutes on 2 cores in all)."""
     from explain.features import FeaturesConfig, compute_features
     from interp.cache.writer import CacheConfig, build_cache
     from interp.shapes.organisms import organism_path
     from saes.recovery import RecoveryConfig, run_recovery
-    from saes.sae import SAEConfig
+    from interp.pipeline.demo import demo_sae_config
     from saes.train import TrainConfig, TrainRunConfig, run_train
     from steering.commands import TargetsConfig, run_targets
 
@@ -27,7 +27,7 @@ def steered(tmp_path_factory):
         pytest.skip(f"the shipped shapes-subject has {layers} LLM layers: these tests are for subject v2 (8)")
     run = tmp_path_factory.mktemp("steered") / "run"
     build_cache(CacheConfig(run=str(run), layer="4", samples=1500))
-    run_train(TrainRunConfig(run=str(run), sae=SAEConfig(arch="batchtopk", d_sae=256, k=8, whiten=0.01),
+    run_train(TrainRunConfig(run=str(run), sae=demo_sae_config(),
                              train=TrainConfig(steps=3000, batch_size=1024, progress=False)))
     compute_features(FeaturesConfig(run=str(run), progress=False))
     run_recovery(RecoveryConfig(run=str(run)))

@@ -63,6 +63,14 @@ class DemoConfig:
     RUN/notebooks/ (as `interp notebooks RUN`; minutes more)"""
 
 
+def demo_sae_config(cfg: DemoConfig = DemoConfig()):
+    """The demo's SAE recipe (`saes.sae.SAEConfig`, d_in still to fill in from the cache), which tests of
+    the recipe train too."""
+    from saes.sae import SAEConfig
+
+    return SAEConfig(arch=cfg.arch, d_sae=cfg.d_sae, k=cfg.k, whiten=cfg.whiten)
+
+
 def _stage(name: str):
     print(f"\n== {name}", flush=True)
     return time.time()
@@ -80,7 +88,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     from interp.shapes.world import WorldConfig, concept_names, contact_sheet
     from saes.evaluate import EvalConfig, evaluate_sae
     from saes.recovery import RecoveryConfig, recovery_across_seeds, run_recovery
-    from saes.sae import SAEConfig
     from saes.train import TrainConfig, train
 
     t0 = time.time()
@@ -108,7 +115,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["stages"]["cache"] = round(time.time() - t, 1)
 
     t = _stage(f"train: {cfg.arch} SAE, {cfg.d_sae} features, k={cfg.k}, whiten={cfg.whiten}")
-    sae_cfg = SAEConfig(arch=cfg.arch, d_sae=cfg.d_sae, k=cfg.k, whiten=cfg.whiten)
+    sae_cfg = demo_sae_config(cfg)
     if not (run.sae / "cfg.json").exists():
         with ActivationReader(run.cache) as reader:
             train(replace(sae_cfg, d_in=reader.d, model_name="shapes-subject", hook_name=reader.meta["module_path"]),
