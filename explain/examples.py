@@ -237,43 +237,36 @@ def shapes_scene(image_ref: str):
     return scene_of(image_ref) if parse_shapes_ref(image_ref) is not None else None
 
 
-def load_image(image_ref: str, roots) -> Image.Image:
-    """A sample's image: a shapes-world scene from the cache of drawn scenes, anything else through
-    interp.cache.data.load_image under the cache's data roots."""
+@lru_cache(maxsize=4096)
+def _drawn_image(image_ref: str) -> Image.Image:
+    """A shapes-world image, drawn once: a run's explain and score stages show each of its images many
+    times (drawing one takes milliseconds, keeping one 12 KB), and the scene cache above holds fewer."""
     from interp.cache.data import load_image as load
 
-    scene = shapes_scene(image_ref)
-    return scene.render() if scene is not None else load(image_ref, roots)
+    return load(image_ref)
+
+
+def load_image(image_ref: str, roots) -> Image.Image:
+    """A sample's image: a shapes-world scene from the cache of drawn images (a copy: callers may draw on
+    it), anything else through interp.cache.data.load_image under the cache's data roots."""
+    from interp.cache.data import load_image as load
+    from interp.shapes.ground_truth import parse_shapes_ref
+
+    return _drawn_image(image_ref).copy() if parse_shapes_ref(image_ref) is not None else load(image_ref, roots)
 
 
 def load_marked(sources: FeatureSources, feature: int, picked: list[Picked], pre: bool = False) -> list[MarkedExample]:
     """The images of the samples behind `picked` with the feature's per-token activations (re-encoded), and
-    with `pre` its pre-activations too."""
+    with `pre` its pre-activations too (how near it came to firing where it is silent: the world protocol's
+    hard negatives)."""
     from interp.cache.data import data_roots
 
     vmax = sources.features.stats(feature).max
     roots = data_roots(sources.reader.meta.get("data"))  # only images of the cache's own data (a remote
     out = []  # explainer would be sent whatever a crafted reference points at)
     for p in picked:
-        tokens, acts = sources.token_activations(feature, p.example.sample)
+        tokens, acts, *pre_acts = sources.token_activations(feature, p.example.sample, with_pre=pre)
         out.append(MarkedExample(p.example.sample, p.example.source_index, p.example.image_ref, p.source,
                                  load_image(p.example.image_ref, roots), tokens, acts, vmax,
-                                 pre_activations(sources, feature, p.example.sample) if pre else None))
+                                 pre_acts[0] if pre else None))
     return out
-
-
-def pre_activations(sources: FeatureSources, feature: int, sample: int) -> np.ndarray:
-    """The feature's encoder pre-activation on each image-patch token of `sample`, in token_activations'
-    order: how near it came to firing where it is silent (the hard negatives of the world protocol)."""
-    import torch
-
-    from explain.feature_columns import pre_activation_column
-    from interp.cache.format import is_image_patch
-
-    s = sources.reader.sample(sample)
-    sae = sources.sae
-    x = sources.reader.read(s.start, s.stop).to(sae.device, sae.dtype)
-    x = sae.normalise(x)
-    with torch.no_grad():
-        pre = pre_activation_column(sae, x, int(feature)).float().cpu().numpy()
-    return pre[is_image_patch(s.tokens["role"])]

@@ -480,8 +480,10 @@ def make_explainer(spec: str, cfg: ExplainerOptions = ExplainerOptions(),
         world = speaks_world(cfg.api_model or "") if cfg.protocol == "auto" else cfg.protocol == "world"
     else:
         world = speaks_world(spec) if cfg.protocol == "auto" else cfg.protocol == "world"
-        # the shapes organisms are tiny: 64 single-image questions per generate call; a general VLM gets 32 prompts
-        backend = HFBackend(spec, device=cfg.device, dtype=cfg.dtype, batch_size=64 if world else 32)
+        # the shapes organisms are tiny: 256 single-image questions per generate call (each decoding step's
+        # fixed cost is shared by more rows: explaining and scoring 7% faster than 64 on 2 cores, for 0.5 GB
+        # more memory); a general VLM gets 32 prompts
+        backend = HFBackend(spec, device=cfg.device, dtype=cfg.dtype, batch_size=256 if world else 32)
     if world:
         return WorldExplainer(backend, agree=cfg.agree, cutoff=cfg.cutoff)
     return GenericExplainer(backend, with_originals=cfg.with_originals, threshold=cfg.threshold)

@@ -55,6 +55,11 @@ class RowStatsRecorder:
         return RowStats(self.n_active, self.min_active)
 
 
+def needs_row_stats(sae) -> bool:
+    """Whether `feature_column` needs the rows' RowStats for this SAE (TopK: whether f made the row's top k)."""
+    return sae.cfg.arch == "topk"
+
+
 def supports(sae) -> bool:
     """Whether `feature_column` can compute this SAE's features from their columns."""
     return not sae.is_normalised() and sae.cfg.arch in _ACTIVATIONS

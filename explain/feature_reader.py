@@ -273,12 +273,13 @@ class FeatureSources:
         self.close()
 
     @torch.no_grad()
-    def token_activations(self, feature: int, sample: int, modality: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    def token_activations(self, feature: int, sample: int, modality: str = "image", with_pre: bool = False) -> tuple:
         """(token table rows, activations) of `feature` on the image-patch tokens (modality "text": the text
         tokens, in position order) of `sample` (a row of the samples table): from the feature's encoder
         column and the file's row statistics where the architecture allows (explain.feature_columns), else
-        re-encoded in chunks of bounded size."""
-        from explain.feature_columns import feature_column
+        re-encoded in chunks of bounded size. `with_pre`: its encoder pre-activations on those tokens as a
+        third element (how near it came to firing where it is silent), from the same read of the rows."""
+        from explain.feature_columns import feature_column, needs_row_stats, pre_activation_column
         from interp.cache.format import is_image_patch, is_text
 
         f = self.features.check_feature(feature)
@@ -286,13 +287,17 @@ class FeatureSources:
         if modality not in EXAMPLE_MODALITIES:
             raise ValueError(f"token activations are of one of {EXAMPLE_MODALITIES}, not {modality!r}")
         keep = (is_image_patch if modality == "image" else is_text)(s.tokens["role"])
+        x = self.reader.read(s.start, s.stop).to(self.sae.device)
         # one column of the encoder (ms) instead of every feature (a minute for 131k features on one image)
-        column = feature_column(self.sae, self.reader.read(s.start, s.stop).to(self.sae.device), f,
-                                self.features.row_stats(s.start, s.stop))
+        stats = self.features.row_stats(s.start, s.stop) if needs_row_stats(self.sae) else None
+        column = feature_column(self.sae, x, f, stats)
         if column is not None:
-            return s.tokens[keep], column.float().cpu().numpy()[keep]
-        step = chunk_rows_for(self.features.d_sae, self.max_chunk_elements)
-        acts = [self.sae.encode(self.reader.read(a, min(a + step, s.stop)).to(self.sae.device))[:, f].float().cpu()
-                for a in range(s.start, s.stop, step)]
-        values = torch.cat(acts).numpy() if acts else np.zeros(0, np.float32)
-        return s.tokens[keep], values[keep]
+            values = column.float().cpu().numpy()
+        else:
+            step = chunk_rows_for(self.features.d_sae, self.max_chunk_elements)
+            acts = [self.sae.encode(x[a: a + step])[:, f].float().cpu() for a in range(0, len(x), step)]
+            values = torch.cat(acts).numpy() if acts else np.zeros(0, np.float32)
+        if not with_pre:
+            return s.tokens[keep], values[keep]
+        pre = pre_activation_column(self.sae, self.sae.normalise(x.to(self.sae.dtype)), f).float().cpu().numpy()
+        return s.tokens[keep], values[keep], pre[keep]

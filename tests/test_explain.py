@@ -548,3 +548,20 @@ def test_generic_explainer_on_tiny_models(tiny_path, grid_tokens):
         verdicts = explainer.judge("red circles", scene_images)
         assert len(verdicts) == 3 and all(v is None or 0 <= float(v) <= 1 for v in verdicts)
         assert explainer.judge(CANNOT_TELL, scene_images) == [0.0] * 3
+
+
+def test_drawn_shapes_images_are_kept_and_handed_out_as_copies():
+    """A run's explain and score stages show each shapes image many times: it is drawn once, and a caller
+    drawing on its copy changes nobody else's."""
+    from PIL import ImageDraw
+
+    from explain.examples import load_image
+    from interp.cache.data import load_image as draw
+
+    ref = "shapes:test:3:0"
+    first = load_image(ref, ())
+    assert np.array_equal(np.asarray(first), np.asarray(draw(ref)))
+    ImageDraw.Draw(first).rectangle([0, 0, 63, 63], fill=(255, 0, 0))
+    again = load_image(ref, ())
+    assert np.array_equal(np.asarray(again), np.asarray(draw(ref)))
+    assert again is not load_image(ref, ())

@@ -82,3 +82,11 @@ def test_reader_fast_path_equals_re_encoding(tmp_path, tiny_path):
                 assert len(tokens) == len(slow)
                 np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
                 assert fast.max() == pytest.approx(ex.max, rel=1e-5)
+                # the pre-activations come from the same read of the rows, in the same token order
+                tokens2, acts2, pre = src.token_activations(int(f), ex.sample, with_pre=True)
+                np.testing.assert_array_equal(tokens2, tokens)
+                np.testing.assert_array_equal(acts2, fast)
+                with torch.no_grad():
+                    full_pre = src.sae.pre_acts(src.reader.read(s.start, s.stop))[:, int(f)].numpy()
+                np.testing.assert_allclose(pre, full_pre[is_image_patch(s.tokens["role"])], rtol=1e-5, atol=1e-5)
+                assert (pre[fast > 0] > 0).all()
