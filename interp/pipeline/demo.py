@@ -39,9 +39,11 @@ class DemoConfig:
     read the image tokens (summary: image_token_reach); steering runs at this layer too"""
     arch: str = field(default="batchtopk", metadata=choices(architectures.names))
     """SAE architecture (batchtopk: its concept recovery holds across training seeds; topk's does not)"""
-    d_sae: int = field(default=256, metadata=at_least(1))
-    """features of the SAE"""
-    k: int = field(default=8, metadata=at_least(1))
+    d_sae: int = field(default=64, metadata=at_least(1))
+    """features of the SAE (64 for the world's 33 concepts: a wider SAE splits them into features the world
+    has no words for; 256 at k 8 recovers no more concepts and 0.16 of its live features can be explained
+    even by the ground truth, 64 at k 4 0.40; docs/organisms.md)"""
+    k: int = field(default=4, metadata=at_least(1))
     """active features per row (batchtopk: on average over a batch)"""
     whiten: float = 0.01
     """SAE input whitening, its ridge as a fraction of the largest eigenvalue (0: off): the subject keeps
@@ -57,7 +59,8 @@ class DemoConfig:
     """SAE training seeds (seed, seed + 1, ...) whose concept recovery summary.json reports as
     concept_recovery_seeds (1: the run's own SAE only)"""
     crossmodal: bool = True
-    """run the cross-modal stage (image patches and question-answer text in one SAE; minutes)"""
+    """run the cross-modal stage (image patches and question-answer text in one SAE, of the cross-modal
+    sweep's own recipe, not this one's width; a minute)"""
     notebooks: bool = False
     """then run the analysis notebooks on the run and keep executed copies with their outputs in
     RUN/notebooks/ (as `interp notebooks RUN`; minutes more)"""
@@ -160,10 +163,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["stages"]["explain"] = round(time.time() - t, 1)
 
     if cfg.crossmodal:
-        t = _stage(f"cross-modal: image patches and question-answer text together at layer {cfg.layer}")
-        from interp.pipeline.crossmodal import crossmodal_stage
+        from interp.pipeline.crossmodal import CrossModalSweepConfig, crossmodal_stage
 
-        summary.update(crossmodal_stage(run, int(cfg.layer), min(cfg.samples, 800), cfg.d_sae, cfg.k, cfg.steps,
+        own = CrossModalSweepConfig()  # its own width: the question-answer text's words need more features
+        t = _stage(f"cross-modal: image patches and question-answer text together at layer {cfg.layer} "
+                   f"({own.arch} SAE, {own.d_sae} features, k={own.k})")
+        summary.update(crossmodal_stage(run, int(cfg.layer), min(cfg.samples, 800), own.d_sae, own.k, cfg.steps,
                                         cfg.seed))
         summary["stages"]["crossmodal"] = round(time.time() - t, 1)
 
