@@ -555,13 +555,15 @@ def test_drawn_shapes_images_are_kept_and_handed_out_as_copies():
     drawing on its copy changes nobody else's."""
     from PIL import ImageDraw
 
-    from explain.examples import load_image
+    from explain.examples import _drawn_image, load_image
     from interp.cache.data import load_image as draw
 
     ref = "shapes:test:3:0"
     first = load_image(ref, ())
+    hits = _drawn_image.cache_info().hits
     assert np.array_equal(np.asarray(first), np.asarray(draw(ref)))
     ImageDraw.Draw(first).rectangle([0, 0, 63, 63], fill=(255, 0, 0))
     again = load_image(ref, ())
     assert np.array_equal(np.asarray(again), np.asarray(draw(ref)))
     assert again is not load_image(ref, ())
+    assert _drawn_image.cache_info().hits == hits + 2

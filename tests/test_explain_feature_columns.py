@@ -52,7 +52,8 @@ def test_recorder_fills_rows_with_no_active_feature_with_zero():
     np.testing.assert_allclose(s.min_active, [0, 0, 0.2, 0, 3.0])
 
 
-def test_reader_fast_path_equals_re_encoding(tmp_path, tiny_path):
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])  # with the rows' statistics, and without them
+def test_reader_fast_path_equals_re_encoding(tmp_path, tiny_path, arch):
     """FeatureSources.token_activations from the column equals the full re-encode of the sample."""
     from explain.feature_reader import FeatureSources
     from explain.features import FeaturesConfig, compute_features
@@ -64,7 +65,7 @@ def test_reader_fast_path_equals_re_encoding(tmp_path, tiny_path):
     build_cache(CacheConfig(run=str(layout.root), model=str(tiny_path("llava")), layer="1", samples=12, batch_size=6,
                             part_samples=12, dtype="float32", roles=("image_patch", "text")))
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(arch="topk", d_in=32, d_sae=256, k=8))
+    sae = SAE(SAEConfig(arch=arch, d_in=32, d_sae=256, k=8))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.05)
     sae.save(layout.sae)
@@ -72,6 +73,7 @@ def test_reader_fast_path_equals_re_encoding(tmp_path, tiny_path):
     with FeatureSources.open(layout.root) as src:
         assert src.features.row_stats(0, 5) is not None
         live = np.flatnonzero(src.features.summary_table()["n_active"])[:40]
+        assert len(live) >= 10
         for f in live:
             for ex in src.features.top(int(f))[:2]:
                 tokens, fast = src.token_activations(int(f), ex.sample)
