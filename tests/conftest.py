@@ -110,7 +110,7 @@ def small_demo_run(tmp_path_factory) -> Path:
     from interp.pipeline.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("small-demo") / "run"
-    run_demo(DemoConfig(run=str(out), samples=400, d_sae=128, k=8, steps=400, questions=20, recovery_seeds=2,
+    run_demo(DemoConfig(run=str(out), samples=400, steps=400, questions=20, recovery_seeds=2,
                         crossmodal=False, seed=0))
     layout = RunLayout(out)
     for need in (layout.cache, layout.features, layout.recovery, layout.summary):
