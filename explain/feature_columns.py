@@ -108,7 +108,7 @@ def feature_column(sae, x: torch.Tensor, feature: int, stats: RowStats | None) -
     (needed for TopK). None where this SAE or these inputs need a full encode instead."""
     if not supports(sae):
         return None
-    if sae.cfg.arch == "topk" and stats is None:
+    if needs_row_stats(sae) and stats is None:
         return None
     pre, slack = pre_activation_column(sae, x, feature, with_slack=True)
     return _ACTIVATIONS[sae.cfg.arch](sae, pre, slack, feature, stats)
