@@ -236,8 +236,46 @@ def test_patch_targets_name_the_object_covering_each_patch():
     loss, acc = heads(torch.randn(4, 64, 16), y)
     assert torch.isfinite(loss) and set(acc) == {"cell", "color", "shape", "size", "fill"}
     assert heads.cell_of.tolist()[:8] == [0, 0, 0, 0, 1, 1, 1, 1] and heads.cell_of[-1] == 3
-    with pytest.raises(ValueError, match="vision_targets 'pixel': use 'cell' or 'patch'"):
+    with pytest.raises(ValueError, match="vision_targets 'pixel': use 'cell', 'patch', 'region'"):
         Batcher(TrainConfig(vision_targets="pixel"), world).targets(0, 1)
+
+
+def test_region_targets_add_part_and_background_to_the_patch_targets():
+    """The explainer's tower (`vision_targets="region"`) also learns what a region description names beyond
+    the object: its part, or the empty background's tone and texture."""
+    from dataclasses import replace
+
+    from interp.shapes import world as w
+    from interp.shapes.organisms.train import EMPTY_PATCH, PATCH_OBJECT, PatchHeads
+
+    world = WorldConfig()
+    cfg = TrainConfig(which="explainer", vision_targets="region")
+    _, plain = Batcher(replace(cfg, vision_targets="patch"), world).targets(5, 3, split="val")
+    _, y = Batcher(cfg, world).targets(5, 3, split="val")
+    assert set(y) == set(plain) | {"part", "tone", "texture"} and "part" not in plain
+    assert all(torch.equal(y[k], plain[k]) for k in plain), "the object targets are the patch recipe's"
+    dense = replace(world, min_objects=cfg.vision_min_objects)
+    seen = {"interior": 0, "edge": 0, "background": 0}
+    for i in range(3):
+        scene = w.sample_scene(dense, 10_000_000 + 5 * 3 + i, "val", cfg.seed)
+        fracs = np.stack([f.flatten() for f in scene.object_patch_fractions()])
+        for t in range(64):
+            part, tone, texture = (int(y[k][i, t]) for k in ("part", "tone", "texture"))
+            if fracs[:, t].max() >= PATCH_OBJECT:
+                want = "interior" if fracs[:, t].max() >= w.INTERIOR else "edge"
+                assert w.PARTS[part] == want
+                seen[want] += 1
+            else:
+                assert part == -100
+            if fracs[:, t].sum() < EMPTY_PATCH:
+                assert list(w.TONES)[tone] == scene.tone and w.TEXTURES[texture] == scene.texture
+                seen["background"] += 1
+            else:
+                assert tone == texture == -100
+    assert min(seen.values()) > 0, seen
+    heads = PatchHeads(16, world, region=True)
+    loss, acc = heads(torch.randn(3, 64, 16), y)
+    assert torch.isfinite(loss) and {"part", "tone", "texture"} <= set(acc)
 
 
 def test_sincos_positions_are_distinct_and_scaled():

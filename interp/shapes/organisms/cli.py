@@ -24,8 +24,9 @@ class OrganismTrainConfig:
     """training steps (none: the recorded recipe's)"""
     vision_steps: int | None = None
     """vision pretraining steps (none: the recorded recipe's)"""
-    vision_targets: str | None = field(default=None, metadata=choices(["cell", "patch"]))
-    """what the vision pretraining predicts: per position cell or per image token (none: the recipe's)"""
+    vision_targets: str | None = field(default=None, metadata=choices(["cell", "patch", "region"]))
+    """what the vision pretraining predicts: per position cell, per image token its object, or that and its
+    part or background (region) (none: the recipe's)"""
     vision_head_loss: str | None = field(default=None, metadata=choices(["ce", "mse"]))
     """the vision pretraining heads' loss: softmax (ce) or one-hot regression (mse; a direction per value)
     (none: the recipe's)"""

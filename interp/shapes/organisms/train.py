@@ -6,8 +6,10 @@ What made this work (docs/organisms.md keeps the record, failures included):
 - a vision pretraining on what object each image token shows (`vision_targets="patch"`) or each
   position cell holds, from the mean of the cell's tokens ("cell"). Image-level presence targets
   left shape at chance on v2; per-cell targets made shape readable only from pooled tokens, which
-  an LM selecting an object by colour could not use; no target names parts, edges, backgrounds
-  or sub-cell places, which stay for the SAE to find;
+  an LM selecting an object by colour could not use; the subject's targets name no parts, edges,
+  backgrounds or sub-cell places, which stay for its SAE to find. The explainer's ("region") also name
+  the part and the empty background's tone and texture: it is the perceiver, and its region
+  descriptions name them (without them it read texture at chance);
 - its heads regress one-hot codes (`vision_head_loss="mse"`), so each colour, shape, size and fill
   gets a direction of its own; softmax heads let the v3 tower put its 8 colours on one 2-D circle,
   which an SAE can only cut into arcs. The tower and projector then stay frozen in the LM stage
@@ -57,6 +59,7 @@ def one_hot_mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits[m] - F.one_hot(y[m], logits.shape[-1]).to(logits.dtype)).pow(2).sum(-1).mean()
 
 
+VISION_TARGETS = ("cell", "patch", "region")
 HEAD_LOSSES = {"ce": lambda logits, y: F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=-100),
                "mse": one_hot_mse}
 
@@ -80,6 +83,8 @@ class TrainConfig:
     vision_gate_shape: float = 0.97  # held-out cell-level shape accuracy that ends the pretraining early
     vision_check_every: int = 100  # steps between held-out checks (and vision checkpoints)
     vision_targets: str = "cell"  # "cell": per position cell, from its mean token; "patch": every token
+    # names its object; "region": also its part (edge, interior) or, on an empty patch, the background's
+    # tone and texture: all a region description names (explainer only; the subject's SAE must find these)
     vision_head_loss: str = "ce"  # "ce": softmax heads; "mse": linear regression of each attribute's one-hot
     # code, which needs a direction per value (softmax heads let 8 colours share a 2-D circle)
     position_init: str = "sincos"  # "sincos": 2D sine-cosine (MAE's); "normal": random
@@ -99,8 +104,8 @@ class TrainConfig:
     eval_n: int = 50
 
     def __post_init__(self) -> None:
-        if self.vision_targets not in ("cell", "patch"):
-            raise ValueError(f"vision_targets {self.vision_targets!r}: use 'cell' or 'patch'")
+        if self.vision_targets not in VISION_TARGETS:
+            raise ValueError(f"vision_targets {self.vision_targets!r}: use {', '.join(map(repr, VISION_TARGETS))}")
         if self.vision_head_loss not in HEAD_LOSSES:
             raise ValueError(f"vision_head_loss {self.vision_head_loss!r}: use {' or '.join(map(repr, HEAD_LOSSES))}")
 
@@ -201,14 +206,17 @@ class Batcher:
 
     def targets(self, step: int, n: int = 64, split: str = "train"):
         """The vision pretraining's batch, per cell or per patch (`TrainConfig.vision_targets`)."""
-        return (self.patch_batch if self.cfg.vision_targets == "patch" else self.cell_batch)(step, n, split)
+        return (self.cell_batch if self.cfg.vision_targets == "cell" else self.patch_batch)(step, n, split)
 
     def patch_batch(self, step: int, n: int = 64, split: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Dense scenes and, per patch, the attributes of the object covering most of it (-100: none
-        covers PATCH_OBJECT of it) and the position cell the patch lies in."""
+        covers PATCH_OBJECT of it) and the position cell the patch lies in. With `vision_targets="region"`
+        also the part of the object (interior where one covers INTERIOR of the patch) and, on an empty patch
+        (under EMPTY_PATCH covered), the background's tone and texture."""
         scenes = self.dense_scenes(step, n, split)
         t = self.n_image
-        y = {k: torch.full((n, t), -100) for k in CELL_TARGETS}
+        region = self.cfg.vision_targets == "region"
+        y = {k: torch.full((n, t), -100) for k in (*CELL_TARGETS, *(REGION_TARGETS if region else ()))}
         y["occupied"] = torch.zeros(n, t)
         targets = cell_targets(self.world)
         for i, s in enumerate(scenes):
@@ -218,11 +226,19 @@ class Batcher:
                 codes = torch.tensor([values.index(getattr(o, k)) for o in s.objects])
                 y[k][i] = torch.where(owned, codes[owner], -100)
             y["occupied"][i] = owned.float()
+            if region:
+                interior = torch.from_numpy(fracs.max(0) >= w.INTERIOR).long()
+                y["part"][i] = torch.where(owned, interior, -100)
+                empty = torch.from_numpy(fracs.sum(0) < EMPTY_PATCH)
+                for k, value in (("tone", s.tone), ("texture", s.texture)):
+                    y[k][i] = torch.where(empty, REGION_TARGETS[k].index(value), -100)
         return pixel_tensor([s.render() for s in scenes]), y
 
 
 CELL_TARGETS = ("color", "shape", "size", "fill")
 PATCH_OBJECT = 0.1  # a patch this covered by an object is that object's, for the per-patch targets
+EMPTY_PATCH = 0.02  # a patch less covered by objects than this shows the background (as `region_mask`'s)
+REGION_TARGETS = {"part": list(w.PARTS), "tone": list(w.TONES), "texture": list(w.TEXTURES)}
 
 
 def cell_targets(world: w.WorldConfig) -> dict[str, list[str]]:
@@ -347,11 +363,12 @@ class PatchHeads(torch.nn.Module):
     LM that selects an object by its colour reads a weak, mixed shape there (docs/organisms.md). With
     every token of an object naming it, any token a colour-selected head lands on carries the shape."""
 
-    def __init__(self, width: int, world: w.WorldConfig, head_loss: str = "ce"):
+    def __init__(self, width: int, world: w.WorldConfig, head_loss: str = "ce", region: bool = False):
         super().__init__()
         self.head_loss = HEAD_LOSSES[head_loss]
         self.register_buffer("cell_of", cell_of_tokens(world))
-        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in cell_targets(world).items()})
+        targets = {**cell_targets(world), **(REGION_TARGETS if region else {})}
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in targets.items()})
         self.occupied = torch.nn.Linear(width, 1)
         self.cell = torch.nn.Linear(width, world.grid ** 2)
 
@@ -423,12 +440,13 @@ def vision_pretrain(model, batcher: Batcher, cfg: TrainConfig, ckpt: Path) -> di
     """What object each image token shows (or each position cell holds), with the tokens' cell.
 
     Shape in v2 spans several 8-px patches and comes in three fills, which image-level presence
-    targets on pooled tokens did not teach in 600 steps (shape at chance; docs/organisms.md). No
-    target names parts, edges, sub-cell places or backgrounds: those stay for the SAE to find.
+    targets on pooled tokens did not teach in 600 steps (shape at chance; docs/organisms.md). Only
+    the "region" targets (the explainer's) name parts and backgrounds: the subject's SAE must find those.
     Resumable from `ckpt`."""
     torch.manual_seed(cfg.seed)
-    heads = {"cell": CellHeads, "patch": PatchHeads}[cfg.vision_targets](model.config.text_config.hidden_size,
-                                                                          batcher.world, cfg.vision_head_loss)
+    width = model.config.text_config.hidden_size
+    heads = (CellHeads(width, batcher.world, cfg.vision_head_loss) if cfg.vision_targets == "cell" else
+             PatchHeads(width, batcher.world, cfg.vision_head_loss, region=cfg.vision_targets == "region"))
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=cfg.vision_pretrain_lr)
     both = torch.nn.ModuleDict({"model": model, "heads": heads})
