@@ -81,6 +81,29 @@ def test_region_descriptions_follow_the_ground_truth():
     assert w.describe_region(s, empty).startswith(f"empty {s.texture} {s.tone} background at ")
 
 
+def test_region_masks_cover_thin_edges_and_patch_masks_one_patch():
+    """The region task's parts reach the thin edge patches `describe_region` still names (a feature's regions
+    are mostly such), and the "patch" task highlights exactly one patch, as the explain stage's regions."""
+    cfg = w.WorldConfig()
+    rng = np.random.default_rng(0)
+    thin = kinds = 0
+    parts = {"empty": 0, "edge": 0, "interior": 0}
+    for i in range(300):
+        s = w.sample_scene(cfg, i)
+        m = w.region_mask(s, rng)
+        cover = max(float((f * m).max()) for f in s.object_patch_fractions())
+        thin += 0.05 < cover < 0.15 and m.sum() == 1
+        kinds += w.describe_region(s, m).startswith("edge of")
+        p = w.patch_mask(s, rng)
+        assert p.sum() == 1 and set(np.unique(p)) <= {0.0, 1.0}
+        d = w.describe_region(s, p)
+        kind = d.split(" of ")[0] if d.startswith(("edge of", "interior of")) else d.split()[0]
+        parts[kind if kind in parts else "whole"] = parts.get(kind if kind in parts else "whole", 0) + 1
+    assert thin >= 5 and kinds >= 60, (thin, kinds)
+    assert 0.15 <= parts["empty"] / 300 <= 0.35 and parts["edge"] > parts["interior"] > 0, parts
+    assert parts.get("whole", 0) < parts["edge"] / 4, "a whole object fits one patch only when small"
+
+
 def test_relations_are_answered_from_cells():
     cfg = w.WorldConfig()
     rng = np.random.default_rng(1)

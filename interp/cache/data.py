@@ -85,7 +85,7 @@ class ShapesSource:
 
         if split not in SPLITS:
             raise DataError(f"unknown shapes split {split!r}; known: {', '.join(SPLITS)} (and :qa for questions)")
-        unknown = [t for t in tasks if t not in TASKS or t == "region"]
+        unknown = [t for t in tasks if t not in TASKS or t in ("region", "patch")]
         if unknown:
             raise DataError(f"unknown question tasks {unknown}; known: {', '.join(QA_TASKS)}")
         self.n, self.split, self.seed, self.qa, self.tasks = n, split, seed, qa, tuple(tasks)

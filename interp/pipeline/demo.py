@@ -102,7 +102,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     t = _stage("organisms: held-out accuracy")
     for name, which in ORGANISMS.items():
         model, processor = load_organism(name)
-        acc = evaluate(model, processor, SPECS[which].tasks, n=cfg.questions, split="test", seed=cfg.seed)
+        acc = evaluate(model, processor, SPECS[which].eval_tasks, n=cfg.questions, split="test", seed=cfg.seed)
         summary[name] = acc
         print(f"{name:17s} " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
         if name == "shapes-subject":

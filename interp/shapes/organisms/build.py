@@ -45,6 +45,12 @@ class OrganismSpec:
     heads: int
     tasks: tuple[str, ...]
 
+    @property
+    def eval_tasks(self) -> tuple[str, ...]:
+        """What `interp organism eval` measures: the trained tasks and, for a region describer, "patch"
+        (one highlighted patch: the regions the explain stage asks it about)."""
+        return self.tasks + (("patch",) if "region" in self.tasks else ())
+
 
 SPECS = {
     "subject": OrganismSpec("shapes-subject-v2", 128, 4, 128, 8, 4, w.SUBJECT_TASKS),

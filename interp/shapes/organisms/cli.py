@@ -117,7 +117,7 @@ def organism_eval(cfg: OrganismEvalConfig) -> dict[str, float]:
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="float32").eval()
     processor = AutoProcessor.from_pretrained(path)
     world = organism_world(path)  # its own world: a subject trained with outlined stripes is asked about those
-    acc = evaluate(model, processor, SPECS[cfg.which].tasks, n=cfg.questions, split="test", seed=cfg.seed,
+    acc = evaluate(model, processor, SPECS[cfg.which].eval_tasks, n=cfg.questions, split="test", seed=cfg.seed,
                    world=world)
     if cfg.reach_layer is not None:
         acc["image_token_reach"] = image_token_reach(model, processor, cfg.reach_layer, n=cfg.questions,
