@@ -260,7 +260,7 @@ def test_region_targets_add_part_and_background_to_the_patch_targets():
     from dataclasses import replace
 
     from interp.shapes import world as w
-    from interp.shapes.organisms.train import EMPTY_PATCH, PATCH_OBJECT, PatchHeads
+    from interp.shapes.organisms.train import PATCH_OBJECT, PatchHeads
 
     world = WorldConfig()
     cfg = TrainConfig(which="explainer", vision_targets="region")
@@ -281,7 +281,7 @@ def test_region_targets_add_part_and_background_to_the_patch_targets():
                 seen[want] += 1
             else:
                 assert part == -100
-            if fracs[:, t].sum() < EMPTY_PATCH:
+            if fracs[:, t].sum() < w.EMPTY:
                 assert list(w.TONES)[tone] == scene.tone and w.TEXTURES[texture] == scene.texture
                 seen["background"] += 1
             else:

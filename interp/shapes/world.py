@@ -48,6 +48,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = {"train": 0, "test": 1, "val": 2}
 SUPERSAMPLE = 4
 INTERIOR = 0.95  # a patch this fully covered by one object is its interior; less, its edge
+SHOWN = 0.05  # a region showing this much of an object (of one patch) is described as (part of) it
+EMPTY = 0.02  # a patch covered less than this by objects shows the background (empty regions draw from these)
 
 
 BEFORE = {"striped_outline": False, "selector_last": False}  # what worlds recorded before these keys drew
@@ -393,7 +395,7 @@ def describe_region(scene: Scene, mask: np.ndarray) -> str:
         cov = float((frac * mask).sum())
         if cov > best_cov:
             best, best_cov = (obj, frac), cov
-    if best is None or best_cov < 0.05:
+    if best is None or best_cov < SHOWN:
         rows, cols = np.nonzero(mask)
         r = int(((rows.mean() + 0.5) * cfg.patch) // cfg.cell)
         c = int(((cols.mean() + 0.5) * cfg.patch) // cfg.cell)
@@ -402,7 +404,7 @@ def describe_region(scene: Scene, mask: np.ndarray) -> str:
     total = float(frac.sum())
     if best_cov >= 0.6 * total:
         return f"{obj.name} at {obj.position}"
-    seen = (frac > 0.05) & mask
+    seen = (frac > SHOWN) & mask
     part = "interior" if (frac[seen] >= INTERIOR).mean() > 0.5 else "edge"
     return f"{part} of {obj.name} at {obj.position}"
 
@@ -412,9 +414,9 @@ def region_mask(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     (edge or interior patches), or empty patches within one cell.
 
     Parts are half of them, and an edge patch may hold as little of its object as `describe_region`
-    still names (5%): a feature's regions are mostly one or two such patches (about three in four of
-    the held-out regions the demo scores), and an explainer trained on whole objects and well-covered
-    edges described their shape, fill and even colour worse than it does on this distribution's test."""
+    still names (SHOWN): the explain stage describes each example's strongest patch, two in three of
+    them on an object and a third of those thin edges, and an explainer trained on whole objects and
+    well-covered edges described their shape, fill and even colour worse than this test said."""
     cfg, n = scene.config, scene.config.patches
     fracs = scene.object_patch_fractions()
     occupied = np.sum(fracs, axis=0) if fracs else np.zeros((n, n))
@@ -423,18 +425,18 @@ def region_mask(scene: Scene, rng: np.random.Generator) -> np.ndarray:
         i = int(rng.integers(len(scene.objects)))
         frac = fracs[i]
         if kind < 0.25:
-            return (frac > 0.05).astype(float)
+            return (frac > SHOWN).astype(float)
         want_interior = rng.random() < 0.3 and (frac >= INTERIOR).any()
-        pool = np.argwhere(frac >= INTERIOR) if want_interior else np.argwhere((frac > 0.05) & (frac < INTERIOR))
+        pool = np.argwhere(frac >= INTERIOR) if want_interior else np.argwhere((frac > SHOWN) & (frac < INTERIOR))
         if not len(pool):
-            pool = np.argwhere(frac > 0.05)
+            pool = np.argwhere(frac > SHOWN)
         pick = pool[rng.choice(len(pool), size=min(len(pool), int(rng.integers(1, 4))), replace=False)]
         m = np.zeros((n, n))
         m[pick[:, 0], pick[:, 1]] = 1
         return m
-    empty = np.argwhere(occupied < 0.02)
+    empty = np.argwhere(occupied < EMPTY)
     if not len(empty):
-        return (fracs[0] > 0.05).astype(float)
+        return (fracs[0] > SHOWN).astype(float)
     r0, c0 = empty[rng.integers(len(empty))]
     cell = lambda rc: (int(rc[0]) * cfg.patch // cfg.cell, int(rc[1]) * cfg.patch // cfg.cell)  # noqa: E731
     same = [rc for rc in empty if cell(rc) == cell((r0, c0))]
@@ -448,14 +450,14 @@ def region_mask(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 def patch_mask(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """One highlighted patch, the region the explain stage asks about (a feature's strongest patch,
     `explain.examples.feature_region`): three times in four a patch of an object, any part of it that
-    `describe_region` names (5% of the patch or more), else an empty patch. What `interp organism eval`
+    `describe_region` names (SHOWN of the patch or more), else an empty patch. What `interp organism eval`
     reports as "patch": the region test's whole objects are rare there."""
     n = scene.config.patches
     fracs = scene.object_patch_fractions()
     occupied = np.sum(fracs, axis=0) if fracs else np.zeros((n, n))
-    pool = np.argwhere(occupied < 0.02)
+    pool = np.argwhere(occupied < EMPTY)
     if scene.objects and (rng.random() < 0.75 or not len(pool)):
-        pool = np.argwhere(fracs[int(rng.integers(len(scene.objects)))] > 0.05)
+        pool = np.argwhere(fracs[int(rng.integers(len(scene.objects)))] > SHOWN)
     r, c = pool[int(rng.integers(len(pool)))]
     m = np.zeros((n, n))
     m[r, c] = 1

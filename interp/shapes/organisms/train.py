@@ -213,7 +213,7 @@ class Batcher:
         """Dense scenes and, per patch, the attributes of the object covering most of it (-100: none
         covers PATCH_OBJECT of it) and the position cell the patch lies in. With `vision_targets="region"`
         also the part of the object (interior where one covers INTERIOR of the patch) and, on an empty patch
-        (under EMPTY_PATCH covered), the background's tone and texture."""
+        (under `world.EMPTY` covered), the background's tone and texture."""
         scenes = self.dense_scenes(step, n, split)
         t = self.n_image
         region = self.cfg.vision_targets == "region"
@@ -230,7 +230,7 @@ class Batcher:
             if region:
                 interior = torch.from_numpy(fracs.max(0) >= w.INTERIOR).long()
                 y["part"][i] = torch.where(owned, interior, -100)
-                empty = torch.from_numpy(fracs.sum(0) < EMPTY_PATCH)
+                empty = torch.from_numpy(fracs.sum(0) < w.EMPTY)
                 for k, value in (("tone", s.tone), ("texture", s.texture)):
                     y[k][i] = torch.where(empty, REGION_TARGETS[k].index(value), -100)
         return pixel_tensor([s.render() for s in scenes]), y
@@ -238,7 +238,6 @@ class Batcher:
 
 CELL_TARGETS = ("color", "shape", "size", "fill")
 PATCH_OBJECT = 0.1  # a patch this covered by an object is that object's, for the per-patch targets
-EMPTY_PATCH = 0.02  # a patch less covered by objects than this shows the background (as `region_mask`'s)
 REGION_TARGETS = {"part": list(w.PARTS), "tone": list(w.TONES), "texture": list(w.TEXTURES)}
 
 
