@@ -197,3 +197,12 @@ def test_a_recorded_world_reads_back():
     assert w.WorldConfig.from_json(cfg.to_json()) == cfg
     old = {k: v for k, v in w.WorldConfig().to_json().items() if k not in ("striped_outline", "selector_last")}
     assert w.WorldConfig.from_json(old) == w.WorldConfig(striped_outline=False)  # v2's bare stripes
+
+
+@pytest.mark.parametrize("task", w.HIGHLIGHT_TASKS)
+def test_question_sources_refuse_highlighted_region_tasks(task):
+    """A `shapes:...:qa` source draws images without a highlight, so it cannot pose region questions."""
+    from interp.cache.data import DataError, ShapesSource
+
+    with pytest.raises(DataError, match=rf"unknown question tasks \['{task}'\]; known: color, shape"):
+        ShapesSource(10, "test", qa=True, tasks=(task,))

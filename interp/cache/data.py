@@ -81,11 +81,11 @@ class ShapesSource:
 
     def __init__(self, n: int = 2000, split: str = "train", seed: int = 0, world=None, qa: bool = False,
                  tasks: tuple[str, ...] = QA_TASKS):
-        from interp.shapes.world import SPLITS, TASKS, WorldConfig
+        from interp.shapes.world import HIGHLIGHT_TASKS, SPLITS, TASKS, WorldConfig
 
         if split not in SPLITS:
             raise DataError(f"unknown shapes split {split!r}; known: {', '.join(SPLITS)} (and :qa for questions)")
-        unknown = [t for t in tasks if t not in TASKS or t in ("region", "patch")]
+        unknown = [t for t in tasks if t not in TASKS or t in HIGHLIGHT_TASKS]
         if unknown:
             raise DataError(f"unknown question tasks {unknown}; known: {', '.join(QA_TASKS)}")
         self.n, self.split, self.seed, self.qa, self.tasks = n, split, seed, qa, tuple(tasks)

@@ -361,6 +361,7 @@ TASKS = ("color", "shape", "size", "fill", "at", "where", "count", "exists", "re
          "caption", "region", "judge", "patch")
 SUBJECT_TASKS = TASKS[:10]  # the subject answers questions; the explainer also describes
 EXPLAINER_TASKS = ("region", "caption", "judge", "color", "shape", "count", "where")
+HIGHLIGHT_TASKS = ("region", "patch")  # asked about a highlighted region: their images are drawn with it
 
 
 @dataclass
@@ -368,7 +369,7 @@ class QA:
     task: str
     question: str
     answer: str
-    highlight: np.ndarray | None = None  # [patches, patches] mask shown to the model, for "region"
+    highlight: np.ndarray | None = None  # [patches, patches] mask shown to the model, for HIGHLIGHT_TASKS
     focus: tuple[np.ndarray, ...] = ()  # [patches, patches] coverage of each thing the question is about
     # (the object it names, both objects of a relation, the cell of "what is at P"); none for the questions
     # about the whole image. Ground truth for where an answer has to look (`TrainConfig.attention_supervision`)
@@ -529,7 +530,7 @@ def scene_questions(scene: Scene, rng: np.random.Generator, tasks: tuple[str, ..
         elif task == "judge":
             phrase = judge_phrase(scene, rng)
             out.append(QA(task, f"is there {phrase} ?", "yes" if shows(scene, phrase) else "no"))
-        elif task in ("region", "patch"):
+        elif task in HIGHLIGHT_TASKS:
             m = (region_mask if task == "region" else patch_mask)(scene, rng)
             out.append(QA(task, "what is in the highlighted region ?", describe_region(scene, m), highlight=m,
                           focus=(m,)))

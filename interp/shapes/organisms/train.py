@@ -222,13 +222,14 @@ class Batcher:
         targets = cell_targets(self.world)
         for i, s in enumerate(scenes):
             fracs = np.stack([f.flatten() for f in s.object_patch_fractions()])
-            owned, owner = torch.from_numpy(fracs.max(0) >= PATCH_OBJECT), fracs.argmax(0)
+            cover = fracs.max(0)
+            owned, owner = torch.from_numpy(cover >= PATCH_OBJECT), fracs.argmax(0)
             for k, values in targets.items():
                 codes = torch.tensor([values.index(getattr(o, k)) for o in s.objects])
                 y[k][i] = torch.where(owned, codes[owner], -100)
             y["occupied"][i] = owned.float()
             if region:
-                interior = torch.from_numpy(fracs.max(0) >= w.INTERIOR).long()
+                interior = torch.from_numpy(cover >= w.INTERIOR).long()
                 y["part"][i] = torch.where(owned, interior, -100)
                 empty = torch.from_numpy(fracs.sum(0) < w.EMPTY)
                 for k, value in (("tone", s.tone), ("texture", s.texture)):
