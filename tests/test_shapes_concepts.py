@@ -20,11 +20,22 @@ def test_auroc_and_threshold_f1_match_brute_force():
     brute = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
     assert auroc(s, y) == pytest.approx(brute)
     f1s = []
-    for t in np.unique(s):
+    for t in np.unique(s)[1:]:  # every rule but "all rows"
         pred = s >= t
         tp = (pred & y).sum()
         f1s.append(2 * tp / (pred.sum() + y.sum()))
     assert best_threshold(s, y)[0] == pytest.approx(max(f1s))
+
+
+def test_calling_every_row_positive_detects_nothing():
+    """A concept on most rows: "all rows" would score F1 2p/(1+p) = 0.93, so a feature silent on every
+    row of it (or one firing everywhere alike) would count as its detector."""
+    y = np.arange(1000) < 880
+    silent_there = np.where(y, 0.0, 1.0)
+    assert best_threshold(silent_there, y)[0] == 0.0
+    assert best_threshold(np.ones(1000), y)[:3] == (0.0, 0.0, 0.0)
+    detector = np.where(y, 2.0, 0.0)
+    assert best_threshold(detector, y)[0] == pytest.approx(1.0)
 
 
 def test_box_coverage_is_the_mean_over_the_box():
