@@ -378,22 +378,26 @@ def test_near_dead_features_count_as_unexplained_and_are_counted_apart():
 
 
 def test_per_region_answers_are_recorded_and_scoring_holds_them_out(oracle_run):
+    from explain.examples import SelectionConfig
+
     run, _ = oracle_run
+    sel = SelectionConfig()  # explain_and_score uses the commands' counts
+    shown, held = sel.explain_top + sel.explain_quantile, sel.score_top + sel.score_quantile
     ex, sc = records(run / "explanations.jsonl"), records(run / "scores.jsonl")
     red = CONCEPTS.index("color:red")
     raw = json.loads(ex[red]["raw"])
-    assert len(raw["regions"]) == 12 and all("red" in r["description"] for r in raw["regions"])
-    assert len(raw["silent"]) == 12 and not any("red" in r["description"] for r in raw["silent"])
+    assert len(raw["regions"]) == shown and all("red" in r["description"] for r in raw["regions"])
+    assert len(raw["silent"]) == shown and not any("red" in r["description"] for r in raw["silent"])
     assert {r["source"] for r in raw["silent"]} == {"negative", "silent"}
     assert "negative" in ex[red]["sources"] and len(ex[red]["examples"]) == len(ex[red]["sources"])
     rec = sc[red]
     d = rec["detection"]
-    assert d["n_pos"] == d["n_neg"] == 16 and len(rec["descriptions"]) == len(rec["verdicts"]) == 32
-    assert not set(rec["samples"][:16]) & set(ex[red]["examples"])  # scored on held-out samples only
-    assert all("red" in t for t in rec["descriptions"][:16]) and not any("red" in t for t in rec["descriptions"][16:])
+    assert d["n_pos"] == d["n_neg"] == held and len(rec["descriptions"]) == len(rec["verdicts"]) == 2 * held
+    assert not set(rec["samples"][:held]) & set(ex[red]["examples"])  # scored on held-out samples only
+    assert all("red" in t for t in rec["descriptions"][:held]) and not any("red" in t for t in rec["descriptions"][held:])
     assert rec["iou"]["tokens"] == 1.0 and rec["concepts"] == ["color:red"]
     cell = sc[CONCEPTS.index("cell:top left")]  # fires in every image: scored on regions all the same
-    assert cell["detection"]["n_neg"] == 16 and cell["detection"]["balanced_accuracy"] == 1.0
+    assert cell["detection"]["n_neg"] == held and cell["detection"]["balanced_accuracy"] == 1.0
 
 
 def test_a_rerun_asks_nothing_and_a_score_of_one_feature(oracle_run, tmp_path, capsys):

@@ -29,20 +29,19 @@ def explain_and_score(run: str | Path | RunLayout, explainer: str = "shapes-expl
     the matched concept exactly) and `detection_balanced_accuracy` (the mean over the matched ones), next to
     `all` and `matched` (with the oracle judge's balanced accuracy, `balanced_accuracy_oracle`).
 
-    Sized for the demo's budget (a few hundred features in about two minutes on two cores): 12
-    examples per explanation (3 top, 9 from the quantile bands) against as many silent regions, and
-    16 held-out regions (4 top, 12 banded) against 16 silent ones per score. `features`: only these
-    (default: every live one)."""
+    With the commands' own example counts (`explain.examples.SelectionConfig`), so the demo's numbers
+    are what `interp explain` and `interp score` give on its run: until 2026-12-08 it explained from 12
+    examples and scored on 16 + 16 regions to save time, which explained 0.28 of one run's live features
+    where the commands explained 0.42. `features`: only these (default: every live one)."""
     from explain.commands import ExplainConfig, FeatureSelection, ScoreConfig, run_explain, run_score
 
     layout = RunLayout.of(run)
     selection = FeatureSelection(features=tuple(features) if features else None)
-    explained = run_explain(ExplainConfig(run=str(layout.root), explainer=explainer, explain_top=3, explain_quantile=9,
-                                          selection=selection, progress=progress))
+    explained = run_explain(ExplainConfig(run=str(layout.root), explainer=explainer, selection=selection,
+                                          progress=progress))
     if explained.failed or explained.aborted:
         raise ValueError(f"the explain stage failed on {layout.root}; see the messages above")
-    summary = run_score(ScoreConfig(run=str(layout.root), judge=judge, score_top=4, score_quantile=12,
-                                    selection=selection, progress=progress))
+    summary = run_score(ScoreConfig(run=str(layout.root), judge=judge, selection=selection, progress=progress))
     if summary["failed"]:
         raise ValueError(f"the score stage failed on {layout.root}; see the messages above")
     return summary
