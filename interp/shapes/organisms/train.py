@@ -114,7 +114,7 @@ RECIPES = {  # the shipped organisms' (docs/organisms.md)
     "subject": TrainConfig(which="subject", steps=2500, batch_images=24, turns=6, vision_pretrain_steps=2500,
                            vision_targets="patch", vision_head_loss="mse", vision_lr_scale=0.0, projector_lr_scale=0.0,
                            attention_supervision=0.5),
-    "explainer": TrainConfig(which="explainer", steps=2500, batch_images=12, turns=2, region_fraction=2.0,
+    "explainer": TrainConfig(which="explainer", steps=4000, batch_images=12, turns=2, region_fraction=2.0,
                              lr=1.5e-3, vision_pretrain_steps=2500, vision_targets="region", vision_head_loss="mse",
                              attention_supervision=0.5),
 }
