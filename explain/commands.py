@@ -22,7 +22,7 @@ from pathlib import Path
 
 from explain.examples import (SelectionConfig, explain_examples, explain_negatives, heldout_examples, load_marked,
                               negative_examples)
-from explain.explainers import ExplainerOptions, is_http
+from explain.explainers import ExplainerOptions, is_http, weights_fingerprint
 from interp.infra.cli_config import Command, at_least, check_bounds, positional
 from interp.infra.durable import write_json
 from interp.infra.layout import RunLayout
@@ -165,7 +165,9 @@ def run_explain(cfg: ExplainConfig) -> ExplainResult:
         _warn_vocabulary(explainer, sources.reader.meta)
         store = FeatureStore(layout.explanations, {"store": "explanations", "sae_sha256": stats.meta["sae_sha256"],
                                                    "features": str(stats.path)})
-        todo = [f for f in live if cfg.redo or not store.done(f, explainer=explainer.name)]
+        made = {"explainer": explainer.name, "explainer_weights": weights_fingerprint(cfg.explainer),
+                "selection": asdict(sel)}  # a record made otherwise is not done: the model or the examples changed
+        todo = [f for f in live if cfg.redo or not store.done(f, **made)]
         write_run_info(layout.run_info("explain"), {"command": "explain", "explainer": explainer.name,
                                                     "config": asdict(cfg), "features": len(live), "to_do": len(todo),
                                                     "dead_skipped": len(dead)})
@@ -175,7 +177,7 @@ def run_explain(cfg: ExplainConfig) -> ExplainResult:
               f"{len(todo)} to do -> {layout.explanations}")
         workers = max(1, cfg.options.concurrency) if is_http(cfg.explainer) else 1
         tally = _explain_loop(sources, explainer, _config_record(cfg.explainer, cfg.options), sel, todo, store,
-                              workers, cfg)
+                              workers, cfg, made)
     failed = store.failed()
     failed_here = [f for f in todo if f in failed]
     print(f"explained {tally['ok']} features in {time.time() - t_start:.1f} s (tokens in {tally['tokens_in']}, "
@@ -190,7 +192,8 @@ def _report_explain(r: ExplainResult, cfg: ExplainConfig) -> int:
     return 1 if r.failed or r.aborted else 0
 
 
-def _explain_loop(sources, explainer, record: dict, sel, todo, store, workers, cfg: ExplainConfig) -> dict:
+def _explain_loop(sources, explainer, record: dict, sel, todo, store, workers, cfg: ExplainConfig,
+                  made: dict) -> dict:
     """Examples are read in this thread (the cache and SAE); a world explainer gets `batch_features`
     features at a time (their questions batched), any other one feature at a time on `workers` threads."""
     from tqdm import tqdm
@@ -216,7 +219,7 @@ def _explain_loop(sources, explainer, record: dict, sel, todo, store, workers, c
                    "sources": [p.source for p in picked]}
             tally.update(ok=1, tokens_in=e.tokens_in, tokens_out=e.tokens_out)
             streak = 0
-        store.put({**rec, "explainer": explainer.name, "explainer_config": record})
+        store.put({**rec, **made, "explainer_config": record})
         bar.update(1)
         bar.set_postfix(ok=tally["ok"], failed=bar.n - tally["ok"], tok_in=tally["tokens_in"])
 
@@ -373,15 +376,15 @@ def run_score(cfg: ScoreConfig) -> dict:
         masks = MaskFolder(cfg.masks) if cfg.masks else None
         matched = _matches(sources, layout, scfg.f1_min)
         store = FeatureStore(layout.scores, {"store": "scores", **header})
-        todo = [f for f in live if cfg.redo or not store.done(f, judge=judge.name,
-                                                               explanation=explanations[f]["explanation"])]
+        made = {"judge": judge.name, "judge_weights": weights_fingerprint(spec), "selection": asdict(sel)}
+        todo = [f for f in live if cfg.redo or not store.done(f, **made, explanation=explanations[f]["explanation"])]
         write_run_info(layout.run_info("score"), {"command": "score", "judge": judge.name, "config": asdict(cfg),
                                                   "features": len(live), "to_do": len(todo),
                                                   "not_explained": missing, "matched": matched})
         if missing:
             print(f"{len(missing)} selected features have no explanation yet (run `interp explain`): skipped")
         print(f"{len(live) - len(todo)} of {len(live)} features already scored by {judge.name}; {len(todo)} to do")
-        _score_loop(sources, judge, sel, scfg, todo, explanations, matched, masks, store, cfg)
+        _score_loop(sources, judge, sel, scfg, todo, explanations, matched, masks, store, cfg, made)
         scores = {f: r for f, r in store.ok().items() if f in set(live)}
     summary = summarize(scores, {f: m for f, m in matched.items() if f in set(live)}, live=len(live) + len(missing))
     summary.update(judge=judge.name, seconds=round(time.time() - t_start, 1), explanations=str(layout.explanations))
@@ -407,7 +410,8 @@ def _matches(sources, layout: RunLayout, f1_min: float) -> dict[int, list[tuple[
         raise
 
 
-def _score_loop(sources, judge, sel, scfg, todo, explanations, matched, masks, store, cfg: ScoreConfig) -> None:
+def _score_loop(sources, judge, sel, scfg, todo, explanations, matched, masks, store, cfg: ScoreConfig,
+                made: dict) -> None:
     """Held-out samples are read here; a world judge gets `batch_features` features at a time."""
     from tqdm import tqdm
 
@@ -453,7 +457,7 @@ def _score_loop(sources, judge, sel, scfg, todo, explanations, matched, masks, s
             else:
                 rec = {"feature": f, "status": "ok", **got}
                 streak = 0
-            store.put({**rec, "judge": judge.name})
+            store.put({**rec, **made})
             bar.update(1)
             if rec["status"] == "ok":
                 bar.set_postfix(bal_acc=rec["detection"]["balanced_accuracy"], tok_in=rec["tokens_in"])

@@ -20,6 +20,8 @@ perception errors from the explanation's own (`make_explainer("oracle")`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -462,6 +464,31 @@ def speaks_world(model: str) -> bool:
         return True
     meta = Path(model) / "training.json"
     return meta.exists() and "world" in json.loads(meta.read_text())
+
+
+def weights_fingerprint(spec: str) -> str | None:
+    """The first 16 hex digits of the sha256 of a local explainer's safetensors files: records made under
+    the same name by other weights ("shapes-explainer" before an upgrade) are not done. None for the
+    oracle, hub ids and servers, whose weights the run cannot see."""
+    from interp.shapes.organisms import is_organism, organism_path
+
+    if not spec or spec == ORACLE or is_http(spec):
+        return None
+    path = organism_path(spec) if is_organism(spec) else Path(spec)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    return _fingerprint(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        with open(name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def make_explainer(spec: str, cfg: ExplainerOptions = ExplainerOptions(),

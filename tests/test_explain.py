@@ -19,6 +19,7 @@ from explain.prompts import CANNOT_TELL, REGION_QUESTION, GarbageAnswer, one_lin
 from explain.scoring import MaskFolder, detection_metrics, iou_score, region_verdicts
 from explain.store import FeatureStore, StoreError
 from interp.infra.records import RecordError
+from interp.shapes.organisms import organism_path
 from interp.shapes.concepts import auroc
 from interp.shapes.world import WorldConfig, concept_names, describe_region, sample_scene
 
@@ -378,8 +379,6 @@ def test_near_dead_features_count_as_unexplained_and_are_counted_apart():
 
 
 def test_per_region_answers_are_recorded_and_scoring_holds_them_out(oracle_run):
-    from explain.examples import SelectionConfig
-
     run, _ = oracle_run
     sel = SelectionConfig()  # explain_and_score uses the commands' counts
     shown, held = sel.explain_top + sel.explain_quantile, sel.score_top + sel.score_quantile
@@ -414,6 +413,35 @@ def test_a_rerun_asks_nothing_and_a_score_of_one_feature(oracle_run, tmp_path, c
     assert summary["live_features"] == 2 and summary["explained_live_fraction"] == 1.0
     rescored = run_score(ScoreConfig(run=str(run), selection=FeatureSelection(features=(0,)), redo=True, progress=False))
     assert rescored["matched"]["features"]["0"]["balanced_accuracy"] == 1.0
+
+
+def test_records_made_with_other_examples_or_weights_are_redone(oracle_run, tmp_path, capsys):
+    """A resumed stage reuses only what the same explainer, with the same weights, made from the same
+    example counts: an upgraded shapes-explainer keeps its name, and a demo re-run once kept explanations
+    from its predecessor, made with other counts."""
+    import shutil
+
+    from explain.explainers import weights_fingerprint
+
+    run = tmp_path / "run"
+    shutil.copytree(oracle_run[0], run)
+    live = len(records(run / "explanations.jsonl"))
+    fewer = ExplainConfig(run=str(run), explainer="oracle", explain_quantile=9, progress=False)
+    assert run_explain(fewer).explained == live and f"{live} to do" in capsys.readouterr().out
+    assert run_score(ScoreConfig(run=str(run), score_quantile=12, progress=False))["all"]["n"] == live
+    assert run_score(ScoreConfig(run=str(run), score_quantile=12, progress=False))["all"]["n"] == live
+    assert f"{live} of {live} features already scored" in capsys.readouterr().out
+    run_score(ScoreConfig(run=str(run), progress=False))
+    assert f"0 of {live} features already scored" in capsys.readouterr().out
+
+    model = tmp_path / "model"
+    model.mkdir()
+    assert weights_fingerprint(str(model)) is None and weights_fingerprint("oracle") is None
+    (model / "model.safetensors").write_bytes(b"one")
+    first = weights_fingerprint(str(model))
+    (model / "model.safetensors").write_bytes(b"two")
+    assert first and weights_fingerprint(str(model)) != first
+    assert weights_fingerprint("shapes-explainer") == weights_fingerprint(str(organism_path("shapes-explainer")))
 
 
 def test_a_model_explainer_is_asked_in_batches_what_it_was_trained_on(planted, grid_tokens):
