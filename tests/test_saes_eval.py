@@ -69,7 +69,7 @@ def test_wrong_width_is_named(sae):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 12 is open: a probe finds 24 of 32 concepts at layer 4 of the v4 "
-                   "subject, and the demo's SAE recipe recovers 11-15 of them (README)")
+                   "subject, and the demo's SAE recipe recovers 10-14 of them over 15 SAEs (README)")
 def test_subject_sae_recovers_every_concept(tmp_path):
     """The issue's target: an SAE on the subject's image-patch activations has a feature with
     F1 >= 0.9 for >= 90% of the world's concepts (strict xfail: it fails loudly once it holds)."""
