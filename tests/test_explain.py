@@ -19,8 +19,8 @@ from explain.prompts import CANNOT_TELL, REGION_QUESTION, GarbageAnswer, one_lin
 from explain.scoring import MaskFolder, detection_metrics, iou_score, region_verdicts
 from explain.store import FeatureStore, StoreError
 from interp.infra.records import RecordError
-from interp.shapes.organisms import organism_path
 from interp.shapes.concepts import auroc
+from interp.shapes.organisms import organism_path
 from interp.shapes.world import WorldConfig, concept_names, describe_region, sample_scene
 
 WORLD = WorldConfig()
