@@ -139,8 +139,10 @@ class HFBackend:
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         n_in = inputs["attention_mask"].sum(1).tolist()
-        gen = self.model.generate(**inputs, max_new_tokens=max(r.max_tokens for r in batch), do_sample=False,
-                                  output_logits=True, return_dict_in_generate=True)
+        # min_new_tokens: an answer of nothing (end of sequence first) is no answer; the OpenAI client
+        # rejects empty content, so a model off its training distribution gives its best non-empty one
+        gen = self.model.generate(**inputs, max_new_tokens=max(r.max_tokens for r in batch), min_new_tokens=1,
+                                  do_sample=False, output_logits=True, return_dict_in_generate=True)
         new = gen.sequences[:, inputs["input_ids"].shape[1]:]
         first = torch.log_softmax(gen.logits[0].float(), dim=-1)  # [batch, vocab]: the first answer token, raw
         tok = self.processor.tokenizer
