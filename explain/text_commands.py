@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from explain.commands import FeatureSelection, select_features
 from explain.examples import SelectionConfig, explain_examples, heldout_examples, negative_examples
-from explain.explainers import ExplainerOptions, speaks_world
+from explain.explainers import ExplainerOptions, speaks_world, weights_fingerprint
 from interp.infra.cli_config import Command, choices, positional
 from interp.infra.layout import RunLayout
 
@@ -99,7 +99,9 @@ def run_explain_text(cfg: TextExplainConfig) -> dict:
         store = FeatureStore(layout.text_explanations, {"store": "text_explanations",
                                                         "sae_sha256": stats.meta["sae_sha256"], "features": str(stats.path)})
         live = _text_features(stats, cfg.selection)
-        todo = [f for f in live if cfg.redo or not store.done(f, explainer=explainer.name)]
+        made = {"explainer": explainer.name, "explainer_weights": weights_fingerprint(cfg.explainer),
+                "selection": asdict(sel)}  # as `interp explain`: a record made otherwise is not done
+        todo = [f for f in live if cfg.redo or not store.done(f, **made)]
         write_run_info(layout.run_info("explain-text"), {"command": "explain-text", "explainer": explainer.name,
                                                          "config": asdict(cfg), "features": len(live), "to_do": len(todo)})
         print(f"{len(live) - len(todo)} of {len(live)} text features already explained by {explainer.name}; "
@@ -118,8 +120,7 @@ def run_explain_text(cfg: TextExplainConfig) -> dict:
             except Exception as exc:  # one feature's failure is recorded; the run goes on
                 rec = {"feature": f, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
                 failed += 1
-            store.put({**rec, "seconds": round(time.time() - t0, 3), "explainer": explainer.name,
-                       "protocol": protocol, "explainer_config": {"explainer": cfg.explainer, **asdict(cfg.options)}})
+            store.put({**rec, "seconds": round(time.time() - t0, 3), **made, "protocol": protocol, "explainer_config": {"explainer": cfg.explainer, **asdict(cfg.options)}})
     print(f"explained {done} text features ({failed} failed) -> {layout.text_explanations}")
     return {"explained": done, "failed": failed, "out": str(layout.text_explanations)}
 
@@ -212,8 +213,8 @@ def run_score_text(cfg: TextScoreConfig) -> dict:
         tokenizer = tokenizer_of(sources.reader)
         matched = word_matches(layout, sources, cfg.f1_min)
         store = FeatureStore(layout.text_scores, {"store": "text_scores", **header})
-        todo = [f for f in live if cfg.redo or not store.done(f, judge=judge.name,
-                                                               explanation=explanations[f]["explanation"])]
+        made = {"judge": judge.name, "judge_weights": weights_fingerprint(spec), "selection": asdict(sel)}
+        todo = [f for f in live if cfg.redo or not store.done(f, **made, explanation=explanations[f]["explanation"])]
         write_run_info(layout.run_info("score-text"), {"command": "score-text", "judge": judge.name,
                                                        "config": asdict(cfg), "features": len(live), "to_do": len(todo),
                                                        "matched": matched})
@@ -230,7 +231,7 @@ def run_score_text(cfg: TextScoreConfig) -> dict:
             except Exception as exc:  # recorded per feature; the run goes on
                 rec = {"feature": f, "status": "error", "explanation": exp["explanation"],
                        "error": f"{type(exc).__name__}: {exc}", "seconds": round(time.time() - t0, 3)}
-            store.put({**rec, "judge": judge.name})
+            store.put({**rec, **made})
         scores = {f: r for f, r in store.ok().items() if f in set(live)}
     summary = summarize_text(scores, {f: m for f, m in matched.items()})
     summary.update(judge=judge.name, protocol=protocol, seconds=round(time.time() - t_start, 1),

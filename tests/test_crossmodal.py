@@ -246,6 +246,27 @@ def test_the_tokens_protocol_explains_and_scores_planted_text_features(planted_r
     assert json.loads(layout.text_score_summary.read_text())["matched"]["text_explanation_accuracy"] == 1.0
 
 
+def test_text_records_made_with_other_counts_are_redone(planted_run, tmp_path):
+    """As `interp explain`: a resumed explain-text or score-text reuses only records made the same way."""
+    import shutil
+
+    from explain.text_commands import TextExplainConfig, TextScoreConfig, run_explain_text, run_score_text
+
+    run = tmp_path / "run"
+    shutil.copytree(planted_run, run)
+    with contextlib.redirect_stdout(io.StringIO()):
+        first = run_explain_text(TextExplainConfig(run=str(run), redo=True, progress=False))["explained"]
+        assert run_explain_text(TextExplainConfig(run=str(run), progress=False))["explained"] == 0
+        assert run_explain_text(TextExplainConfig(run=str(run), explain_quantile=6, progress=False))["explained"] == first
+        run_score_text(TextScoreConfig(run=str(run), redo=True, progress=False))
+        to_do = lambda: json.loads(RunLayout(run).run_info("score-text").read_text())["to_do"]  # noqa: E731
+        scored = to_do()
+        run_score_text(TextScoreConfig(run=str(run), progress=False))
+        assert to_do() == 0
+        run_score_text(TextScoreConfig(run=str(run), score_quantile=6, progress=False))
+    assert first > 0 and scored > 0 and to_do() == scored
+
+
 class ReadsMarks:
     """A stand-in LMM behind the real HTTP server: it reads the marked tokens of an explain request and names the
     most common one, and answers a judge request by whether the named word is in the (marked) text."""
