@@ -94,6 +94,14 @@ def _config_record(spec: str, opts: ExplainerOptions) -> dict:
     return {"explainer": spec, **asdict(opts)}
 
 
+def made_by(role: str, name: str, spec: str, sel: SelectionConfig) -> dict:
+    """What a stage's record was made with: the explainer (`role` "explainer") or judge ("judge") by name,
+    its weights (`weights_fingerprint` of `spec`) and the example counts. A record made otherwise is not
+    done (`FeatureStore.done`): an upgraded shapes-explainer keeps its name, and other counts pick other
+    examples."""
+    return {role: name, f"{role}_weights": weights_fingerprint(spec), "selection": asdict(sel)}
+
+
 # ---------------------------------------------------------------- interp explain
 
 
@@ -165,8 +173,7 @@ def run_explain(cfg: ExplainConfig) -> ExplainResult:
         _warn_vocabulary(explainer, sources.reader.meta)
         store = FeatureStore(layout.explanations, {"store": "explanations", "sae_sha256": stats.meta["sae_sha256"],
                                                    "features": str(stats.path)})
-        made = {"explainer": explainer.name, "explainer_weights": weights_fingerprint(cfg.explainer),
-                "selection": asdict(sel)}  # a record made otherwise is not done: the model or the examples changed
+        made = made_by("explainer", explainer.name, cfg.explainer, sel)
         todo = [f for f in live if cfg.redo or not store.done(f, **made)]
         write_run_info(layout.run_info("explain"), {"command": "explain", "explainer": explainer.name,
                                                     "config": asdict(cfg), "features": len(live), "to_do": len(todo),
@@ -376,7 +383,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         masks = MaskFolder(cfg.masks) if cfg.masks else None
         matched = _matches(sources, layout, scfg.f1_min)
         store = FeatureStore(layout.scores, {"store": "scores", **header})
-        made = {"judge": judge.name, "judge_weights": weights_fingerprint(spec), "selection": asdict(sel)}
+        made = made_by("judge", judge.name, spec, sel)
         todo = [f for f in live if cfg.redo or not store.done(f, **made, explanation=explanations[f]["explanation"])]
         write_run_info(layout.run_info("score"), {"command": "score", "judge": judge.name, "config": asdict(cfg),
                                                   "features": len(live), "to_do": len(todo),

@@ -17,9 +17,9 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from explain.commands import FeatureSelection, select_features
+from explain.commands import FeatureSelection, made_by, select_features
 from explain.examples import SelectionConfig, explain_examples, heldout_examples, negative_examples
-from explain.explainers import ExplainerOptions, speaks_world, weights_fingerprint
+from explain.explainers import ExplainerOptions, speaks_world
 from interp.infra.cli_config import Command, choices, positional
 from interp.infra.layout import RunLayout
 
@@ -99,8 +99,7 @@ def run_explain_text(cfg: TextExplainConfig) -> dict:
         store = FeatureStore(layout.text_explanations, {"store": "text_explanations",
                                                         "sae_sha256": stats.meta["sae_sha256"], "features": str(stats.path)})
         live = _text_features(stats, cfg.selection)
-        made = {"explainer": explainer.name, "explainer_weights": weights_fingerprint(cfg.explainer),
-                "selection": asdict(sel)}  # as `interp explain`: a record made otherwise is not done
+        made = made_by("explainer", explainer.name, cfg.explainer, sel)
         todo = [f for f in live if cfg.redo or not store.done(f, **made)]
         write_run_info(layout.run_info("explain-text"), {"command": "explain-text", "explainer": explainer.name,
                                                          "config": asdict(cfg), "features": len(live), "to_do": len(todo)})
@@ -120,7 +119,8 @@ def run_explain_text(cfg: TextExplainConfig) -> dict:
             except Exception as exc:  # one feature's failure is recorded; the run goes on
                 rec = {"feature": f, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
                 failed += 1
-            store.put({**rec, "seconds": round(time.time() - t0, 3), **made, "protocol": protocol, "explainer_config": {"explainer": cfg.explainer, **asdict(cfg.options)}})
+            store.put({**rec, "seconds": round(time.time() - t0, 3), **made, "protocol": protocol,
+                       "explainer_config": {"explainer": cfg.explainer, **asdict(cfg.options)}})
     print(f"explained {done} text features ({failed} failed) -> {layout.text_explanations}")
     return {"explained": done, "failed": failed, "out": str(layout.text_explanations)}
 
@@ -213,7 +213,7 @@ def run_score_text(cfg: TextScoreConfig) -> dict:
         tokenizer = tokenizer_of(sources.reader)
         matched = word_matches(layout, sources, cfg.f1_min)
         store = FeatureStore(layout.text_scores, {"store": "text_scores", **header})
-        made = {"judge": judge.name, "judge_weights": weights_fingerprint(spec), "selection": asdict(sel)}
+        made = made_by("judge", judge.name, spec, sel)
         todo = [f for f in live if cfg.redo or not store.done(f, **made, explanation=explanations[f]["explanation"])]
         write_run_info(layout.run_info("score-text"), {"command": "score-text", "judge": judge.name,
                                                        "config": asdict(cfg), "features": len(live), "to_do": len(todo),
